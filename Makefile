@@ -1,0 +1,49 @@
+# Every install step lives here, so a fresh machine needs only `make run` or `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# Debian packages the tests and the local stack need, and a binary that proves each is there.
+APT_PACKAGES := mosquitto influxdb socat chromium
+APT_BINARIES := /usr/sbin/mosquitto /usr/bin/influxd /usr/bin/socat /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: all deps system-deps python-deps run test lint bench clean
+
+all: test
+
+deps: system-deps python-deps
+
+system-deps:
+	@missing=0; for b in $(APT_BINARIES); do [ -x "$$b" ] || missing=1; done; \
+	if [ $$missing = 1 ]; then \
+	  echo "installing Debian packages: $(APT_PACKAGES)"; \
+	  $(SUDO) apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $(APT_PACKAGES); \
+	fi
+
+python-deps: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+run: deps
+	$(VENV)/bin/penctl demo
+
+test: deps lint
+	$(PY) -m pytest -q
+
+lint: python-deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+bench: python-deps
+	$(VENV)/bin/penctl bench
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .hypothesis

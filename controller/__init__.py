@@ -1,0 +1,1 @@
+"""The session controller: serial link, safety gate, sessions, telemetry, tablet API."""

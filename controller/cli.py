@@ -1,0 +1,47 @@
+"""`penctl`: the one command-line entry point.
+
+Each subcommand lives in its own module that exposes ``register(subparsers)``;
+the module is imported only when listed here, so adding a command is one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# subcommand name -> module with `register(subparsers) -> None`
+SUBCOMMANDS: dict[str, str] = {
+    "simulate": "simulated_pen.cli",
+    "bench": "controller.bench.cli",
+    "audit": "controller.audit_cli",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="penctl", description="Pen microneedling session controller."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module_name in SUBCOMMANDS.values():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue  # a subcommand whose module is not written yet
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = args.handler
+    result = handler(args)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

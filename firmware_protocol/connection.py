@@ -1,0 +1,671 @@
+"""The link state machine, sans-I/O: bytes and messages in, events and bytes out.
+
+One class per end of the cable, sharing the reliable-delivery machinery:
+
+* ``HostConnection``: opens the link with Hello, checks the pen's Identity
+  (protocol version and schema hash), sends commands, receives telemetry/events.
+* ``DeviceConnection``: answers Hello with Identity, receives commands exactly
+  once, sends events reliably and telemetry unreliably.
+
+Nothing here reads a clock or touches a file descriptor. Every method that can
+depend on time takes ``now`` (seconds, any monotonic origin). The caller feeds
+received bytes to ``receive_data``, calls ``handle_timeout`` when
+``next_deadline()`` passes, and writes out whatever ``data_to_send()`` returns.
+
+Link states and the inputs that move them, read top to bottom (anything not
+listed leaves the state unchanged; a terminal state stays until ``start_handshake``)::
+
+    role    state        input                 next state
+    host    IDLE         start_handshake       HANDSHAKING
+    host    HANDSHAKING  identity_ok           READY
+    host    HANDSHAKING  identity_mismatch     REFUSED      (terminal)
+    host    HANDSHAKING  retries_exhausted     FAILED       (terminal)
+    host    READY        retries_exhausted     FAILED       (terminal)
+    host    READY        peer_rebooted         IDLE         (re-handshake needed)
+    host    REFUSED      start_handshake       HANDSHAKING
+    host    FAILED       start_handshake       HANDSHAKING
+    device  IDLE         hello                 READY
+    device  READY        hello                 READY        (new nonce: sequences reset)
+    device  READY        retries_exhausted     IDLE         (host gone; wait for Hello)
+
+Rules of reliable delivery (both directions, same code):
+
+1. Sequence numbers are u16 and wrap. The sender numbers each reliable message
+   and keeps at most ``window`` of them unacknowledged; further messages wait in
+   a bounded backlog (``LinkBusyError`` when it is full).
+2. The receiver accepts only the next expected number. It delivers that message
+   once and answers ACK(seq) (cumulative). A number it has already accepted is a
+   duplicate: dropped, re-ACKed with the last accepted number. A number ahead of
+   the expected one is dropped and answered once with NAK(expected).
+3. The sender treats ACK(n) as acknowledging everything up to n. NAK(e) makes it
+   resend the window from e at once. If the oldest unacknowledged message is older
+   than the retransmit timeout, the whole window is resent and the timeout doubles
+   (up to ``max_timeout``); after ``max_retries`` resends without progress the
+   link has failed. Progress resets the timeout.
+4. Round-trip time is sampled only from messages sent exactly once (Karn).
+5. Unreliable messages carry their own u16 counter; the receiver counts the
+   numbers it never saw as lost and drops numbers older than the last one seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+
+from .framing import Frame, FrameDecoder, FrameKind, encode_frame
+from .messages import (
+    PROTOCOL_VERSION,
+    SCHEMA_HASH,
+    Delivery,
+    Direction,
+    Hello,
+    Identity,
+    Message,
+    MessageDecodeError,
+    RefusalCode,
+    decode_message,
+    encode_message,
+)
+
+SEQ_MOD = 0x10000
+_HALF = 0x8000
+
+
+class Role(enum.Enum):
+    HOST = "host"
+    DEVICE = "device"
+
+
+class LinkState(enum.Enum):
+    IDLE = "idle"
+    HANDSHAKING = "handshaking"
+    READY = "ready"
+    REFUSED = "refused"
+    FAILED = "failed"
+
+
+class Input(enum.Enum):
+    START_HANDSHAKE = "start_handshake"
+    IDENTITY_OK = "identity_ok"
+    IDENTITY_MISMATCH = "identity_mismatch"
+    RETRIES_EXHAUSTED = "retries_exhausted"
+    PEER_REBOOTED = "peer_rebooted"
+    HELLO = "hello"
+
+
+H, D = Role.HOST, Role.DEVICE
+S = LinkState
+# fmt: off
+TRANSITIONS: dict[tuple[Role, LinkState, Input], LinkState] = {
+    (H, S.IDLE,        Input.START_HANDSHAKE):   S.HANDSHAKING,
+    (H, S.HANDSHAKING, Input.IDENTITY_OK):       S.READY,
+    (H, S.HANDSHAKING, Input.IDENTITY_MISMATCH): S.REFUSED,
+    (H, S.HANDSHAKING, Input.RETRIES_EXHAUSTED): S.FAILED,
+    (H, S.READY,       Input.RETRIES_EXHAUSTED): S.FAILED,
+    (H, S.READY,       Input.PEER_REBOOTED):     S.IDLE,
+    (H, S.REFUSED,     Input.START_HANDSHAKE):   S.HANDSHAKING,
+    (H, S.FAILED,      Input.START_HANDSHAKE):   S.HANDSHAKING,
+    (D, S.IDLE,        Input.HELLO):             S.READY,
+    (D, S.READY,       Input.HELLO):             S.READY,
+    (D, S.READY,       Input.RETRIES_EXHAUSTED): S.IDLE,
+}
+# fmt: on
+
+
+class LinkBusyError(RuntimeError):
+    """The reliable backlog is full: the peer is not keeping up or is gone."""
+
+
+class NotReadyError(RuntimeError):
+    """A message was sent before the handshake completed."""
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    """Timing and sizing of the link. Seconds unless named otherwise."""
+
+    window: int = 8
+    backlog: int = 64
+    ack_timeout: float = 0.030
+    max_timeout: float = 0.240
+    max_retries: int = 6
+    hello_timeout: float = 0.100
+    hello_retries: int = 10
+    announce_interval: float = 0.250  # device: Identity re-announcements while IDLE
+
+
+# --- events ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    """Host: the handshake succeeded. Device: a host said Hello."""
+
+    identity: Identity | None = None
+    host_nonce: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakeRefused:
+    """Host: the pen's identity does not match this host. Never arm such a pen."""
+
+    reason: str
+    identity: Identity
+
+
+@dataclass(frozen=True, slots=True)
+class MessageReceived:
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """A reliable message we sent was acknowledged (it took effect exactly once)."""
+
+    seq: int
+    message: Message
+
+
+@dataclass(frozen=True, slots=True)
+class LinkFailed:
+    """Reliable delivery gave up. Unacknowledged messages are in ``abandoned``."""
+
+    reason: str
+    abandoned: tuple[Message, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class PeerRebooted:
+    """Host: the pen announced a different boot id. Outstanding messages are dropped."""
+
+    previous: Identity
+    current: Identity
+    abandoned: tuple[Message, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ProtocolViolation:
+    """A frame passed its CRC but made no sense (unknown type, bad body, wrong way)."""
+
+    detail: str
+    msg_type: int
+    reason: RefusalCode
+
+
+Event = (
+    Connected
+    | HandshakeRefused
+    | MessageReceived
+    | Delivered
+    | LinkFailed
+    | PeerRebooted
+    | ProtocolViolation
+)
+
+
+@dataclass
+class LinkStats:
+    frames_sent: int = 0
+    frames_received: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    crc_errors: int = 0
+    header_errors: int = 0
+    discarded_bytes: int = 0
+    retransmits: int = 0
+    naks_sent: int = 0
+    naks_received: int = 0
+    duplicates: int = 0
+    out_of_order: int = 0
+    unreliable_lost: int = 0
+    unreliable_stale: int = 0
+    protocol_errors: int = 0
+    handshakes: int = 0
+    rtt_samples: int = 0
+    rtt_last: float = 0.0
+    rtt_min: float = 0.0
+    rtt_max: float = 0.0
+    rtt_sum: float = 0.0
+
+    @property
+    def rtt_mean(self) -> float:
+        return self.rtt_sum / self.rtt_samples if self.rtt_samples else 0.0
+
+    def as_dict(self) -> dict[str, float | int]:
+        out: dict[str, float | int] = dict(vars(self))
+        out["rtt_mean"] = self.rtt_mean
+        return out
+
+
+@dataclass(slots=True)
+class _Outstanding:
+    seq: int
+    message: Message
+    frame: bytes
+    sent_at: float
+    resent: bool = False
+
+
+@dataclass
+class _ReliableSender:
+    config: LinkConfig
+    next_seq: int = 0
+    window: deque[_Outstanding] = field(default_factory=deque)
+    backlog: deque[Message] = field(default_factory=deque)
+    timeout: float = 0.0
+    retries: int = 0
+
+    def reset(self, first_seq: int) -> tuple[Message, ...]:
+        abandoned = tuple(o.message for o in self.window) + tuple(self.backlog)
+        self.next_seq = first_seq & 0xFFFF
+        self.window.clear()
+        self.backlog.clear()
+        self.timeout = self.config.ack_timeout
+        self.retries = 0
+        return abandoned
+
+
+class _Endpoint:
+    """The machinery both ends share: framing, reliable and unreliable streams, stats."""
+
+    role: Role
+    _outgoing_direction: Direction
+
+    def __init__(self, config: LinkConfig | None = None) -> None:
+        self.config = config or LinkConfig()
+        self.state = LinkState.IDLE
+        self.stats = LinkStats()
+        self._decoder = FrameDecoder()
+        self._out = bytearray()
+        self._tx = _ReliableSender(self.config)
+        self._tx.timeout = self.config.ack_timeout
+        self._rx_expected = 0
+        self._nak_sent_for: int | None = None
+        self._unrel_tx = 0
+        self._unrel_rx_last: int | None = None
+
+    # -- public -------------------------------------------------------------------
+
+    def data_to_send(self) -> bytes:
+        """Bytes to write to the wire, accumulated since the last call."""
+        data = bytes(self._out)
+        self._out.clear()
+        return data
+
+    def send(self, message: Message, now: float) -> int | None:
+        """Queue a message. Returns its sequence number if it is reliable.
+
+        Raises NotReadyError before the handshake, LinkBusyError when the backlog is full,
+        ValueError for a message that this end may not send or cannot encode.
+        """
+        if message.DIRECTION is not self._outgoing_direction:
+            raise ValueError(f"{type(message).__name__} is not sent by the {self.role.value}")
+        if message.DELIVERY is Delivery.SYNC:
+            raise ValueError(f"{type(message).__name__} is a handshake message")
+        if self.state is not LinkState.READY:
+            raise NotReadyError(f"link is {self.state.value}, not ready")
+        payload = encode_message(message)
+        if message.DELIVERY is Delivery.UNRELIABLE:
+            self._emit(encode_frame(FrameKind.UNRELIABLE, self._unrel_tx, message.TYPE, payload))
+            self._unrel_tx = (self._unrel_tx + 1) & 0xFFFF
+            return None
+        tx = self._tx
+        if len(tx.window) >= self.config.window:
+            if len(tx.backlog) >= self.config.backlog:
+                raise LinkBusyError(f"{len(tx.backlog)} reliable messages already waiting")
+            tx.backlog.append(message)
+            return (tx.next_seq + len(tx.backlog) - 1) & 0xFFFF
+        return self._transmit_new(message, payload, now)
+
+    def receive_data(self, data: bytes, now: float) -> list[Event]:
+        """Feed received bytes; return the events they complete."""
+        stats = self.stats
+        stats.bytes_received += len(data)
+        frames = self._decoder.feed(data)
+        dstats = self._decoder.stats
+        stats.crc_errors = dstats.crc_errors
+        stats.header_errors = dstats.header_errors
+        stats.discarded_bytes = dstats.discarded_bytes
+        events: list[Event] = []
+        for frame in frames:
+            stats.frames_received += 1
+            self._on_frame(frame, now, events)
+        return events
+
+    def next_deadline(self) -> float | None:
+        """When handle_timeout must next be called, or None if nothing is pending."""
+        if self._tx.window:
+            return self._tx.window[0].sent_at + self._tx.timeout
+        return None
+
+    def handle_timeout(self, now: float) -> list[Event]:
+        """Retransmit what timed out. Safe to call at any time."""
+        events: list[Event] = []
+        tx = self._tx
+        if not tx.window or now < tx.window[0].sent_at + tx.timeout:
+            return events
+        tx.retries += 1
+        if tx.retries > self.config.max_retries:
+            abandoned = tx.reset(tx.next_seq)
+            self._fire(Input.RETRIES_EXHAUSTED)
+            events.append(
+                LinkFailed(f"no acknowledgement after {self.config.max_retries} resends", abandoned)
+            )
+            return events
+        tx.timeout = min(tx.timeout * 2, self.config.max_timeout)
+        self._resend_from(0, now)
+        return events
+
+    @property
+    def unacknowledged(self) -> int:
+        """Reliable messages sent or waiting that the peer has not acknowledged."""
+        return len(self._tx.window) + len(self._tx.backlog)
+
+    # -- internals ----------------------------------------------------------------
+
+    def _fire(self, event: Input) -> None:
+        new = TRANSITIONS.get((self.role, self.state, event))
+        if new is not None:
+            self.state = new
+
+    def _emit(self, frame: bytes) -> None:
+        self._out += frame
+        self.stats.frames_sent += 1
+        self.stats.bytes_sent += len(frame)
+
+    def _transmit_new(self, message: Message, payload: bytes, now: float) -> int:
+        tx = self._tx
+        seq = tx.next_seq
+        frame = encode_frame(FrameKind.RELIABLE, seq, message.TYPE, payload)
+        tx.window.append(_Outstanding(seq, message, frame, now))
+        tx.next_seq = (seq + 1) & 0xFFFF
+        self._emit(frame)
+        return seq
+
+    def _resend_from(self, index: int, now: float) -> None:
+        for item in list(self._tx.window)[index:]:
+            item.sent_at = now
+            item.resent = True
+            self.stats.retransmits += 1
+            self._emit(item.frame)
+
+    def _reset_streams(self, tx_first: int, rx_first: int) -> tuple[Message, ...]:
+        abandoned = self._tx.reset(tx_first)
+        self._rx_expected = rx_first & 0xFFFF
+        self._nak_sent_for = None
+        self._unrel_rx_last = None
+        return abandoned
+
+    def _on_frame(self, frame: Frame, now: float, events: list[Event]) -> None:
+        kind = frame.kind
+        if kind == FrameKind.SYNC:
+            self._on_sync(frame, now, events)
+        elif self.state is not LinkState.READY:
+            self._on_frame_before_ready(frame, now)
+        elif kind == FrameKind.UNRELIABLE:
+            self._on_unreliable(frame, events)
+        elif kind == FrameKind.RELIABLE:
+            self._on_reliable(frame, events)
+        elif kind == FrameKind.ACK:
+            self._on_ack(frame.seq, now, events)
+        elif kind == FrameKind.NAK:
+            self._on_nak(frame.seq, now, events)
+
+    def _on_reliable(self, frame: Frame, events: list[Event]) -> None:
+        diff = (frame.seq - self._rx_expected) & 0xFFFF
+        if diff == 0:
+            self._rx_expected = (self._rx_expected + 1) & 0xFFFF
+            self._nak_sent_for = None
+            self._emit(encode_frame(FrameKind.ACK, frame.seq, 0))
+            self._deliver(frame, events)
+        elif diff >= _HALF:
+            self.stats.duplicates += 1
+            self._emit(encode_frame(FrameKind.ACK, self._rx_expected - 1, 0))
+        else:
+            self.stats.out_of_order += 1
+            if self._nak_sent_for != self._rx_expected:
+                self._nak_sent_for = self._rx_expected
+                self.stats.naks_sent += 1
+                self._emit(encode_frame(FrameKind.NAK, self._rx_expected, 0))
+
+    def _on_unreliable(self, frame: Frame, events: list[Event]) -> None:
+        last = self._unrel_rx_last
+        if last is not None:
+            gap = (frame.seq - last - 1) & 0xFFFF
+            if gap >= _HALF:
+                self.stats.unreliable_stale += 1
+                return
+            self.stats.unreliable_lost += gap
+        self._unrel_rx_last = frame.seq
+        self._deliver(frame, events)
+
+    def _deliver(self, frame: Frame, events: list[Event]) -> None:
+        try:
+            message = decode_message(frame.msg_type, frame.payload)
+        except MessageDecodeError as exc:
+            self.stats.protocol_errors += 1
+            events.append(ProtocolViolation(str(exc), exc.msg_type, exc.reason))
+            return
+        if message.DIRECTION is self._outgoing_direction or message.DELIVERY is Delivery.SYNC:
+            self.stats.protocol_errors += 1
+            events.append(
+                ProtocolViolation(
+                    f"{type(message).__name__} may not be received by the {self.role.value}",
+                    frame.msg_type,
+                    RefusalCode.UNKNOWN_MESSAGE,
+                )
+            )
+            return
+        events.append(MessageReceived(message))
+
+    def _on_ack(self, seq: int, now: float, events: list[Event]) -> None:
+        tx = self._tx
+        if not tx.window:
+            return
+        acked = ((seq - tx.window[0].seq) & 0xFFFF) + 1
+        if acked > len(tx.window):
+            return  # stale ACK from before a reset, or for a duplicate: ignore
+        for _ in range(acked):
+            item = tx.window.popleft()
+            if not item.resent:
+                self._sample_rtt(now - item.sent_at)
+            events.append(Delivered(item.seq, item.message))
+        tx.retries = 0
+        tx.timeout = self.config.ack_timeout
+        while tx.backlog and len(tx.window) < self.config.window:
+            message = tx.backlog.popleft()
+            self._transmit_new(message, encode_message(message), now)
+
+    def _on_nak(self, expected: int, now: float, events: list[Event]) -> None:
+        self.stats.naks_received += 1
+        tx = self._tx
+        if not tx.window:
+            return
+        index = (expected - tx.window[0].seq) & 0xFFFF
+        if index >= len(tx.window):
+            return
+        if index:
+            self._on_ack((expected - 1) & 0xFFFF, now, events)
+        self._resend_from(0, now)
+
+    def _sample_rtt(self, rtt: float) -> None:
+        s = self.stats
+        s.rtt_last = rtt
+        s.rtt_min = rtt if s.rtt_samples == 0 else min(s.rtt_min, rtt)
+        s.rtt_max = max(s.rtt_max, rtt)
+        s.rtt_sum += rtt
+        s.rtt_samples += 1
+
+    # -- role specific ------------------------------------------------------------
+
+    def _on_sync(self, frame: Frame, now: float, events: list[Event]) -> None:
+        raise NotImplementedError
+
+    def _on_frame_before_ready(self, frame: Frame, now: float) -> None:
+        pass
+
+
+class HostConnection(_Endpoint):
+    """The controller's end of one pen's link."""
+
+    role = Role.HOST
+    _outgoing_direction = Direction.HOST_TO_DEVICE
+
+    def __init__(self, config: LinkConfig | None = None) -> None:
+        super().__init__(config)
+        self.identity: Identity | None = None
+        self.refusal: str | None = None
+        self._nonce = 0
+        self._hello_frame = b""
+        self._hello_sent_at = 0.0
+        self._hello_tries = 0
+
+    def start_handshake(self, host_nonce: int, now: float, first_seq: int = 0) -> None:
+        """Send Hello. host_nonce must differ from the previous link's (use a random u32)."""
+        if not 0 < host_nonce < 2**32:
+            raise ValueError("host_nonce must be a non-zero u32")
+        self._fire(Input.START_HANDSHAKE)
+        if self.state is not LinkState.HANDSHAKING:
+            raise NotReadyError(f"cannot start a handshake while {self.state.value}")
+        self._reset_streams(first_seq, 0)
+        self._nonce = host_nonce
+        self.refusal = None
+        payload = encode_message(Hello(PROTOCOL_VERSION, host_nonce))
+        self._hello_frame = encode_frame(FrameKind.SYNC, first_seq, Hello.TYPE, payload)
+        self._hello_tries = 0
+        self._hello_sent_at = now
+        self._emit(self._hello_frame)
+
+    def next_deadline(self) -> float | None:
+        if self.state is LinkState.HANDSHAKING:
+            return self._hello_sent_at + self.config.hello_timeout
+        return super().next_deadline()
+
+    def handle_timeout(self, now: float) -> list[Event]:
+        if self.state is not LinkState.HANDSHAKING:
+            return super().handle_timeout(now)
+        if now < self._hello_sent_at + self.config.hello_timeout:
+            return []
+        self._hello_tries += 1
+        if self._hello_tries > self.config.hello_retries:
+            self._fire(Input.RETRIES_EXHAUSTED)
+            return [LinkFailed(f"pen did not answer Hello {self.config.hello_retries + 1} times")]
+        self._hello_sent_at = now
+        self.stats.retransmits += 1
+        self._emit(self._hello_frame)
+        return []
+
+    def _on_sync(self, frame: Frame, now: float, events: list[Event]) -> None:
+        try:
+            identity = decode_message(frame.msg_type, frame.payload)
+        except MessageDecodeError as exc:
+            self.stats.protocol_errors += 1
+            events.append(ProtocolViolation(str(exc), exc.msg_type, exc.reason))
+            return
+        if not isinstance(identity, Identity):
+            self.stats.protocol_errors += 1
+            events.append(
+                ProtocolViolation(
+                    f"{type(identity).__name__} in a handshake frame",
+                    frame.msg_type,
+                    RefusalCode.UNKNOWN_MESSAGE,
+                )
+            )
+            return
+        if self.state is LinkState.HANDSHAKING:
+            if identity.host_nonce != self._nonce:
+                return  # an announcement or an answer to an older Hello
+            problem = self._check_identity(identity)
+            self.identity = identity
+            if problem:
+                self.refusal = problem
+                self._fire(Input.IDENTITY_MISMATCH)
+                events.append(HandshakeRefused(problem, identity))
+                return
+            self._rx_expected = frame.seq
+            self._fire(Input.IDENTITY_OK)
+            self.stats.handshakes += 1
+            events.append(Connected(identity, self._nonce))
+        elif (
+            self.state is LinkState.READY
+            and self.identity is not None
+            and identity.boot_id != self.identity.boot_id
+        ):
+            previous = self.identity
+            abandoned = self._reset_streams(self._tx.next_seq, 0)
+            self.identity = identity
+            self._fire(Input.PEER_REBOOTED)
+            events.append(PeerRebooted(previous, identity, abandoned))
+
+    @staticmethod
+    def _check_identity(identity: Identity) -> str | None:
+        if identity.protocol_version != PROTOCOL_VERSION:
+            return (
+                f"pen {identity.serial_text} speaks protocol version "
+                f"{identity.protocol_version}, this controller speaks {PROTOCOL_VERSION}"
+            )
+        if identity.schema_hash != SCHEMA_HASH:
+            return (
+                f"pen {identity.serial_text} (firmware {identity.firmware_version}) uses message "
+                f"schema {identity.schema_hash:#010x}, this controller uses {SCHEMA_HASH:#010x}: "
+                "update the pen firmware or the controller before treating"
+            )
+        return None
+
+
+class DeviceConnection(_Endpoint):
+    """The pen's end of the link (the simulator runs this; firmware implements it in C)."""
+
+    role = Role.DEVICE
+    _outgoing_direction = Direction.DEVICE_TO_HOST
+
+    def __init__(self, identity: Identity, config: LinkConfig | None = None) -> None:
+        super().__init__(config)
+        self.identity = identity
+        self._nonce = 0
+        self._tx_first = 0
+        self._last_announce: float | None = None
+
+    def announce(self, now: float) -> None:
+        """Send an unsolicited Identity (host_nonce 0): done at boot so a host notices."""
+        self._last_announce = now
+        self._emit_identity(0, self._tx.next_seq)
+
+    def _emit_identity(self, nonce: int, first_seq: int) -> None:
+        ident = dataclasses.replace(self.identity, host_nonce=nonce)
+        self._emit(encode_frame(FrameKind.SYNC, first_seq, Identity.TYPE, encode_message(ident)))
+
+    def _on_sync(self, frame: Frame, now: float, events: list[Event]) -> None:
+        try:
+            hello = decode_message(frame.msg_type, frame.payload)
+        except MessageDecodeError as exc:
+            self.stats.protocol_errors += 1
+            events.append(ProtocolViolation(str(exc), exc.msg_type, exc.reason))
+            return
+        if not isinstance(hello, Hello) or hello.host_nonce == 0:
+            self.stats.protocol_errors += 1
+            events.append(
+                ProtocolViolation(
+                    "handshake frame is not a valid Hello", frame.msg_type, RefusalCode.BAD_PAYLOAD
+                )
+            )
+            return
+        if self.state is LinkState.READY and hello.host_nonce == self._nonce:
+            # A duplicated or retransmitted Hello: answer again, reset nothing.
+            self._emit_identity(self._nonce, self._tx_first)
+            return
+        self._nonce = hello.host_nonce
+        self._tx_first = self._tx.next_seq
+        self._reset_streams(self._tx_first, frame.seq)
+        self._fire(Input.HELLO)
+        self.stats.handshakes += 1
+        self._emit_identity(self._nonce, self._tx_first)
+        events.append(Connected(None, self._nonce))
+
+    def _on_frame_before_ready(self, frame: Frame, now: float) -> None:
+        # A host talking to a pen that does not know it (the pen rebooted): remind it.
+        last = self._last_announce
+        if last is None or now - last >= self.config.announce_interval:
+            self.announce(now)

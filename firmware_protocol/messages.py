@@ -1,0 +1,362 @@
+"""The message catalogue: every message the host and the pen exchange, in one table.
+
+Each message is a frozen dataclass whose fields map one-to-one, in order, onto a
+little-endian ``struct`` format. The catalogue table at the bottom of this module
+is the single source of truth: type ids, directions, delivery classes and field
+layouts all come from it, and so does the schema hash that both ends compare in
+the handshake. Change any row and the hash changes, so a host and a pen built
+from different catalogues refuse to arm rather than misread each other.
+
+Units are integers: micrometres, milliseconds, milliamps, millivolts, hundredths
+of a degree Celsius, hertz.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import struct
+from dataclasses import astuple, dataclass, fields
+from typing import ClassVar
+
+PROTOCOL_VERSION = 1
+
+
+class Direction(enum.Enum):
+    HOST_TO_DEVICE = "host->device"
+    DEVICE_TO_HOST = "device->host"
+
+
+class Delivery(enum.Enum):
+    SYNC = "sync"  # handshake frames, outside the sequence spaces
+    RELIABLE = "reliable"  # acknowledged, retransmitted, applied exactly once
+    UNRELIABLE = "unreliable"  # numbered, never acknowledged; loss is counted
+
+
+class StopReason(enum.IntEnum):
+    """Why the motor stopped or the pen disarmed (MotorStopped.reason, Disarmed.reason)."""
+
+    BUTTON_RELEASED = 1
+    LIFT_OFF = 2  # skin contact lost for longer than the lift-off grace time
+    HOST_STOP = 3
+    HOST_DISARM = 4
+    LEASE_EXPIRED = 5
+    STALL = 6
+    OVER_CURRENT = 7
+    OVER_TEMPERATURE = 8
+    LOW_BATTERY = 9
+    CARTRIDGE_REMOVED = 10
+    DEPTH_CEILING = 11  # measured depth above the pen's absolute maximum
+    REBOOT = 12
+
+
+#: Reasons that latch a fault: the pen stays stopped until the host re-arms it.
+FAULT_REASONS = frozenset(
+    {
+        StopReason.STALL,
+        StopReason.OVER_CURRENT,
+        StopReason.OVER_TEMPERATURE,
+        StopReason.LOW_BATTERY,
+        StopReason.CARTRIDGE_REMOVED,
+        StopReason.DEPTH_CEILING,
+    }
+)
+
+
+class RefusalCode(enum.IntEnum):
+    """Why the pen refused a command (CommandRefused.reason)."""
+
+    NO_CARTRIDGE = 1
+    NO_DEPTH = 2  # arm before any depth was set
+    DEPTH_ABOVE_CEILING = 3
+    SPEED_OUT_OF_RANGE = 4
+    LOW_BATTERY = 5
+    OVER_TEMPERATURE = 6
+    BAD_LEASE = 7  # lease of 0 ms or above the pen's maximum
+    BAD_TOKEN = 8  # renew for a lease that is not the current one
+    BAD_PAYLOAD = 9  # frame was fine, message body was not
+    UNKNOWN_MESSAGE = 10
+    RATE_OUT_OF_RANGE = 11
+
+
+class HostStopReason(enum.IntEnum):
+    """Why the host sent Stop; the pen records it, the host's audit log explains it."""
+
+    THERAPIST = 1
+    DEPTH_OVERSHOOT = 2
+    PUNCTURE_BUDGET = 3
+    PASS_LIMIT = 4
+    SESSION_END = 5
+    LINK_LOSS = 6
+    FAULT = 7
+    OTHER = 255
+
+
+class TelemetryFlag(enum.IntFlag):
+    ARMED = 0x01
+    MOTOR_RUNNING = 0x02
+    SKIN_CONTACT = 0x04
+    BUTTON_PRESSED = 0x08
+    CARTRIDGE_PRESENT = 0x10
+    FAULT_LATCHED = 0x20
+
+
+class Message:
+    """Base of every catalogue message. TYPE and FORMAT are set by the catalogue."""
+
+    __slots__ = ()
+    TYPE: ClassVar[int] = 0
+    FORMAT: ClassVar[struct.Struct] = struct.Struct("<")
+    DIRECTION: ClassVar[Direction]
+    DELIVERY: ClassVar[Delivery]
+
+    def encode(self) -> bytes:
+        return self.FORMAT.pack(*astuple(self))  # type: ignore[call-overload]
+
+
+# --- host -> device -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(Message):
+    """Opens a link. The nonce tells a new host apart from a duplicated old Hello."""
+
+    protocol_version: int
+    host_nonce: int
+
+
+@dataclass(frozen=True, slots=True)
+class SetDepth(Message):
+    depth_um: int
+
+
+@dataclass(frozen=True, slots=True)
+class SetSpeed(Message):
+    rate_hz: int
+
+
+@dataclass(frozen=True, slots=True)
+class Arm(Message):
+    """Arm for lease_ms; the host keeps the pen armed by sending Renew(token)."""
+
+    lease_ms: int
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class Renew(Message):
+    token: int
+
+
+@dataclass(frozen=True, slots=True)
+class Disarm(Message):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Stop(Message):
+    """Stop the motor and disarm at once. reason is a HostStopReason."""
+
+    reason: int
+
+
+@dataclass(frozen=True, slots=True)
+class SetTelemetryRate(Message):
+    rate_hz: int
+
+
+@dataclass(frozen=True, slots=True)
+class SetLiftOffGrace(Message):
+    grace_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class QueryStatus(Message):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Reset(Message):
+    """Reboot the pen (a new boot id; the host must handshake again)."""
+
+
+# --- device -> host -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Identity(Message):
+    """The pen's answer to Hello, and its announcement after boot (host_nonce 0)."""
+
+    protocol_version: int
+    serial: bytes  # ASCII, NUL-padded to 12 bytes
+    fw_major: int
+    fw_minor: int
+    fw_patch: int
+    boot_id: int
+    schema_hash: int
+    max_depth_um: int
+    max_lease_ms: int
+    host_nonce: int
+
+    @property
+    def serial_text(self) -> str:
+        return self.serial.rstrip(b"\0").decode("ascii", "replace")
+
+    @property
+    def firmware_version(self) -> str:
+        return f"{self.fw_major}.{self.fw_minor}.{self.fw_patch}"
+
+
+@dataclass(frozen=True, slots=True)
+class Telemetry(Message):
+    device_ms: int
+    depth_set_um: int
+    depth_um: int  # measured
+    speed_hz: int  # measured stroke rate
+    current_ma: int
+    temperature_cdeg: int
+    battery_mv: int
+    strokes: int  # cumulative since boot
+    flags: int  # TelemetryFlag
+
+
+@dataclass(frozen=True, slots=True)
+class MotorStarted(Message):
+    device_ms: int
+    depth_set_um: int
+    strokes: int
+
+
+@dataclass(frozen=True, slots=True)
+class MotorStopped(Message):
+    device_ms: int
+    reason: int  # StopReason
+    strokes: int
+    peak_depth_um: int  # deepest measured depth during the run
+
+
+@dataclass(frozen=True, slots=True)
+class Armed(Message):
+    token: int
+    lease_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Disarmed(Message):
+    reason: int  # StopReason
+
+
+@dataclass(frozen=True, slots=True)
+class CartridgeInserted(Message):
+    cartridge_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class CartridgeRemoved(Message):
+    cartridge_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class CommandRefused(Message):
+    msg_type: int
+    reason: int  # RefusalCode
+
+
+@dataclass(frozen=True, slots=True)
+class Status(Message):
+    armed: int
+    motor_running: int
+    depth_set_um: int
+    speed_hz: int
+    cartridge_id: int  # 0 when no cartridge
+    fault: int  # StopReason of the latched fault, 0 when none
+    lease_left_ms: int
+
+
+# --- the catalogue --------------------------------------------------------------
+
+H2D, D2H = Direction.HOST_TO_DEVICE, Direction.DEVICE_TO_HOST
+SYNC, REL, UNREL = Delivery.SYNC, Delivery.RELIABLE, Delivery.UNRELIABLE
+
+# fmt: off
+CATALOGUE: tuple[tuple[int, type[Message], str, Direction, Delivery], ...] = (
+    # type  message            struct format    direction  delivery
+    (0x01,  Hello,             "<BI",           H2D,       SYNC),
+    (0x10,  SetDepth,          "<H",            H2D,       REL),
+    (0x11,  SetSpeed,          "<H",            H2D,       REL),
+    (0x12,  Arm,               "<HH",           H2D,       REL),
+    (0x13,  Renew,             "<H",            H2D,       UNREL),
+    (0x14,  Disarm,            "<",             H2D,       REL),
+    (0x15,  Stop,              "<B",            H2D,       REL),
+    (0x16,  SetTelemetryRate,  "<H",            H2D,       REL),
+    (0x17,  SetLiftOffGrace,   "<H",            H2D,       REL),
+    (0x18,  QueryStatus,       "<",             H2D,       REL),
+    (0x19,  Reset,             "<",             H2D,       REL),
+    (0x81,  Identity,          "<B12sBBBIIHHI", D2H,       SYNC),
+    (0x82,  Telemetry,         "<IHHHHhHIB",    D2H,       UNREL),
+    (0x83,  MotorStarted,      "<IHI",          D2H,       REL),
+    (0x84,  MotorStopped,      "<IBIH",         D2H,       REL),
+    (0x85,  Armed,             "<HH",           D2H,       REL),
+    (0x86,  Disarmed,          "<B",            D2H,       REL),
+    (0x87,  CartridgeInserted, "<Q",            D2H,       REL),
+    (0x88,  CartridgeRemoved,  "<Q",            D2H,       REL),
+    (0x89,  CommandRefused,    "<BB",           D2H,       REL),
+    (0x8A,  Status,            "<BBHHQBH",      D2H,       REL),
+)
+# fmt: on
+
+BY_TYPE: dict[int, type[Message]] = {}
+
+
+def _install() -> int:
+    digest = hashlib.sha256()
+    for type_id, cls, fmt, direction, delivery in CATALOGUE:
+        s = struct.Struct(fmt)
+        names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+        # A format whose field count disagrees with the dataclass is a bug in this table.
+        n_codes = len(struct.unpack(fmt, bytes(s.size)))
+        if n_codes != len(names):
+            raise AssertionError(f"{cls.__name__}: format {fmt!r} has {n_codes} fields")
+        cls.TYPE, cls.FORMAT, cls.DIRECTION, cls.DELIVERY = type_id, s, direction, delivery
+        BY_TYPE[type_id] = cls
+        row = f"{type_id:#04x}|{cls.__name__}|{fmt}|{direction.value}|{delivery.value}|"
+        digest.update((row + ",".join(names) + "\n").encode())
+    return int.from_bytes(digest.digest()[:4], "little")
+
+
+#: First four bytes (little-endian u32) of SHA-256 over the catalogue rows.
+SCHEMA_HASH: int = _install()
+
+
+class MessageDecodeError(ValueError):
+    """A frame passed its CRC but its body is not a valid message."""
+
+    def __init__(self, msg_type: int, reason: RefusalCode, detail: str) -> None:
+        super().__init__(detail)
+        self.msg_type = msg_type
+        self.reason = reason
+
+
+def decode_message(msg_type: int, payload: bytes) -> Message:
+    """Build the message for a type id and payload; MessageDecodeError if impossible."""
+    cls = BY_TYPE.get(msg_type)
+    if cls is None:
+        raise MessageDecodeError(
+            msg_type, RefusalCode.UNKNOWN_MESSAGE, f"unknown message type {msg_type:#04x}"
+        )
+    fmt = cls.FORMAT
+    if len(payload) != fmt.size:
+        raise MessageDecodeError(
+            msg_type,
+            RefusalCode.BAD_PAYLOAD,
+            f"{cls.__name__} needs {fmt.size} payload bytes, got {len(payload)}",
+        )
+    return cls(*fmt.unpack(payload))
+
+
+def encode_message(message: Message) -> bytes:
+    """Payload bytes of a message. struct.error (a ValueError) on out-of-range fields."""
+    try:
+        return message.encode()
+    except struct.error as exc:
+        raise ValueError(f"{type(message).__name__}: {exc}") from exc
