@@ -1,0 +1,1 @@
+"""Local infrastructure processes (broker, InfluxDB) for tests, benchmarks and `make run`."""
