@@ -1,0 +1,125 @@
+"""Service configuration: a TOML file plus environment variables, validated at start.
+
+Precedence, highest first: environment (``PENCTL_`` prefix, ``__`` between
+levels, e.g. ``PENCTL_MQTT__HOST``), then the TOML file, then defaults. Unknown
+keys are errors, so a typo fails the start instead of silently using a default,
+and every error message names the key (``mqtt.port: ...``).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names every bad key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PenEndpoint(_Section):
+    url: str = Field(min_length=1, description="device path or socket://host:port")
+    name: str = Field(default="", description="a room or station label")
+    expected_serial: str | None = Field(
+        default=None, description="refuse any other pen on this port"
+    )
+
+
+class LinkSettings(_Section):
+    baudrate: int = Field(default=1_000_000, gt=0)
+    lease_ms: int = Field(default=250, ge=50, le=2000)
+    reconnect_max_s: float = Field(default=5.0, gt=0)
+
+
+class MqttSettings(_Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, ge=1, le=65535)
+    username: str | None = None
+    password: str | None = None
+    topic_root: str = Field(default="pen/v1", min_length=1)
+
+
+class InfluxSection(_Section):
+    url: str = "http://127.0.0.1:8086"
+    database: str = Field(default="pen", min_length=1)
+    username: str | None = None
+    password: str | None = None
+    token: str | None = None
+
+
+class ApiSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+
+class ServiceSettings(BaseSettings):
+    """Everything `penctl serve` needs; see the module docstring for sources."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PENCTL_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    clinic_id: str = Field(default="clinic-0001", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    state_dir: Path = Path("var/controller")
+    policy_file: Path | None = None
+    pens: list[PenEndpoint] = Field(default_factory=list)
+    link: LinkSettings = Field(default_factory=LinkSettings)
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    influx: InfluxSection = Field(default_factory=InfluxSection)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats the file (passed as init values by load_settings).
+        return (env_settings, init_settings)
+
+
+def load_settings(path: Path | None = None, **overrides: Any) -> ServiceSettings:
+    """Read the TOML file (if any), apply the environment, validate. ConfigError if bad."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
+    data.update(overrides)
+    try:
+        return ServiceSettings(**data)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, source=str(path or "settings"))) from exc
+
+
+def describe_validation_error(exc: ValidationError, source: str) -> str:
+    """One line per problem, each naming the dotted key, for humans."""
+    lines = [f"{source}: {exc.error_count()} configuration error(s)"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling)"
+        lines.append(f"  {key}: {message}")
+    return "\n".join(lines)

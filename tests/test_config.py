@@ -1,0 +1,56 @@
+"""Service configuration: TOML plus environment, errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from controller.config import ConfigError, load_settings
+
+
+def test_defaults_without_a_file() -> None:
+    settings = load_settings()
+    assert settings.link.lease_ms == 250
+    assert settings.mqtt.topic_root == "pen/v1"
+    assert settings.pens == []
+
+
+def test_file_and_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(
+        'clinic_id = "north"\n[[pens]]\nurl = "socket://127.0.0.1:7000"\n[mqtt]\nport = 1884\n'
+    )
+    monkeypatch.setenv("PENCTL_MQTT__PORT", "1999")
+    settings = load_settings(path)
+    assert settings.clinic_id == "north"
+    assert settings.pens[0].url == "socket://127.0.0.1:7000"
+    assert settings.mqtt.port == 1999  # environment beats the file
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "why"),
+    [
+        ("[mqtt]\nport = 70000\n", "mqtt.port", "less than or equal to 65535"),
+        ("[mqtt]\nprot = 1\n", "mqtt.prot", "unknown key"),
+        ("[link]\nlease_ms = 10\n", "link.lease_ms", "greater than or equal to 50"),
+        ('[[pens]]\nurl = ""\n', "pens.0.url", "at least 1 character"),
+        ('clinic_id = "has space"\n', "clinic_id", "match pattern"),
+    ],
+)
+def test_bad_keys_are_named(tmp_path: Path, text: str, key: str, why: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(path)
+    assert f"  {key}: " in str(info.value)
+    assert why in str(info.value)
+
+
+def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_settings(tmp_path / "missing.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[mqtt\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(broken)
