@@ -1,0 +1,1 @@
+"""Telemetry out of the controller: durable outbox, MQTT publisher, topic scheme."""
