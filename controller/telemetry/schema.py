@@ -1,0 +1,180 @@
+"""The MQTT contract between the controller and ingest: topics and payloads.
+
+Topics (``root`` defaults to ``pen/v1``; the version is part of the root so a
+v2 can run beside v1 on the same broker)::
+
+    {root}/{clinic}/device/{device}/status       retained, JSON DeviceStatus
+    {root}/{clinic}/device/{device}/telemetry    JSON TelemetryBatch, QoS 1
+    {root}/{clinic}/device/{device}/events       JSON EventRecord, QoS 1
+    {root}/{clinic}/controller/{controller}/status
+                                                 retained, JSON ControllerStatus;
+                                                 the controller's last will says offline
+
+Ids in topics and payloads are pseudonymous (pen serials, clinic and session
+ids, client references); never a name. Every telemetry and event stream carries
+``seq``, counting per (device, stream) from 0 without gaps, so a consumer that
+sees a jump knows exactly how many messages it missed. ``seq`` survives a
+controller restart (it is kept in the outbox database).
+
+Timestamps (``ts_ns``, nanoseconds since the Unix epoch) are assigned once, by the
+controller, and travel in the payload, so a redelivered message produces the very
+same InfluxDB points: writes are idempotent.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SCHEMA_VERSION = 1
+DEFAULT_ROOT = "pen/v1"
+
+Identifier = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
+
+#: Column order of TelemetryBatch.samples rows.
+SAMPLE_FIELDS: tuple[str, ...] = (
+    "ts_ns",
+    "device_ms",
+    "depth_set_um",
+    "depth_um",
+    "speed_hz",
+    "current_ma",
+    "temperature_cdeg",
+    "battery_mv",
+    "strokes",
+    "flags",
+)
+
+EventKind = Literal[
+    "session_started",
+    "session_ended",
+    "zone_selected",
+    "depth_set",
+    "armed",
+    "disarmed",
+    "pass_started",
+    "pass_ended",
+    "refusal",
+    "stop",
+    "override",
+    "fault",
+    "interrupted",
+    "link_up",
+    "link_down",
+]
+
+
+class _Payload(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: Literal[1] = 1  # payload schema version
+    clinic: Identifier
+    device: Identifier
+
+
+class TelemetryBatch(_Payload):
+    """Consecutive telemetry samples of one pen."""
+
+    seq: int = Field(ge=0)
+    session: Identifier | None = None
+    zone: Identifier | None = None
+    samples: list[list[int]] = Field(min_length=1, max_length=10_000)
+
+    @field_validator("samples")
+    @classmethod
+    def _rows_are_complete(cls, rows: list[list[int]]) -> list[list[int]]:
+        width = len(SAMPLE_FIELDS)
+        for i, row in enumerate(rows):
+            if len(row) != width:
+                raise ValueError(f"sample {i} has {len(row)} values, expected {width}")
+            if row[0] <= 0:
+                raise ValueError(f"sample {i} has no timestamp")
+        return rows
+
+
+class EventRecord(_Payload):
+    """A session or safety event: passes, refusals, stops, overrides, faults."""
+
+    seq: int = Field(ge=0)
+    ts_ns: int = Field(gt=0)
+    kind: EventKind
+    session: Identifier | None = None
+    therapist: Identifier | None = None
+    plan: Identifier | None = None
+    zone: Identifier | None = None
+    code: str | None = Field(default=None, max_length=64)
+    message: str | None = Field(default=None, max_length=500)
+    values: dict[str, int | float | bool | str] = Field(default_factory=dict)
+
+    @field_validator("values")
+    @classmethod
+    def _values_are_small(
+        cls, values: dict[str, int | float | bool | str]
+    ) -> dict[str, int | float | bool | str]:
+        if len(values) > 32:
+            raise ValueError("at most 32 values")
+        for key in values:
+            if not re.fullmatch(r"[a-z][a-z0-9_]{0,39}", key):
+                raise ValueError(f"value name {key!r} is not snake_case")
+        return values
+
+
+class DeviceStatus(_Payload):
+    ts_ns: int = Field(gt=0)
+    online: bool
+    state: str = Field(max_length=32)
+    firmware: str | None = Field(default=None, max_length=32)
+    session: Identifier | None = None
+    link: dict[str, int | float] = Field(default_factory=dict)
+
+
+class ControllerStatus(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: Literal[1] = 1
+    clinic: Identifier
+    controller: Identifier
+    online: bool
+    ts_ns: int = Field(ge=0)
+
+
+def device_topic(root: str, clinic: str, device: str, stream: str) -> str:
+    return f"{root}/{clinic}/device/{device}/{stream}"
+
+
+def controller_status_topic(root: str, clinic: str, controller: str) -> str:
+    return f"{root}/{clinic}/controller/{controller}/status"
+
+
+def parse_device_topic(topic: str, root: str = DEFAULT_ROOT) -> tuple[str, str, str] | None:
+    """(clinic, device, stream) of a device topic, or None if it is not one."""
+    prefix = root + "/"
+    if not topic.startswith(prefix):
+        return None
+    parts = topic[len(prefix) :].split("/")
+    if len(parts) != 4 or parts[1] != "device":
+        return None
+    return parts[0], parts[2], parts[3]
+
+
+def dump(model: BaseModel) -> bytes:
+    """Compact JSON with the short aliases, as it goes on the wire."""
+    return model.model_dump_json(by_alias=True, exclude_none=True).encode()
+
+
+def sample_row(ts_ns: int, values: Any) -> list[int]:
+    """A TelemetryBatch row from a timestamp and a firmware Telemetry message."""
+    return [
+        ts_ns,
+        values.device_ms,
+        values.depth_set_um,
+        values.depth_um,
+        values.speed_hz,
+        values.current_ma,
+        values.temperature_cdeg,
+        values.battery_mv,
+        values.strokes,
+        values.flags,
+    ]
