@@ -88,3 +88,17 @@ def test_survives_kill_9(tmp_path: Path) -> None:
     payloads = [int(m.payload) for m in box.pending(1_000_000)]
     assert payloads[: last + 1] == list(range(last + 1))  # nothing confirmed is lost
     assert payloads == list(range(len(payloads)))  # and nothing is torn or reordered
+
+
+def test_stream_numbers_are_gapless_and_survive_reopen(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db")
+
+    def build(seq: int) -> NewMessage:
+        return NewMessage("t", str(seq).encode())
+
+    box.put_sequenced([("a", build), ("a", build), ("b", build)])
+    box.close()
+    box = Outbox(tmp_path / "o.db")
+    assert box.next_seq("a") == 2
+    box.put_sequenced([("a", build)])
+    assert [m.payload for m in box.pending(10)] == [b"0", b"1", b"0", b"2"]

@@ -10,6 +10,7 @@ outage tests kill and revive a broker or a database mid-session.
 from __future__ import annotations
 
 import contextlib
+import getpass
 import os
 import shutil
 import signal
@@ -136,6 +137,9 @@ def start_mosquitto(
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     lines = [
+        # Run as root, mosquitto would switch to user "mosquitto" and lose access to
+        # its persistence directory; stay the user who started it.
+        f"user {getpass.getuser()}",
         f"listener {port} 127.0.0.1",
         "persistence true",
         f"persistence_location {workdir}/",

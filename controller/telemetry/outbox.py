@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import enum
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +71,10 @@ CREATE TABLE IF NOT EXISTS outbox (
     droppable INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS outbox_droppable ON outbox (droppable, id);
+CREATE TABLE IF NOT EXISTS stream_seq (
+    stream TEXT PRIMARY KEY,
+    next   INTEGER NOT NULL
+);
 """
 
 
@@ -111,12 +115,37 @@ class Outbox:
 
     def put_many(self, messages: Iterable[NewMessage]) -> int:
         """Store messages in one transaction; returns how many were accepted."""
+        return self.put_sequenced((None, m) for m in messages)
+
+    def put_sequenced(
+        self, items: Iterable[tuple[str | None, NewMessage | Callable[[int], NewMessage]]]
+    ) -> int:
+        """Store messages in one transaction, numbering streams as it goes.
+
+        Each item is ``(stream, message)`` or ``(stream, build)`` where ``build(seq)``
+        makes the message carrying the stream's next sequence number. The number is
+        taken and the message stored atomically, so a crash can neither reuse nor
+        skip a number; a message refused by the overflow policy still consumes its
+        number, so the consumer sees the gap.
+        """
         accepted = 0
         db = self._db
         c = self.counters
+        seqs: dict[str, int] = {}
         db.execute("BEGIN IMMEDIATE")
         try:
-            for m in messages:
+            for stream, item in items:
+                if callable(item):
+                    assert stream is not None, "a numbered message needs a stream"
+                    if stream not in seqs:
+                        row = db.execute(
+                            "SELECT next FROM stream_seq WHERE stream = ?", (stream,)
+                        ).fetchone()
+                        seqs[stream] = int(row[0]) if row else 0
+                    m = item(seqs[stream])
+                    seqs[stream] += 1
+                else:
+                    m = item
                 size = len(m.payload)
                 if not self._make_room(size, m.droppable):
                     c.rejected += 1
@@ -129,6 +158,11 @@ class Outbox:
                 c.depth += 1
                 c.bytes += size
                 accepted += 1
+            db.executemany(
+                "INSERT INTO stream_seq (stream, next) VALUES (?, ?) "
+                "ON CONFLICT (stream) DO UPDATE SET next = excluded.next",
+                seqs.items(),
+            )
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -136,6 +170,11 @@ class Outbox:
             raise
         c.enqueued += accepted
         return accepted
+
+    def next_seq(self, stream: str) -> int:
+        """The number the stream's next message will carry."""
+        row = self._db.execute("SELECT next FROM stream_seq WHERE stream = ?", (stream,)).fetchone()
+        return int(row[0]) if row else 0
 
     def pending(self, limit: int = 100, after_id: int = 0) -> list[OutboxMessage]:
         """The oldest waiting messages (ids greater than after_id), oldest first."""

@@ -1,0 +1,317 @@
+"""Telemetry publisher: samples and events -> durable outbox -> MQTT v5 broker.
+
+The controller's pen callbacks call ``add_sample``/``add_event``/``set_status``;
+these are synchronous and cheap. Samples are batched in memory per pen for at
+most ``batch_interval`` (100 ms by default) and then committed to the outbox in
+one transaction; events and statuses are committed at once. Only the outbox
+feeds the broker, so the broker being down changes nothing upstream.
+
+What a kill -9 can lose: the samples of the current, not yet committed batch
+(at most ``batch_interval`` of telemetry), exactly like the bytes still in the
+serial driver. Everything committed is published after restart.
+
+The sender follows aiomqtt's documented reconnect loop: connect, publish,
+and on ``MqttError`` wait (with backoff) and connect again. Up to ``inflight``
+QoS 1 publishes are in flight at once; a message leaves the outbox only after
+its PUBACK, so a reconnect may publish a message twice, which ingest absorbs
+(deterministic timestamps).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiomqtt
+import structlog
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from firmware_protocol.messages import Telemetry
+
+from ..config import MqttSettings
+from .outbox import NewMessage, Outbox
+from .schema import (
+    ControllerStatus,
+    DeviceStatus,
+    EventKind,
+    EventRecord,
+    TelemetryBatch,
+    controller_status_topic,
+    device_topic,
+    dump,
+    sample_row,
+)
+
+log = structlog.get_logger(__name__)
+
+SESSION_EXPIRY_S = 3600
+
+
+@dataclass
+class PublisherCounters:
+    samples: int = 0
+    batches: int = 0
+    events: int = 0
+    published: int = 0
+    connects: int = 0
+    connect_failures: int = 0
+    last_error: str = ""
+
+
+@dataclass
+class _Pending:
+    session: str | None
+    zone: str | None
+    rows: list[list[int]] = field(default_factory=list)
+
+
+class TelemetryPublisher:
+    """See the module docstring. One per controller process."""
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        outbox: Outbox,
+        *,
+        clinic_id: str,
+        controller_id: str,
+        batch_interval: float = 0.1,
+        max_batch: int = 500,
+        inflight: int = 100,
+        reconnect_max: float = 5.0,
+    ) -> None:
+        self.settings = settings
+        self.outbox = outbox
+        self.clinic_id = clinic_id
+        self.controller_id = controller_id
+        self.batch_interval = batch_interval
+        self.max_batch = max_batch
+        self.inflight = inflight
+        self.reconnect_max = reconnect_max
+        self.counters = PublisherCounters()
+        self.connected = asyncio.Event()
+        self._pending: dict[str, _Pending] = {}
+        self._wake = asyncio.Event()
+        self._last_ts: dict[str, int] = {}
+
+    # -- producer side (synchronous) -------------------------------------------------
+
+    def add_sample(
+        self,
+        device: str,
+        telemetry: Telemetry,
+        *,
+        session: str | None = None,
+        zone: str | None = None,
+        ts_ns: int | None = None,
+    ) -> None:
+        """Queue one telemetry sample; it is committed with the next batch."""
+        ts = self._timestamp(device, ts_ns)
+        pending = self._pending.get(device)
+        if pending is None or pending.session != session or pending.zone != zone:
+            if pending is not None:
+                self._commit_samples(device)
+            pending = self._pending[device] = _Pending(session, zone)
+        pending.rows.append(sample_row(ts, telemetry))
+        self.counters.samples += 1
+        if len(pending.rows) >= self.max_batch:
+            self._commit_samples(device)
+
+    def add_event(
+        self,
+        device: str,
+        kind: EventKind,
+        *,
+        ts_ns: int | None = None,
+        **fields: object,
+    ) -> None:
+        """Commit one event record now (events are never dropped by the outbox)."""
+        ts = self._timestamp(device, ts_ns)
+        topic = device_topic(self.settings.topic_root, self.clinic_id, device, "events")
+
+        def build(seq: int) -> NewMessage:
+            record = EventRecord.model_validate(
+                {
+                    "clinic": self.clinic_id,
+                    "device": device,
+                    "seq": seq,
+                    "ts_ns": ts,
+                    "kind": kind,
+                    **fields,
+                }
+            )
+            return NewMessage(topic, dump(record), droppable=False)
+
+        self.outbox.put_sequenced([(f"{device}/events", build)])
+        self.counters.events += 1
+        self._wake.set()
+
+    def set_status(
+        self,
+        device: str,
+        *,
+        online: bool,
+        state: str,
+        firmware: str | None = None,
+        session: str | None = None,
+        link: dict[str, int | float] | None = None,
+    ) -> None:
+        """Commit the pen's retained status message."""
+        status = DeviceStatus(
+            clinic=self.clinic_id,
+            device=device,
+            ts_ns=time.time_ns(),
+            online=online,
+            state=state,
+            firmware=firmware,
+            session=session,
+            link=link or {},
+        )
+        topic = device_topic(self.settings.topic_root, self.clinic_id, device, "status")
+        self.outbox.put(NewMessage(topic, dump(status), retain=True, droppable=False))
+        self._wake.set()
+
+    def flush(self) -> None:
+        """Commit every pending sample batch to the outbox."""
+        for device in list(self._pending):
+            self._commit_samples(device)
+
+    # -- sender ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Flush batches and publish the outbox until cancelled."""
+        flusher = asyncio.create_task(self._flush_loop())
+        try:
+            await self._send_loop()
+        finally:
+            flusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await flusher
+            self.flush()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.batch_interval)
+            self.flush()
+
+    async def _send_loop(self) -> None:
+        delay = 0.1
+        status_topic = controller_status_topic(
+            self.settings.topic_root, self.clinic_id, self.controller_id
+        )
+        offline = ControllerStatus(
+            clinic=self.clinic_id, controller=self.controller_id, online=False, ts_ns=0
+        )
+        will = aiomqtt.Will(status_topic, dump(offline), qos=1, retain=True)
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        properties.SessionExpiryInterval = SESSION_EXPIRY_S
+        while True:
+            try:
+                async with aiomqtt.Client(
+                    self.settings.host,
+                    self.settings.port,
+                    username=self.settings.username,
+                    password=self.settings.password,
+                    identifier=f"controller-{self.clinic_id}-{self.controller_id}",
+                    protocol=aiomqtt.ProtocolVersion.V5,
+                    will=will,
+                    properties=properties,
+                    keepalive=10,
+                    timeout=10,
+                ) as client:
+                    self.counters.connects += 1
+                    delay = 0.1
+                    online = ControllerStatus(
+                        clinic=self.clinic_id,
+                        controller=self.controller_id,
+                        online=True,
+                        ts_ns=time.time_ns(),
+                    )
+                    await client.publish(status_topic, dump(online), qos=1, retain=True)
+                    self.connected.set()
+                    log.info("mqtt connected", host=self.settings.host, port=self.settings.port)
+                    await _until_disconnected(client, self._drain(client))
+            except aiomqtt.MqttError as exc:
+                self.connected.clear()
+                self.counters.connect_failures += 1
+                self.counters.last_error = str(exc)
+                log.warning("mqtt unavailable; retrying", error=str(exc), retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.reconnect_max)
+
+    async def _drain(self, client: aiomqtt.Client) -> None:
+        while True:
+            batch = self.outbox.pending(self.inflight)
+            if not batch:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            await asyncio.gather(
+                *(client.publish(m.topic, m.payload, qos=m.qos, retain=m.retain) for m in batch)
+            )
+            self.outbox.acknowledge([m.id for m in batch])
+            self.counters.published += len(batch)
+
+    # -- internals -------------------------------------------------------------------
+
+    def _timestamp(self, device: str, ts_ns: int | None) -> int:
+        # Strictly increasing per pen, so two points never share a timestamp and
+        # silently overwrite each other in InfluxDB.
+        ts = ts_ns if ts_ns is not None else time.time_ns()
+        last = self._last_ts.get(device, 0)
+        if ts <= last:
+            ts = last + 1
+        self._last_ts[device] = ts
+        return ts
+
+    def _commit_samples(self, device: str) -> None:
+        pending = self._pending.pop(device, None)
+        if pending is None or not pending.rows:
+            return
+        topic = device_topic(self.settings.topic_root, self.clinic_id, device, "telemetry")
+        rows = pending.rows
+
+        def build(seq: int) -> NewMessage:
+            batch = TelemetryBatch(
+                clinic=self.clinic_id,
+                device=device,
+                seq=seq,
+                session=pending.session,
+                zone=pending.zone,
+                samples=rows,
+            )
+            return NewMessage(topic, dump(batch))
+
+        self.outbox.put_sequenced([(f"{device}/telemetry", build)])
+        self.counters.batches += 1
+        self._wake.set()
+
+
+async def _until_disconnected(client: aiomqtt.Client, work: Coroutine[Any, Any, None]) -> None:
+    """Run work until the connection drops, then raise MqttError at once.
+
+    paho queues QoS 1 publishes on a dead connection and aiomqtt would wait for
+    their PUBACK until its timeout; the message iterator, by contrast, raises as
+    soon as the client notices the disconnect, so it serves as the watchdog.
+    """
+
+    async def watch() -> None:
+        async for _ in client.messages:
+            pass
+
+    watcher = asyncio.create_task(watch())
+    worker = asyncio.create_task(work)
+    try:
+        done, _ = await asyncio.wait({watcher, worker}, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()
+        raise aiomqtt.MqttError("connection closed")
+    finally:
+        for task in (watcher, worker):
+            task.cancel()
+        await asyncio.gather(watcher, worker, return_exceptions=True)
