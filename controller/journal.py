@@ -1,0 +1,100 @@
+"""The session journal: the controller's durable memory, in SQLite (WAL).
+
+Every state change of a session (zone selected, arming, a pass counted, a
+cartridge used, an override) is written here in the same turn that makes it,
+before the matching command goes to the pen. A controller killed at any moment
+therefore restarts knowing every session, pass count and cartridge exactly.
+
+Documents are JSON, keyed by (kind, id). ``synchronous=FULL``: a treatment
+record is worth an fsync, and the write rate is that of therapist actions and
+passes, not of telemetry.
+
+Backups: ``sqlite3 journal.db ".backup copy.db"`` (or ``penctl journal backup``)
+takes a consistent copy while the controller runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS documents (
+    kind    TEXT NOT NULL,
+    id      TEXT NOT NULL,
+    body    TEXT NOT NULL,
+    updated INTEGER NOT NULL,
+    PRIMARY KEY (kind, id)
+);
+"""
+
+
+class Journal:
+    """Durable JSON documents by kind and id. One owner; not thread-safe."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        row = self._db.execute("SELECT COALESCE(MAX(updated), 0) FROM documents").fetchone()
+        self._version = int(row[0])
+
+    def close(self) -> None:
+        self._db.close()
+
+    def save(self, kind: str, doc_id: str, body: Mapping[str, Any]) -> None:
+        self.save_many([(kind, doc_id, body)])
+
+    def save_many(self, docs: list[tuple[str, str, Mapping[str, Any]]]) -> None:
+        """Write several documents atomically (all or none survive a crash)."""
+        if not docs:
+            return
+        rows = []
+        for kind, doc_id, body in docs:
+            self._version += 1
+            rows.append((kind, doc_id, json.dumps(body, sort_keys=True), self._version))
+        with self._transaction():
+            self._db.executemany(
+                "INSERT INTO documents (kind, id, body, updated) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (kind, id) DO UPDATE SET body = excluded.body, "
+                "updated = excluded.updated",
+                rows,
+            )
+
+    def load(self, kind: str, doc_id: str) -> dict[str, Any] | None:
+        row = self._db.execute(
+            "SELECT body FROM documents WHERE kind = ? AND id = ?", (kind, doc_id)
+        ).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def load_all(self, kind: str) -> dict[str, dict[str, Any]]:
+        """Every document of a kind, in the order they were last written."""
+        rows = self._db.execute(
+            "SELECT id, body FROM documents WHERE kind = ? ORDER BY updated", (kind,)
+        ).fetchall()
+        return {doc_id: json.loads(body) for doc_id, body in rows}
+
+    def backup(self, target: Path) -> None:
+        """A consistent copy of the journal, safe while the controller writes."""
+        dest = sqlite3.connect(target)
+        try:
+            self._db.backup(dest)
+        finally:
+            dest.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
