@@ -1,0 +1,140 @@
+"""``penctl simulate``: run simulated pens until SIGINT or SIGTERM.
+
+Prints one line per pen on stdout, ``SERIAL ADDRESS``, then runs::
+
+    SIM-0001 /dev/pts/5
+    SIM-0002 /dev/pts/6
+
+or with ``--tcp 9000``: ``SIM-0001 socket://127.0.0.1:9000`` and so on, one port per
+pen (``--tcp 0`` picks free ports). Open the address with pyserial
+(``serial.serial_for_url(address)``). A summary goes to stderr on exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from typing import Any
+
+from .faults import LineNoise, load_script
+from .firmware import FirmwareConfig
+from .runner import PenRunner, TransportKind
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``simulate`` subcommand to penctl's subparsers."""
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "simulate",
+        help="run simulated pens on pseudo-terminals or TCP ports",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--pens", type=int, default=1, metavar="N", help="number of pens (default 1)")
+    p.add_argument("--seed", default="0", help="seed for every random choice (default 0)")
+    p.add_argument(
+        "--tcp",
+        type=int,
+        metavar="BASEPORT",
+        help="serve pen i on TCP port BASEPORT+i instead of a pseudo-terminal (0: any free port)",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="TCP address to listen on")
+    p.add_argument(
+        "--rate", type=int, default=100, metavar="HZ", help="telemetry rate at boot (default 100)"
+    )
+    p.add_argument(
+        "--auto-hand", action="store_true", help="perform passes automatically while armed"
+    )
+    p.add_argument("--faults", metavar="FILE.toml", help="fault script (see simulated_pen.faults)")
+    p.add_argument("--prefix", default="SIM", help="serial prefix (default SIM: SIM-0001, ...)")
+    p.add_argument(
+        "--first", type=int, default=1, metavar="N", help="number of the first serial (default 1)"
+    )
+    for name in ("drop", "corrupt", "duplicate", "delay"):
+        p.add_argument(
+            f"--{name}",
+            type=float,
+            default=0.0,
+            help=f"line noise on both directions: {name}"
+            + (" (seconds)" if name == "delay" else " (probability)"),
+        )
+    p.set_defaults(handler=run)
+
+
+def _check(args: argparse.Namespace) -> str | None:
+    if args.pens < 1:
+        return "--pens must be at least 1"
+    top = FirmwareConfig().max_telemetry_rate_hz
+    if not 0 <= args.rate <= top:
+        return f"--rate must be in 0..{top}"
+    if args.tcp is not None and not (args.tcp >= 0 and args.tcp + args.pens <= 65536):
+        return "--tcp must be a port number leaving room for every pen"
+    if len(f"{args.prefix}-{args.first + args.pens - 1:04d}") > 12:
+        return "serials are at most 12 characters: shorten --prefix"
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handler of ``penctl simulate``; returns the exit status."""
+    problem = _check(args)
+    if problem:
+        print(f"penctl simulate: {problem}", file=sys.stderr)
+        return 2
+    try:
+        script = load_script(args.faults) if args.faults else []
+        noise = LineNoise(args.drop, args.corrupt, args.duplicate, 0.0, args.delay, 0.0)
+    except (OSError, ValueError) as exc:
+        print(f"penctl simulate: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(_serve(args, script, noise))
+
+
+async def _serve(args: argparse.Namespace, script: list[Any], noise: LineNoise) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    kind: TransportKind = "pty" if args.tcp is None else "tcp"
+    async with PenRunner(
+        seed=args.seed,
+        prefix=args.prefix,
+        first_index=args.first,
+        config=FirmwareConfig(telemetry_rate_hz=args.rate),
+        line_noise=None if noise.is_clean else noise,
+        auto_hand=args.auto_hand,
+        script=script,
+    ) as runner:
+        try:
+            slots = await runner.start(args.pens, kind, host=args.host, base_port=args.tcp or 0)
+        except OSError as exc:
+            print(f"penctl simulate: cannot open transport: {exc}", file=sys.stderr)
+            return 1
+        for slot in slots:
+            print(f"{slot.serial} {slot.address}")
+        sys.stdout.flush()
+        await stop.wait()
+        with contextlib.suppress(Exception):
+            _summary(runner)
+    return 0
+
+
+def _summary(runner: PenRunner) -> None:
+    s = runner.stats
+    print(
+        f"simulate: {len(runner.slots)} pens, {s.wakeups} wake-ups, {s.ticks} ticks, "
+        f"lateness mean {s.lateness_mean * 1e3:.2f} ms max {s.lateness_max * 1e3:.2f} ms, "
+        f"timer busy {s.busy_s:.2f} s (longest {s.busy_max * 1e3:.1f} ms)",
+        file=sys.stderr,
+    )
+    for slot in runner.slots:
+        pen = slot.pen
+        link = pen.connection.stats
+        print(
+            f"  {pen.serial}: boots {pen.stats.boots}, sent {pen.stats.messages_sent}, "
+            f"frames out {link.frames_sent} in {link.frames_received}, "
+            f"retransmits {link.retransmits}, crc errors {link.crc_errors}, "
+            f"passes {pen.hand.passes}",
+            file=sys.stderr,
+        )

@@ -1,0 +1,576 @@
+"""The pen's firmware, as a pure model: commands and physical inputs in, messages out.
+
+Every rule of product.md section 3 that must hold *without the host* lives here:
+
+* The motor runs only while armed, with a cartridge, and starts only on a press of
+  the run button (a button already held when the pen is armed, or still held after
+  a stop, must be released and pressed again: arming never starts the needle).
+* Arming is a lease: ``Arm(lease_ms, token)`` starts it, ``Renew(token)`` extends it.
+  A renew with a stale token, or while disarmed, is ignored and never re-arms. When
+  the lease runs out the motor stops and the pen disarms (reason LEASE_EXPIRED).
+* An absolute maximum depth: a setpoint above it is refused; a measured depth above
+  it (plus the sensor tolerance) stops the needle at once.
+* Stall, over-current, over-temperature, low battery, cartridge removed and the
+  depth ceiling are faults: the motor stops, the pen disarms and the fault latches
+  (flag FAULT_LATCHED) until the host arms it again successfully.
+* Button release ends the run (BUTTON_RELEASED); skin contact lost for longer than
+  the lift-off grace ends it too (LIFT_OFF). Neither disarms: the next press is the
+  next pass.
+
+Time is always an argument (``now``, seconds on any monotonic origin). Timed events
+(lease expiry, lift-off) take effect at their exact deadline even when the caller
+steps late: the physics is integrated up to the deadline, the stop is stamped with
+it, and only then does time move on. There is no clock and no I/O in this module.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from firmware_protocol.messages import (
+    Arm,
+    Armed,
+    CartridgeInserted,
+    CartridgeRemoved,
+    CommandRefused,
+    Disarm,
+    Disarmed,
+    Message,
+    MotorStarted,
+    MotorStopped,
+    QueryStatus,
+    RefusalCode,
+    Renew,
+    Reset,
+    SetDepth,
+    SetLiftOffGrace,
+    SetSpeed,
+    SetTelemetryRate,
+    Status,
+    Stop,
+    StopReason,
+    Telemetry,
+    TelemetryFlag,
+)
+
+from .faults import Fault, FaultKind
+from .physics import PenPhysics, PhysicsConfig
+
+_ARMED = int(TelemetryFlag.ARMED)
+_RUNNING = int(TelemetryFlag.MOTOR_RUNNING)
+_CONTACT = int(TelemetryFlag.SKIN_CONTACT)
+_BUTTON = int(TelemetryFlag.BUTTON_PRESSED)
+_CARTRIDGE = int(TelemetryFlag.CARTRIDGE_PRESENT)
+_FAULT = int(TelemetryFlag.FAULT_LATCHED)
+_INF = math.inf
+# Deadlines are sums of floats (0.1 + 0.05 > 0.15): one due within a microsecond is due.
+_EPS = 1e-6
+
+
+@dataclass(frozen=True, slots=True)
+class FirmwareConfig:
+    """Limits and defaults of the simulated firmware. Units are in the names."""
+
+    max_depth_um: int = 2500
+    # Measured depth may read this far above the ceiling before it trips: sensor noise,
+    # not slack in the rule (setpoints above the ceiling are refused outright).
+    depth_tolerance_um: int = 10
+    max_lease_ms: int = 2000
+    min_speed_hz: int = 50
+    max_speed_hz: int = 150
+    default_speed_hz: int = 100
+    telemetry_rate_hz: int = 100  # 0 turns telemetry off
+    max_telemetry_rate_hz: int = 1000
+    lift_off_grace_ms: int = 300
+    max_lift_off_grace_ms: int = 2000
+    control_rate_hz: int = 100  # the sensor checks run at least this often
+    stall_speed_fraction: float = 0.5  # below this share of the set rate, while driven...
+    stall_time_s: float = 0.030  # ...for this long, the motor has stalled
+    over_current_ma: int = 1500
+    over_temperature_cdeg: int = 4500
+    rearm_temperature_cdeg: int = 4200  # hysteresis: arming is refused until it cools below
+    low_battery_mv: int = 3450  # stop below this (under load)
+    arm_battery_mv: int = 3500  # refuse to arm below this
+    firmware_version: tuple[int, int, int] = (1, 0, 0)
+    physics: PhysicsConfig = field(default_factory=PhysicsConfig)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_depth_um <= 0xFFFF:
+            raise ValueError("max_depth_um must be in 1..65535")
+        if not 0 < self.max_lease_ms <= 0xFFFF:
+            raise ValueError("max_lease_ms must be in 1..65535")
+        if not 0 <= self.telemetry_rate_hz <= self.max_telemetry_rate_hz:
+            raise ValueError(f"telemetry_rate_hz must be in 0..{self.max_telemetry_rate_hz}")
+        if not self.min_speed_hz <= self.default_speed_hz <= self.max_speed_hz:
+            raise ValueError("default_speed_hz must lie in the speed range")
+        if self.control_rate_hz <= 0:
+            raise ValueError("control_rate_hz must be > 0")
+
+
+def _grid_after(now: float, rate: int) -> tuple[int, float]:
+    """The first point of the 1/rate grid strictly after now, as (index, time).
+
+    Aligning every pen's samples to one absolute grid lets a runner serve all pens
+    with a single timer wake-up per period.
+    """
+    k = math.floor(now * rate) + 1
+    t = k / rate
+    if t <= now:  # float rounding at a grid point
+        k += 1
+        t = k / rate
+    return k, t
+
+
+class PenFirmware:
+    """The pure device model. Feed it commands (``handle``), time (``step``) and physical
+    inputs; it returns the messages the pen sends, in order.
+    """
+
+    _tel_k: int
+    _next_telemetry: float
+    _ctl_k: int
+    _next_control: float
+
+    def __init__(
+        self, rng: random.Random, now: float, config: FirmwareConfig | None = None
+    ) -> None:
+        self.config = cfg = config or FirmwareConfig()
+        self.physics = PenPhysics(rng, now, cfg.physics)
+        # Physical state: survives a reboot.
+        self.button = False
+        self.contact = False
+        self.cartridge_id: int | None = None
+        # Counters for tests and reports.
+        self.renews_ignored = 0
+        self.telemetry_skipped = 0  # samples the caller stepped too late to take
+        self._handlers: dict[type[Message], Callable[[Message, float, list[Message]], None]] = {
+            SetDepth: self._on_set_depth,
+            SetSpeed: self._on_set_speed,
+            Arm: self._on_arm,
+            Renew: self._on_renew,
+            Disarm: self._on_disarm,
+            Stop: self._on_stop,
+            SetTelemetryRate: self._on_set_telemetry_rate,
+            SetLiftOffGrace: self._on_set_lift_off_grace,
+            QueryStatus: self._on_query_status,
+            Reset: self._on_reset,
+        }
+        self._boot(now)
+
+    def _boot(self, now: float) -> None:
+        cfg = self.config
+        self.boot_time = now
+        self.depth_set_um: int | None = None
+        self.speed_hz = cfg.default_speed_hz
+        self.telemetry_rate_hz = cfg.telemetry_rate_hz
+        self.lift_off_grace_ms = cfg.lift_off_grace_ms
+        self.armed = False
+        self.token = 0
+        self.lease_ms = 0
+        self.lease_deadline = _INF
+        self.running = False
+        self.fault: StopReason | None = None
+        self.last_host_stop_reason: int | None = None
+        self.reset_requested = False
+        self._peak_um = 0
+        self._contact_lost_at: float | None = None
+        self._slow_since: float | None = None
+        self._depth_reading = 0
+        self._stroke_base = math.floor(self.physics.strokes)  # "strokes since boot"
+        ph = self.physics
+        ph.depth_target_um = 0.0  # the actuator homes at boot
+        ph.motor_on = False
+        ph.motor_rate_hz = float(self.speed_hz)
+        ph.stalled = False
+        ph.surge_ma = 0.0
+        self._ctl_k, self._next_control = _grid_after(now, cfg.control_rate_hz)
+        self._schedule_telemetry(now)
+
+    # -- public API -------------------------------------------------------------------
+
+    def reboot(self, now: float) -> None:
+        """Power-cycle the logic: all settings back to defaults, disarmed, no messages.
+
+        The physical world (cartridge, button, contact, heat, battery) is unchanged.
+        """
+        self.physics.advance(now)
+        self._boot(now)
+
+    def handle(self, message: Message, now: float) -> list[Message]:
+        """Apply one host command received at ``now``; return the messages it causes."""
+        out: list[Message] = []
+        self._advance(now, out)
+        handler = self._handlers.get(type(message))
+        if handler is None:
+            out.append(CommandRefused(message.TYPE, RefusalCode.UNKNOWN_MESSAGE))
+        else:
+            handler(message, now, out)
+        return out
+
+    def step(self, now: float) -> list[Message]:
+        """Advance to ``now``: timed stops, sensor checks, and telemetry when it is due."""
+        out: list[Message] = []
+        self._advance(now, out)
+        if now >= self._next_control:
+            self._ctl_k, self._next_control = _grid_after(now, self.config.control_rate_hz)
+        if now >= self._next_telemetry:
+            out.append(self._telemetry(now))
+            rate = self.telemetry_rate_hz
+            k = self._tel_k + 1
+            t = k / rate
+            if t <= now:  # the caller is more than a period late: skip, never burst
+                k, t = _grid_after(now, rate)
+                self.telemetry_skipped += k - self._tel_k - 1
+            self._tel_k, self._next_telemetry = k, t
+        return out
+
+    def next_deadline(self) -> float:
+        """The latest time by which ``step`` must be called next."""
+        d = self._next_control
+        if self._next_telemetry < d:
+            d = self._next_telemetry
+        if self.lease_deadline < d:
+            d = self.lease_deadline
+        lost = self._contact_lost_at
+        if lost is not None:
+            g = lost + self.lift_off_grace_ms / 1000.0
+            if g < d:
+                d = g
+        return d
+
+    def device_ms(self, now: float) -> int:
+        """Milliseconds since boot as the pen counts them (u32, wraps)."""
+        # The epsilon keeps an exact deadline such as boot + 0.25 s from reading 249 ms.
+        return int((now - self.boot_time) * 1000.0 + 1e-6) & 0xFFFFFFFF
+
+    @property
+    def strokes(self) -> int:
+        """Cumulative strokes since boot (u32, wraps)."""
+        return (math.floor(self.physics.strokes) - self._stroke_base) & 0xFFFFFFFF
+
+    @property
+    def flags(self) -> int:
+        f = 0
+        if self.armed:
+            f |= _ARMED
+        if self.running:
+            f |= _RUNNING
+        if self.contact:
+            f |= _CONTACT
+        if self.button:
+            f |= _BUTTON
+        if self.cartridge_id is not None:
+            f |= _CARTRIDGE
+        if self.fault is not None:
+            f |= _FAULT
+        return f
+
+    def status(self, now: float) -> Status:
+        """What the pen answers to QueryStatus."""
+        lease_left = 0
+        if self.armed:
+            lease_left = max(0, min(0xFFFF, round((self.lease_deadline - now) * 1000.0)))
+        return Status(
+            armed=int(self.armed),
+            motor_running=int(self.running),
+            depth_set_um=self.depth_set_um or 0,
+            speed_hz=self.speed_hz,
+            cartridge_id=self.cartridge_id or 0,
+            fault=int(self.fault or 0),
+            lease_left_ms=lease_left,
+        )
+
+    # -- physical inputs ------------------------------------------------------------------
+
+    def press_button(self, now: float) -> list[Message]:
+        out: list[Message] = []
+        self._advance(now, out)
+        if not self.button:
+            self.button = True
+            self._try_start(now, out)
+        return out
+
+    def release_button(self, now: float) -> list[Message]:
+        out: list[Message] = []
+        self._advance(now, out)
+        if self.button:
+            self.button = False
+            self._stop(StopReason.BUTTON_RELEASED, now, out, disarm=False)
+        return out
+
+    def set_contact(self, on: bool, now: float) -> list[Message]:
+        out: list[Message] = []
+        self._advance(now, out)
+        if on != self.contact:
+            self.contact = self.physics.contact = on
+            if self.running:
+                self._contact_lost_at = None if on else now
+                self._timed(now, out)  # a grace of 0 ms stops at once
+        return out
+
+    def insert_cartridge(self, cartridge_id: int, now: float) -> list[Message]:
+        """Click a cartridge in. Ignored while one is already in (there is one slot)."""
+        if not 0 < cartridge_id < 2**64:
+            raise ValueError("cartridge_id must be a non-zero u64")
+        out: list[Message] = []
+        self._advance(now, out)
+        if self.cartridge_id is None:
+            self.cartridge_id = cartridge_id
+            out.append(CartridgeInserted(cartridge_id))
+        return out
+
+    def remove_cartridge(self, now: float) -> list[Message]:
+        out: list[Message] = []
+        self._advance(now, out)
+        cid = self.cartridge_id
+        if cid is not None:
+            self.cartridge_id = None
+            if self.armed:
+                self._stop(StopReason.CARTRIDGE_REMOVED, now, out, disarm=True, latch=True)
+            out.append(CartridgeRemoved(cid))
+        return out
+
+    def inject(self, fault: Fault, now: float) -> list[Message]:
+        """Inject a physical fault. Link-level faults (silent, reboot, line noise) belong
+        to SimulatedPen and are rejected here with ValueError.
+        """
+        out: list[Message] = []
+        self._advance(now, out)
+        ph = self.physics
+        cfg = self.config
+        kind = fault.kind
+        if kind is FaultKind.STALL:
+            ph.stalled = True
+        elif kind is FaultKind.OVER_CURRENT:
+            ph.surge_ma = fault.effective_amount
+        elif kind is FaultKind.OVER_TEMPERATURE:
+            ph.temperature_c = max(ph.temperature_c, cfg.over_temperature_cdeg / 100.0 + 2.0)
+        elif kind is FaultKind.DEPTH_OVERSHOOT:
+            ph.overshoot_target_um = fault.effective_amount
+        elif kind is FaultKind.CARTRIDGE_PULLED:
+            out += self.remove_cartridge(now)
+        elif kind is FaultKind.LOW_BATTERY:
+            ph.set_battery_voltage(cfg.low_battery_mv - 40)
+        elif kind is FaultKind.CLEAR:
+            ph.stalled = False
+            ph.surge_ma = 0.0
+            ph.overshoot_target_um = 0.0
+            ph.temperature_c = ph.config.ambient_c
+            ph.set_battery_voltage(ph.config.battery_full_mv)
+        else:
+            raise ValueError(f"{kind.value} is not a firmware fault")
+        self._check_sensors(now, out)
+        return out
+
+    # -- time ---------------------------------------------------------------------------
+
+    def _advance(self, now: float, out: list[Message]) -> None:
+        self._timed(now, out)
+        self.physics.advance(now)
+        self._check_sensors(now, out)
+
+    def _timed(self, now: float, out: list[Message]) -> None:
+        """Fire the lease and lift-off deadlines that fall at or before now, in time order."""
+        while True:
+            at = self.lease_deadline
+            reason = StopReason.LEASE_EXPIRED
+            lost = self._contact_lost_at
+            if lost is not None:
+                g = lost + self.lift_off_grace_ms / 1000.0
+                if g < at:
+                    at, reason = g, StopReason.LIFT_OFF
+            if at > now + _EPS:
+                return
+            self.physics.advance(at)  # the motor ran until the deadline, not a moment longer
+            self._stop(reason, at, out, disarm=reason is StopReason.LEASE_EXPIRED)
+
+    def _check_sensors(self, now: float, out: list[Message]) -> None:
+        ph = self.physics
+        depth = self._depth_reading = ph.read_depth_um()
+        if not self.armed:
+            return
+        cfg = self.config
+        if self.running and depth > self._peak_um:
+            self._peak_um = depth
+        reason: StopReason | None = None
+        if depth > cfg.max_depth_um + cfg.depth_tolerance_um:
+            reason = StopReason.DEPTH_CEILING
+        elif ph.current_ma > cfg.over_current_ma:
+            reason = StopReason.OVER_CURRENT
+        elif self.running and self._stalled(now):
+            reason = StopReason.STALL
+        elif ph.temperature_c * 100.0 > cfg.over_temperature_cdeg:
+            reason = StopReason.OVER_TEMPERATURE
+        elif ph.battery_mv < cfg.low_battery_mv:
+            reason = StopReason.LOW_BATTERY
+        if reason is not None:
+            self._stop(reason, now, out, disarm=True, latch=True)
+
+    def _stalled(self, now: float) -> bool:
+        if self.physics.speed_hz >= self.config.stall_speed_fraction * self.speed_hz:
+            self._slow_since = None
+            return False
+        if self._slow_since is None:
+            self._slow_since = now
+        return now - self._slow_since >= self.config.stall_time_s
+
+    # -- run state --------------------------------------------------------------------
+
+    def _try_start(self, now: float, out: list[Message]) -> None:
+        if (
+            self.running
+            or not self.armed
+            or not self.button
+            or self.cartridge_id is None
+            or self.fault is not None
+        ):
+            return
+        self.running = True
+        ph = self.physics
+        ph.motor_on = True
+        ph.motor_rate_hz = float(self.speed_hz)
+        self._peak_um = self._depth_reading
+        self._slow_since = None
+        self._contact_lost_at = None if self.contact else now
+        out.append(MotorStarted(self.device_ms(now), self.depth_set_um or 0, self.strokes))
+        self._timed(now, out)
+
+    def _stop(
+        self,
+        reason: StopReason,
+        now: float,
+        out: list[Message],
+        *,
+        disarm: bool,
+        latch: bool = False,
+    ) -> None:
+        if self.running:
+            self.running = False
+            ph = self.physics
+            ph.motor_on = False
+            # Cutting motor power ends a jam or a surge; a new run starts clean.
+            ph.stalled = False
+            ph.surge_ma = 0.0
+            self._contact_lost_at = None
+            self._slow_since = None
+            out.append(MotorStopped(self.device_ms(now), reason, self.strokes, self._peak_um))
+        if disarm and self.armed:
+            self.armed = False
+            self.lease_deadline = _INF
+            out.append(Disarmed(reason))
+        if latch:
+            self.fault = reason
+
+    # -- telemetry --------------------------------------------------------------------
+
+    def _schedule_telemetry(self, now: float) -> None:
+        if self.telemetry_rate_hz:
+            self._tel_k, self._next_telemetry = _grid_after(now, self.telemetry_rate_hz)
+        else:
+            self._tel_k, self._next_telemetry = 0, _INF
+
+    def _telemetry(self, now: float) -> Telemetry:
+        ph = self.physics
+        return Telemetry(
+            self.device_ms(now),
+            self.depth_set_um or 0,
+            min(0xFFFF, self._depth_reading),
+            round(ph.speed_hz),
+            min(0xFFFF, ph.read_current_ma()),
+            ph.read_temperature_cdeg(),
+            min(0xFFFF, ph.read_battery_mv()),
+            self.strokes,
+            self.flags,
+        )
+
+    # -- commands -----------------------------------------------------------------------
+
+    def _on_set_depth(self, message: Message, now: float, out: list[Message]) -> None:
+        assert isinstance(message, SetDepth)
+        if message.depth_um > self.config.max_depth_um:
+            out.append(CommandRefused(SetDepth.TYPE, RefusalCode.DEPTH_ABOVE_CEILING))
+            return
+        self.depth_set_um = message.depth_um
+        self.physics.depth_target_um = float(message.depth_um)
+
+    def _on_set_speed(self, message: Message, now: float, out: list[Message]) -> None:
+        assert isinstance(message, SetSpeed)
+        cfg = self.config
+        if not cfg.min_speed_hz <= message.rate_hz <= cfg.max_speed_hz:
+            out.append(CommandRefused(SetSpeed.TYPE, RefusalCode.SPEED_OUT_OF_RANGE))
+            return
+        self.speed_hz = message.rate_hz
+        self.physics.motor_rate_hz = float(message.rate_hz)
+
+    def _on_arm(self, message: Message, now: float, out: list[Message]) -> None:
+        assert isinstance(message, Arm)
+        refusal = self._arm_refusal(message.lease_ms)
+        if refusal is not None:
+            out.append(CommandRefused(Arm.TYPE, refusal))
+            return
+        self.armed = True
+        self.fault = None
+        self.token = message.token
+        self.lease_ms = message.lease_ms
+        self.lease_deadline = now + message.lease_ms / 1000.0
+        out.append(Armed(message.token, message.lease_ms))
+
+    def _arm_refusal(self, lease_ms: int) -> RefusalCode | None:
+        cfg = self.config
+        ph = self.physics
+        if not 0 < lease_ms <= cfg.max_lease_ms:
+            return RefusalCode.BAD_LEASE
+        if self.cartridge_id is None:
+            return RefusalCode.NO_CARTRIDGE
+        if self.depth_set_um is None:
+            return RefusalCode.NO_DEPTH
+        if ph.battery_mv < cfg.arm_battery_mv:
+            return RefusalCode.LOW_BATTERY
+        if ph.temperature_c * 100.0 > cfg.rearm_temperature_cdeg:
+            return RefusalCode.OVER_TEMPERATURE
+        return None
+
+    def _on_renew(self, message: Message, now: float, out: list[Message]) -> None:
+        assert isinstance(message, Renew)
+        # Renew travels unreliably and may arrive late or twice: only the current lease
+        # is extended, and a renew never arms a disarmed pen.
+        if self.armed and message.token == self.token:
+            self.lease_deadline = now + self.lease_ms / 1000.0
+        else:
+            self.renews_ignored += 1
+
+    def _on_disarm(self, message: Message, now: float, out: list[Message]) -> None:
+        self._stop(StopReason.HOST_DISARM, now, out, disarm=True)
+
+    def _on_stop(self, message: Message, now: float, out: list[Message]) -> None:
+        assert isinstance(message, Stop)
+        self.last_host_stop_reason = message.reason
+        self._stop(StopReason.HOST_STOP, now, out, disarm=True)
+
+    def _on_set_telemetry_rate(self, message: Message, now: float, out: list[Message]) -> None:
+        assert isinstance(message, SetTelemetryRate)
+        if message.rate_hz > self.config.max_telemetry_rate_hz:
+            out.append(CommandRefused(SetTelemetryRate.TYPE, RefusalCode.RATE_OUT_OF_RANGE))
+            return
+        self.telemetry_rate_hz = message.rate_hz
+        self._schedule_telemetry(now)
+
+    def _on_set_lift_off_grace(self, message: Message, now: float, out: list[Message]) -> None:
+        assert isinstance(message, SetLiftOffGrace)
+        if message.grace_ms > self.config.max_lift_off_grace_ms:
+            out.append(CommandRefused(SetLiftOffGrace.TYPE, RefusalCode.BAD_PAYLOAD))
+            return
+        self.lift_off_grace_ms = message.grace_ms
+        self._timed(now, out)  # a shorter grace may already have run out
+
+    def _on_query_status(self, message: Message, now: float, out: list[Message]) -> None:
+        out.append(self.status(now))
+
+    def _on_reset(self, message: Message, now: float, out: list[Message]) -> None:
+        # Stop cleanly and tell the host why; the owner of the link then reboots us
+        # (it must flush the ACK of this Reset first).
+        self._stop(StopReason.REBOOT, now, out, disarm=True)
+        self.reset_requested = True

@@ -1,0 +1,538 @@
+"""The pure firmware model: every rule of product.md section 3, on a controlled clock."""
+
+from __future__ import annotations
+
+import random
+from typing import TypeVar
+
+import pytest
+
+from firmware_protocol.messages import (
+    Arm,
+    Armed,
+    CartridgeInserted,
+    CartridgeRemoved,
+    CommandRefused,
+    Disarm,
+    Disarmed,
+    HostStopReason,
+    Message,
+    MotorStarted,
+    MotorStopped,
+    QueryStatus,
+    RefusalCode,
+    Renew,
+    Reset,
+    SetDepth,
+    SetLiftOffGrace,
+    SetSpeed,
+    SetTelemetryRate,
+    Status,
+    Stop,
+    StopReason,
+    Telemetry,
+    TelemetryFlag,
+)
+from simulated_pen.faults import Fault, FaultKind
+from simulated_pen.firmware import FirmwareConfig, PenFirmware
+
+CARTRIDGE = 0xC0FFEE
+M = TypeVar("M", bound=Message)
+
+
+def make(seed: int = 1) -> PenFirmware:
+    return PenFirmware(random.Random(seed), 0.0, FirmwareConfig())
+
+
+def ready(fw: PenFirmware, now: float = 0.0, depth: int = 1000) -> None:
+    """Cartridge in, depth set: everything but the Arm."""
+    fw.insert_cartridge(CARTRIDGE, now)
+    assert fw.handle(SetDepth(depth), now) == []
+
+
+def armed_running(lease_ms: int = 250, token: int = 1, depth: int = 1000) -> PenFirmware:
+    fw = make()
+    ready(fw, depth=depth)
+    assert fw.handle(Arm(lease_ms, token), 0.0) == [Armed(token, lease_ms)]
+    fw.set_contact(True, 0.0)
+    out = fw.press_button(0.0)
+    assert [type(m) for m in out] == [MotorStarted]
+    return fw
+
+
+def run(fw: PenFirmware, start: float, end: float, dt: float = 0.001) -> list[Message]:
+    """Step every dt from start (exclusive) to end (inclusive); all messages."""
+    out: list[Message] = []
+    n = round((end - start) / dt)
+    for i in range(1, n + 1):
+        out += fw.step(start + i * dt)
+    return out
+
+
+def events(messages: list[Message]) -> list[Message]:
+    return [m for m in messages if not isinstance(m, Telemetry)]
+
+
+def of(kind: type[M], messages: list[Message]) -> list[M]:
+    return [m for m in messages if isinstance(m, kind)]
+
+
+# --- refusals ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("setup", "lease_ms", "code"),
+    [
+        ("ready", 0, RefusalCode.BAD_LEASE),
+        ("ready", 2001, RefusalCode.BAD_LEASE),
+        ("no_cartridge", 250, RefusalCode.NO_CARTRIDGE),
+        ("no_depth", 250, RefusalCode.NO_DEPTH),
+        ("low_battery", 250, RefusalCode.LOW_BATTERY),
+        ("hot", 250, RefusalCode.OVER_TEMPERATURE),
+    ],
+)
+def test_arm_is_refused_with_the_reason(setup: str, lease_ms: int, code: RefusalCode) -> None:
+    fw = make()
+    if setup != "no_cartridge":
+        fw.insert_cartridge(CARTRIDGE, 0.0)
+    if setup != "no_depth":
+        fw.handle(SetDepth(800), 0.0)
+    if setup == "low_battery":
+        fw.inject(Fault(FaultKind.LOW_BATTERY), 0.0)
+    if setup == "hot":
+        fw.inject(Fault(FaultKind.OVER_TEMPERATURE), 0.0)
+    assert fw.handle(Arm(lease_ms, 9), 0.001) == [CommandRefused(Arm.TYPE, code)]
+    assert not fw.armed
+    fw.set_contact(True, 0.002)
+    assert fw.press_button(0.002) == []  # and the needle does not move
+
+
+def test_the_lease_limit_itself_is_accepted() -> None:
+    fw = make()
+    ready(fw)
+    assert fw.handle(Arm(2000, 3), 0.0) == [Armed(3, 2000)]
+
+
+def test_depth_above_the_ceiling_is_refused_never_clamped() -> None:
+    fw = make()
+    assert fw.handle(SetDepth(2501), 0.0) == [
+        CommandRefused(SetDepth.TYPE, RefusalCode.DEPTH_ABOVE_CEILING)
+    ]
+    assert fw.depth_set_um is None
+    assert fw.handle(SetDepth(2500), 0.0) == []
+    assert fw.depth_set_um == 2500
+    assert fw.handle(SetDepth(3000), 0.0) == [
+        CommandRefused(SetDepth.TYPE, RefusalCode.DEPTH_ABOVE_CEILING)
+    ]
+    assert fw.depth_set_um == 2500  # the refused setpoint changed nothing
+
+
+@pytest.mark.parametrize("rate", [0, 49, 151, 1000])
+def test_stroke_rate_outside_50_to_150_hz_is_refused(rate: int) -> None:
+    fw = make()
+    assert fw.handle(SetSpeed(rate), 0.0) == [
+        CommandRefused(SetSpeed.TYPE, RefusalCode.SPEED_OUT_OF_RANGE)
+    ]
+    assert fw.speed_hz == 100
+
+
+@pytest.mark.parametrize("rate", [50, 150])
+def test_stroke_rate_limits_are_accepted(rate: int) -> None:
+    fw = make()
+    assert fw.handle(SetSpeed(rate), 0.0) == []
+    assert fw.speed_hz == rate
+
+
+def test_telemetry_rate_is_configurable_and_bounded() -> None:
+    fw = make()
+    assert len(run(fw, 0.0, 1.0)) == 100  # default 100 Hz
+    assert fw.handle(SetTelemetryRate(1001), 1.0) == [
+        CommandRefused(SetTelemetryRate.TYPE, RefusalCode.RATE_OUT_OF_RANGE)
+    ]
+    fw.handle(SetTelemetryRate(20), 1.0)
+    assert len(run(fw, 1.0, 2.0)) == 20
+    fw.handle(SetTelemetryRate(0), 2.0)
+    assert run(fw, 2.0, 3.0) == []  # 0 turns it off
+
+
+def test_telemetry_never_bursts_when_stepped_late() -> None:
+    fw = make()
+    assert len(fw.step(0.5)) == 1  # half a second late: one sample, the rest skipped
+    assert fw.telemetry_skipped == 49
+    assert fw.next_deadline() == pytest.approx(0.51)
+
+
+def test_lift_off_grace_is_bounded() -> None:
+    fw = make()
+    assert fw.handle(SetLiftOffGrace(2001), 0.0) == [
+        CommandRefused(SetLiftOffGrace.TYPE, RefusalCode.BAD_PAYLOAD)
+    ]
+    assert fw.lift_off_grace_ms == 300
+
+
+# --- the motor runs only while armed ----------------------------------------------------------
+
+
+def test_the_motor_never_runs_unarmed() -> None:
+    fw = make()
+    ready(fw)
+    fw.set_contact(True, 0.0)
+    assert fw.press_button(0.0) == []
+    assert not fw.running
+    tel = of(Telemetry, run(fw, 0.0, 0.5))
+    assert tel
+    assert all(not m.flags & TelemetryFlag.MOTOR_RUNNING for m in tel)
+
+
+def test_arming_while_the_button_is_held_does_not_start_the_needle() -> None:
+    fw = make()
+    ready(fw)
+    fw.press_button(0.0)
+    assert fw.handle(Arm(250, 1), 0.01) == [Armed(1, 250)]
+    assert not fw.running
+    fw.release_button(0.02)
+    out = fw.press_button(0.03)
+    assert [type(m) for m in out] == [MotorStarted]
+    assert out[0] == MotorStarted(device_ms=30, depth_set_um=1000, strokes=0)
+
+
+def test_button_release_ends_the_pass_but_not_the_arming() -> None:
+    fw = armed_running(lease_ms=2000)
+    run(fw, 0.0, 0.5)
+    out = fw.release_button(0.5)
+    assert len(out) == 1
+    stopped = out[0]
+    assert isinstance(stopped, MotorStopped)
+    assert stopped.reason == StopReason.BUTTON_RELEASED
+    assert stopped.device_ms == 500
+    assert 45 <= stopped.strokes <= 50  # 100 Hz for 0.5 s, minus spin-up
+    assert 990 <= stopped.peak_depth_um <= 1005
+    assert fw.armed
+    assert [type(m) for m in fw.press_button(0.6)] == [MotorStarted]  # the next pass
+
+
+# --- the lease ----------------------------------------------------------------------------------
+
+
+def test_lease_expiry_stops_exactly_at_the_deadline() -> None:
+    fw = armed_running(lease_ms=250)
+    assert events(run(fw, 0.0, 0.249)) == []
+    assert fw.running
+    out = events(fw.step(0.25))
+    assert [type(m) for m in out] == [MotorStopped, Disarmed]
+    (stopped,) = of(MotorStopped, out)
+    assert stopped.device_ms == 250
+    assert stopped.reason == StopReason.LEASE_EXPIRED
+    assert out[1] == Disarmed(StopReason.LEASE_EXPIRED)
+    assert not fw.running
+    assert not fw.armed
+    assert fw.fault is None  # a lease expiry is not a fault: re-arming is a normal arm
+
+
+def test_lease_expiry_takes_effect_at_the_deadline_even_when_stepped_late() -> None:
+    on_time = armed_running(lease_ms=250)
+    late = armed_running(lease_ms=250)
+    exact = events(on_time.step(0.25))
+    lagging = events(late.step(0.7))  # nobody stepped it for 450 ms past the deadline
+    assert exact == lagging  # same stamp, same stroke count: the motor stopped at 250 ms
+    assert late.next_deadline() > 0.7
+
+
+def test_renew_extends_the_lease_from_its_arrival() -> None:
+    fw = armed_running(lease_ms=250)
+    for t in (0.2, 0.4, 0.6):
+        assert events(run(fw, t - 0.2, t)) == []
+        assert fw.handle(Renew(1), t) == []
+    assert events(run(fw, 0.6, 0.849)) == []
+    assert [type(m) for m in events(fw.step(0.85))] == [MotorStopped, Disarmed]
+
+
+def test_renew_with_a_stale_token_is_ignored() -> None:
+    fw = armed_running(lease_ms=250, token=5)
+    fw.handle(Renew(4), 0.2)
+    assert fw.renews_ignored == 1
+    out = events(fw.step(0.25))
+    assert out[-1] == Disarmed(StopReason.LEASE_EXPIRED)
+
+
+def test_renew_never_arms() -> None:
+    fw = make()
+    ready(fw)
+    assert fw.handle(Renew(0), 0.0) == []
+    assert not fw.armed
+    fw = armed_running(lease_ms=250, token=7)
+    fw.step(0.25)
+    assert not fw.armed
+    assert fw.handle(Renew(7), 0.26) == []  # the right token, but the lease is gone
+    assert not fw.armed
+    fw.release_button(0.27)
+    assert fw.press_button(0.28) == []
+
+
+def test_a_renew_arriving_at_the_deadline_is_too_late() -> None:
+    fw = armed_running(lease_ms=250)
+    out = fw.handle(Renew(1), 0.25)
+    assert out[-1] == Disarmed(StopReason.LEASE_EXPIRED)
+    assert not fw.armed
+
+
+def test_rearming_replaces_the_token() -> None:
+    fw = armed_running(lease_ms=250, token=1)
+    assert fw.handle(Arm(250, 2), 0.1) == [Armed(2, 250)]
+    assert fw.running  # a new lease, the pass goes on
+    fw.handle(Renew(1), 0.3)  # the old token no longer counts
+    assert events(fw.step(0.35))[-1] == Disarmed(StopReason.LEASE_EXPIRED)
+
+
+# --- host stops --------------------------------------------------------------------------------
+
+
+def test_stop_stops_and_disarms() -> None:
+    fw = armed_running()
+    out = fw.handle(Stop(HostStopReason.DEPTH_OVERSHOOT), 0.1)
+    assert [type(m) for m in out] == [MotorStopped, Disarmed]
+    assert of(MotorStopped, out)[0].reason == StopReason.HOST_STOP
+    assert out[1] == Disarmed(StopReason.HOST_STOP)
+    assert fw.last_host_stop_reason == HostStopReason.DEPTH_OVERSHOOT
+    assert fw.fault is None
+
+
+def test_disarm_stops_and_disarms() -> None:
+    fw = armed_running()
+    out = fw.handle(Disarm(), 0.1)
+    assert [type(m) for m in out] == [MotorStopped, Disarmed]
+    assert out[1] == Disarmed(StopReason.HOST_DISARM)
+    assert fw.handle(Disarm(), 0.2) == []  # nothing left to disarm
+
+
+# --- faults latch until the host re-arms ---------------------------------------------------------
+
+
+FAULTS = [
+    (Fault(FaultKind.STALL), StopReason.STALL),
+    (Fault(FaultKind.OVER_CURRENT), StopReason.OVER_CURRENT),
+    (Fault(FaultKind.OVER_TEMPERATURE), StopReason.OVER_TEMPERATURE),
+    (Fault(FaultKind.LOW_BATTERY), StopReason.LOW_BATTERY),
+    (Fault(FaultKind.CARTRIDGE_PULLED), StopReason.CARTRIDGE_REMOVED),
+    (Fault(FaultKind.DEPTH_OVERSHOOT, amount=300), StopReason.DEPTH_CEILING),
+]
+
+
+@pytest.mark.parametrize(("fault", "reason"), FAULTS, ids=[r.name for _, r in FAULTS])
+def test_a_fault_stops_disarms_and_latches_until_rearmed(fault: Fault, reason: StopReason) -> None:
+    fw = armed_running(lease_ms=2000, depth=2400)
+    run(fw, 0.0, 0.2)
+    out = fw.inject(fault, 0.2) + run(fw, 0.2, 0.5)
+    stops = [m for m in out if isinstance(m, MotorStopped)]
+    assert [m.reason for m in stops] == [reason]
+    # At once, except what physics delays: a stall takes 30 ms to tell apart from a
+    # spin-up, an overshoot takes time to drift past the ceiling.
+    allowed_ms = {StopReason.STALL: 60, StopReason.DEPTH_CEILING: 150}.get(reason, 0)
+    assert 200 <= stops[0].device_ms <= 200 + allowed_ms
+    assert Disarmed(reason) in out
+    assert fw.fault is reason
+    assert fw.status(0.5).fault == reason
+    latest = [m for m in out if isinstance(m, Telemetry)][-1]
+    assert latest.flags & TelemetryFlag.FAULT_LATCHED
+    assert not latest.flags & (TelemetryFlag.ARMED | TelemetryFlag.MOTOR_RUNNING)
+
+    # Stays stopped: pressing again does nothing, with or without a release.
+    assert fw.press_button(0.5) == []
+    fw.release_button(0.51)
+    assert fw.press_button(0.52) == []
+    assert fw.fault is reason
+
+    # Remedy the cause (cool down, new battery, cartridge back, actuator fixed)...
+    fw.inject(Fault(FaultKind.CLEAR), 0.6)
+    if reason is StopReason.CARTRIDGE_REMOVED:
+        fw.insert_cartridge(CARTRIDGE + 1, 0.6)
+    run(fw, 0.6, 1.0)  # the overshoot drifts back down
+    fw.release_button(1.0)
+    assert fw.press_button(1.0) == []  # still latched: only the host can re-arm
+    fw.release_button(1.0)
+    # ...and the host re-arms: the latch clears and the next press runs the needle.
+    assert fw.handle(Arm(250, 2), 1.0) == [Armed(2, 250)]
+    assert fw.fault is None
+    assert not of(Telemetry, fw.step(1.01))[0].flags & TelemetryFlag.FAULT_LATCHED
+    assert [type(m) for m in fw.press_button(1.02)] == [MotorStarted]
+
+
+def test_cartridge_pulled_reports_the_cartridge() -> None:
+    fw = armed_running()
+    out = fw.remove_cartridge(0.1)
+    assert out[-1] == CartridgeRemoved(CARTRIDGE)
+    assert fw.status(0.1).cartridge_id == 0
+    assert fw.handle(Arm(250, 3), 0.2) == [CommandRefused(Arm.TYPE, RefusalCode.NO_CARTRIDGE)]
+    assert fw.insert_cartridge(CARTRIDGE + 1, 0.3) == [CartridgeInserted(CARTRIDGE + 1)]
+
+
+def test_a_fault_while_disarmed_refuses_the_next_arm_instead() -> None:
+    fw = make()
+    ready(fw)
+    assert fw.inject(Fault(FaultKind.OVER_TEMPERATURE), 0.0) == []
+    assert fw.fault is None  # nothing was running: nothing to latch
+    assert fw.handle(Arm(250, 1), 0.1) == [CommandRefused(Arm.TYPE, RefusalCode.OVER_TEMPERATURE)]
+
+
+def test_an_injected_stall_waits_for_the_next_run() -> None:
+    fw = make()
+    ready(fw)
+    fw.inject(Fault(FaultKind.STALL), 0.0)
+    fw.handle(Arm(1000, 1), 0.0)
+    fw.press_button(0.1)
+    out = run(fw, 0.1, 0.3)
+    assert [m.reason for m in out if isinstance(m, MotorStopped)] == [StopReason.STALL]
+
+
+def test_still_too_hot_refuses_the_rearm() -> None:
+    fw = armed_running(lease_ms=2000)
+    fw.inject(Fault(FaultKind.OVER_TEMPERATURE), 0.1)
+    assert fw.fault is StopReason.OVER_TEMPERATURE
+    assert fw.handle(Arm(250, 2), 0.2) == [CommandRefused(Arm.TYPE, RefusalCode.OVER_TEMPERATURE)]
+    assert fw.fault is StopReason.OVER_TEMPERATURE  # a refused arm clears nothing
+
+
+# --- depth ---------------------------------------------------------------------------------------
+
+
+def test_measured_depth_above_the_ceiling_stops_in_the_same_step() -> None:
+    fw = armed_running(lease_ms=2000, depth=2500)
+    run(fw, 0.0, 0.2)
+    fw.inject(Fault(FaultKind.DEPTH_OVERSHOOT, amount=100), 0.2)
+    stepped_at = 0.2
+    out: list[Message] = []
+    while not out:
+        stepped_at += 0.001
+        before = fw.physics.depth_um
+        out = events(fw.step(stepped_at))
+        if not out:
+            assert before < 2510 + 2 * fw.physics.config.depth_noise_um
+    stopped = out[0]
+    assert isinstance(stopped, MotorStopped)
+    assert stopped.reason == StopReason.DEPTH_CEILING
+    assert stopped.peak_depth_um > 2510
+    assert stopped.device_ms == round(stepped_at * 1000)
+
+
+def test_a_small_overshoot_is_left_to_the_host() -> None:
+    fw = armed_running(lease_ms=2000, depth=1000)
+    out = fw.inject(Fault(FaultKind.DEPTH_OVERSHOOT, amount=80), 0.0) + run(fw, 0.0, 1.0)
+    tel = [m for m in out if isinstance(m, Telemetry)]
+    assert events(out) == []  # the pen keeps going: 1080 um is below its ceiling
+    assert 1070 <= tel[-1].depth_um <= 1090
+    assert tel[-1].depth_set_um == 1000
+    assert tel[0].depth_um < tel[30].depth_um  # it drifts in, it does not jump
+
+
+def test_depth_actuator_lags_the_setpoint() -> None:
+    fw = make()
+    fw.handle(SetDepth(1000), 0.0)
+    tel = [m for m in run(fw, 0.0, 0.2) if isinstance(m, Telemetry)]
+    by_ms = {m.device_ms: m.depth_um for m in tel}
+    assert 600 <= by_ms[20] <= 665  # one time constant: 1 - 1/e of the way
+    assert by_ms[100] >= 990
+    assert all(m.depth_set_um == 1000 for m in tel)
+
+
+# --- lift-off ------------------------------------------------------------------------------------
+
+
+def test_a_short_lift_within_the_grace_does_not_stop() -> None:
+    fw = armed_running(lease_ms=2000)
+    fw.set_contact(False, 0.1)
+    assert events(run(fw, 0.1, 0.399)) == []
+    fw.set_contact(True, 0.399)
+    assert events(run(fw, 0.399, 1.0)) == []
+    assert fw.running
+
+
+def test_lift_off_past_the_grace_stops_the_pass_at_the_grace() -> None:
+    fw = armed_running(lease_ms=2000)
+    fw.set_contact(False, 0.1)
+    out = events(fw.step(0.6))
+    assert len(out) == 1
+    (stopped,) = of(MotorStopped, out)
+    assert stopped.reason == StopReason.LIFT_OFF
+    assert stopped.device_ms == 400
+    assert fw.armed
+    fw.set_contact(True, 0.7)
+    assert not fw.running  # the button is still held from the last pass: release first
+    fw.release_button(0.8)
+    assert [type(m) for m in fw.press_button(0.9)] == [MotorStarted]
+
+
+def test_lift_off_grace_is_configurable() -> None:
+    fw = armed_running(lease_ms=2000)
+    fw.handle(SetLiftOffGrace(50), 0.0)
+    fw.set_contact(False, 0.1)
+    assert events(run(fw, 0.1, 0.149)) == []
+    assert [m.device_ms for m in of(MotorStopped, fw.step(0.15))] == [150]
+
+
+def test_pressing_without_skin_contact_runs_only_for_the_grace() -> None:
+    fw = make()
+    ready(fw)
+    fw.handle(Arm(2000, 1), 0.0)
+    fw.press_button(0.0)
+    assert fw.running
+    out = events(run(fw, 0.0, 0.5))
+    assert len(out) == 1
+    assert [(m.reason, m.device_ms) for m in of(MotorStopped, out)] == [(StopReason.LIFT_OFF, 300)]
+
+
+# --- status, reset, physics ----------------------------------------------------------------------
+
+
+def test_query_status_describes_the_pen() -> None:
+    fw = armed_running(lease_ms=250)
+    fw.handle(SetSpeed(120), 0.0)
+    (status,) = fw.handle(QueryStatus(), 0.1)
+    assert status == Status(
+        armed=1,
+        motor_running=1,
+        depth_set_um=1000,
+        speed_hz=120,
+        cartridge_id=CARTRIDGE,
+        fault=0,
+        lease_left_ms=150,
+    )
+
+
+def test_reset_stops_and_asks_for_a_reboot() -> None:
+    fw = armed_running()
+    out = fw.handle(Reset(), 0.1)
+    assert [type(m) for m in out] == [MotorStopped, Disarmed]
+    assert out[1] == Disarmed(StopReason.REBOOT)
+    assert fw.reset_requested
+    fw.reboot(0.2)
+    assert not fw.reset_requested
+    assert not fw.armed
+    assert fw.depth_set_um is None
+    assert fw.device_ms(0.3) == 100
+    assert fw.cartridge_id == CARTRIDGE  # physical things survive a reboot
+    assert fw.strokes == 0  # strokes count since boot
+
+
+def test_physics_running_heats_drains_and_counts_strokes() -> None:
+    fw = armed_running(lease_ms=2000)
+    fw.handle(SetSpeed(150), 0.0)
+    tel = [m for m in run(fw, 0.0, 1.9, dt=0.01) if isinstance(m, Telemetry)]
+    assert tel[-1].strokes == pytest.approx(150 * 1.9, abs=4)
+    assert tel[-1].speed_hz == 150
+    assert 300 <= tel[-1].current_ma <= 700
+    idle = make()
+    idle_tel = [m for m in run(idle, 0.0, 1.9, dt=0.01) if isinstance(m, Telemetry)]
+    assert idle_tel[-1].current_ma < 50
+    assert tel[-1].battery_mv < idle_tel[-1].battery_mv  # same seed, same battery: sag
+    assert fw.physics.temperature_c > idle.physics.temperature_c
+    assert fw.physics.charge_mah < idle.physics.charge_mah
+
+
+def test_same_seed_same_readings_other_seed_other_readings() -> None:
+    def trace(seed: int) -> list[Message]:
+        fw = make(seed)
+        ready(fw)
+        return run(fw, 0.0, 0.3)
+
+    assert trace(5) == trace(5)
+    assert trace(5) != trace(6)
