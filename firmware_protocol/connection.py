@@ -12,21 +12,8 @@ depend on time takes ``now`` (seconds, any monotonic origin). The caller feeds
 received bytes to ``receive_data``, calls ``handle_timeout`` when
 ``next_deadline()`` passes, and writes out whatever ``data_to_send()`` returns.
 
-Link states and the inputs that move them, read top to bottom (anything not
-listed leaves the state unchanged; a terminal state stays until ``start_handshake``)::
-
-    role    state        input                 next state
-    host    IDLE         start_handshake       HANDSHAKING
-    host    HANDSHAKING  identity_ok           READY
-    host    HANDSHAKING  identity_mismatch     REFUSED      (terminal)
-    host    HANDSHAKING  retries_exhausted     FAILED       (terminal)
-    host    READY        retries_exhausted     FAILED       (terminal)
-    host    READY        peer_rebooted         IDLE         (re-handshake needed)
-    host    REFUSED      start_handshake       HANDSHAKING
-    host    FAILED       start_handshake       HANDSHAKING
-    device  IDLE         hello                 READY
-    device  READY        hello                 READY        (new nonce: sequences reset)
-    device  READY        retries_exhausted     IDLE         (host gone; wait for Hello)
+Link states and the inputs that move them are the ``TRANSITIONS`` table below
+(anything not listed leaves the state unchanged; PROTOCOL.md renders it).
 
 Rules of reliable delivery (both directions, same code):
 
@@ -34,17 +21,22 @@ Rules of reliable delivery (both directions, same code):
    and keeps at most ``window`` of them unacknowledged; further messages wait in
    a bounded backlog (``LinkBusyError`` when it is full).
 2. The receiver accepts only the next expected number. It delivers that message
-   once and answers ACK(seq) (cumulative). A number it has already accepted is a
-   duplicate: dropped, re-ACKed with the last accepted number. A number ahead of
-   the expected one is dropped and answered once with NAK(expected).
-3. The sender treats ACK(n) as acknowledging everything up to n. NAK(e) makes it
-   resend the window from e at once. If the oldest unacknowledged message is older
-   than the retransmit timeout, the whole window is resent and the timeout doubles
-   (up to ``max_timeout``); after ``max_retries`` resends without progress the
-   link has failed. Progress resets the timeout.
+   once and answers ACK(seq) (cumulative). A number in the half of the sequence
+   space behind the expected one is a duplicate: dropped, re-ACKed with the last
+   accepted number. A number ahead of the expected one is dropped and answered
+   once with NAK(expected).
+3. The sender treats ACK(n) as acknowledging everything up to n, and NAK(e) as
+   acknowledging everything before e and asking to resend the window from e at
+   once. If the oldest unacknowledged message is older than the retransmit
+   timeout, the whole window is resent and the timeout doubles (up to
+   ``max_timeout``); after ``max_retries`` resends without progress the link has
+   failed. Progress resets the timeout.
 4. Round-trip time is sampled only from messages sent exactly once (Karn).
-5. Unreliable messages carry their own u16 counter; the receiver counts the
-   numbers it never saw as lost and drops numbers older than the last one seen.
+5. Unreliable messages carry their own u16 counter, restarted at 0 by every
+   handshake; the receiver counts the numbers it never saw as lost and drops
+   numbers behind the next expected one as stale (duplicates or reordered).
+6. A frame's kind must match its message's delivery class: a command in an
+   unreliable frame could be applied twice, so it is a protocol violation.
 """
 
 from __future__ import annotations
@@ -71,6 +63,8 @@ from .messages import (
 
 SEQ_MOD = 0x10000
 _HALF = 0x8000
+#: Host nonces a pen remembers: a Hello carrying one of them is an old frame, ignored.
+RECENT_NONCES = 8
 
 
 class Role(enum.Enum):
@@ -92,6 +86,7 @@ class Input(enum.Enum):
     IDENTITY_MISMATCH = "identity_mismatch"
     RETRIES_EXHAUSTED = "retries_exhausted"
     PEER_REBOOTED = "peer_rebooted"
+    PEER_LOST_LINK = "peer_lost_link"  # host: the pen announced itself while READY
     HELLO = "hello"
 
 
@@ -104,6 +99,7 @@ TRANSITIONS: dict[tuple[Role, LinkState, Input], LinkState] = {
     (H, S.HANDSHAKING, Input.IDENTITY_MISMATCH): S.REFUSED,
     (H, S.HANDSHAKING, Input.RETRIES_EXHAUSTED): S.FAILED,
     (H, S.READY,       Input.RETRIES_EXHAUSTED): S.FAILED,
+    (H, S.READY,       Input.PEER_LOST_LINK):    S.FAILED,
     (H, S.READY,       Input.PEER_REBOOTED):     S.IDLE,
     (H, S.REFUSED,     Input.START_HANDSHAKE):   S.HANDSHAKING,
     (H, S.FAILED,      Input.START_HANDSHAKE):   S.HANDSHAKING,
@@ -133,7 +129,34 @@ class LinkConfig:
     max_retries: int = 6
     hello_timeout: float = 0.100
     hello_retries: int = 10
-    announce_interval: float = 0.250  # device: Identity re-announcements while IDLE
+    announce_interval: float = 0.250  # device: least time between Identity announcements
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.window < _HALF:
+            raise ValueError(f"window must be 1..{_HALF - 1}, got {self.window}")
+        if self.backlog < 0 or self.max_retries < 0 or self.hello_retries < 0:
+            raise ValueError("backlog, max_retries and hello_retries must not be negative")
+        if not 0 < self.ack_timeout <= self.max_timeout:
+            raise ValueError("need 0 < ack_timeout <= max_timeout")
+        if self.hello_timeout <= 0 or self.announce_interval < 0:
+            raise ValueError("hello_timeout must be positive, announce_interval not negative")
+
+    def retransmit_timeouts(self) -> tuple[float, ...]:
+        """Successive waits for an ACK: after the first send, then after each resend."""
+        return tuple(
+            min(self.ack_timeout * 2**k, self.max_timeout) for k in range(self.max_retries + 1)
+        )
+
+    def reliable_failure_time(self) -> float:
+        """Seconds from sending a reliable message into a dead link to LinkFailed.
+
+        Exact when ``handle_timeout`` is called at each ``next_deadline``.
+        """
+        return sum(self.retransmit_timeouts())
+
+    def handshake_failure_time(self) -> float:
+        """Seconds from ``start_handshake`` with no answer to LinkFailed (same proviso)."""
+        return (self.hello_retries + 1) * self.hello_timeout
 
 
 # --- events ----------------------------------------------------------------------
@@ -141,15 +164,24 @@ class LinkConfig:
 
 @dataclass(frozen=True, slots=True)
 class Connected:
-    """Host: the handshake succeeded. Device: a host said Hello."""
+    """Host: the handshake succeeded. Device: a host said Hello.
+
+    ``abandoned`` (device only): reliable messages the previous host never
+    acknowledged; they are not resent on the new link.
+    """
 
     identity: Identity | None = None
     host_nonce: int = 0
+    abandoned: tuple[Message, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class HandshakeRefused:
-    """Host: the pen's identity does not match this host. Never arm such a pen."""
+    """The two ends cannot talk safely. Never arm such a pen.
+
+    Host: the pen's identity (protocol version or schema hash) does not match.
+    Device: the Hello speaks another protocol version (``identity`` is the pen's own).
+    """
 
     reason: str
     identity: Identity
@@ -223,6 +255,7 @@ class LinkStats:
     unreliable_stale: int = 0
     protocol_errors: int = 0
     handshakes: int = 0
+    stale_hellos: int = 0  # device: Hellos of an earlier host nonce, ignored
     rtt_samples: int = 0
     rtt_last: float = 0.0
     rtt_min: float = 0.0
@@ -284,7 +317,7 @@ class _Endpoint:
         self._rx_expected = 0
         self._nak_sent_for: int | None = None
         self._unrel_tx = 0
-        self._unrel_rx_last: int | None = None
+        self._unrel_rx_next = 0
 
     # -- public -------------------------------------------------------------------
 
@@ -355,7 +388,7 @@ class _Endpoint:
             )
             return events
         tx.timeout = min(tx.timeout * 2, self.config.max_timeout)
-        self._resend_from(0, now)
+        self._resend_window(now)
         return events
 
     @property
@@ -384,8 +417,8 @@ class _Endpoint:
         self._emit(frame)
         return seq
 
-    def _resend_from(self, index: int, now: float) -> None:
-        for item in list(self._tx.window)[index:]:
+    def _resend_window(self, now: float) -> None:
+        for item in self._tx.window:
             item.sent_at = now
             item.resent = True
             self.stats.retransmits += 1
@@ -395,7 +428,8 @@ class _Endpoint:
         abandoned = self._tx.reset(tx_first)
         self._rx_expected = rx_first & 0xFFFF
         self._nak_sent_for = None
-        self._unrel_rx_last = None
+        self._unrel_tx = 0
+        self._unrel_rx_next = 0
         return abandoned
 
     def _on_frame(self, frame: Frame, now: float, events: list[Event]) -> None:
@@ -419,7 +453,7 @@ class _Endpoint:
             self._rx_expected = (self._rx_expected + 1) & 0xFFFF
             self._nak_sent_for = None
             self._emit(encode_frame(FrameKind.ACK, frame.seq, 0))
-            self._deliver(frame, events)
+            self._deliver(frame, Delivery.RELIABLE, events)
         elif diff >= _HALF:
             self.stats.duplicates += 1
             self._emit(encode_frame(FrameKind.ACK, self._rx_expected - 1, 0))
@@ -431,17 +465,15 @@ class _Endpoint:
                 self._emit(encode_frame(FrameKind.NAK, self._rx_expected, 0))
 
     def _on_unreliable(self, frame: Frame, events: list[Event]) -> None:
-        last = self._unrel_rx_last
-        if last is not None:
-            gap = (frame.seq - last - 1) & 0xFFFF
-            if gap >= _HALF:
-                self.stats.unreliable_stale += 1
-                return
-            self.stats.unreliable_lost += gap
-        self._unrel_rx_last = frame.seq
-        self._deliver(frame, events)
+        gap = (frame.seq - self._unrel_rx_next) & 0xFFFF
+        if gap >= _HALF:
+            self.stats.unreliable_stale += 1
+            return
+        self.stats.unreliable_lost += gap
+        self._unrel_rx_next = (frame.seq + 1) & 0xFFFF
+        self._deliver(frame, Delivery.UNRELIABLE, events)
 
-    def _deliver(self, frame: Frame, events: list[Event]) -> None:
+    def _deliver(self, frame: Frame, delivery: Delivery, events: list[Event]) -> None:
         try:
             message = decode_message(frame.msg_type, frame.payload)
         except MessageDecodeError as exc:
@@ -449,16 +481,28 @@ class _Endpoint:
             events.append(ProtocolViolation(str(exc), exc.msg_type, exc.reason))
             return
         if message.DIRECTION is self._outgoing_direction or message.DELIVERY is Delivery.SYNC:
-            self.stats.protocol_errors += 1
-            events.append(
-                ProtocolViolation(
-                    f"{type(message).__name__} may not be received by the {self.role.value}",
-                    frame.msg_type,
-                    RefusalCode.UNKNOWN_MESSAGE,
-                )
+            self._violation(
+                f"{type(message).__name__} may not be received by the {self.role.value}",
+                frame.msg_type,
+                RefusalCode.UNKNOWN_MESSAGE,
+                events,
             )
-            return
-        events.append(MessageReceived(message))
+        elif message.DELIVERY is not delivery:
+            self._violation(
+                f"{type(message).__name__} is {message.DELIVERY.value}, "
+                f"sent in a {delivery.value} frame",
+                frame.msg_type,
+                RefusalCode.BAD_PAYLOAD,
+                events,
+            )
+        else:
+            events.append(MessageReceived(message))
+
+    def _violation(
+        self, detail: str, msg_type: int, code: RefusalCode, events: list[Event]
+    ) -> None:
+        self.stats.protocol_errors += 1
+        events.append(ProtocolViolation(detail, msg_type, code))
 
     def _on_ack(self, seq: int, now: float, events: list[Event]) -> None:
         tx = self._tx
@@ -467,28 +511,39 @@ class _Endpoint:
         acked = ((seq - tx.window[0].seq) & 0xFFFF) + 1
         if acked > len(tx.window):
             return  # stale ACK from before a reset, or for a duplicate: ignore
-        for _ in range(acked):
-            item = tx.window.popleft()
-            if not item.resent:
-                self._sample_rtt(now - item.sent_at)
-            events.append(Delivered(item.seq, item.message))
-        tx.retries = 0
-        tx.timeout = self.config.ack_timeout
-        while tx.backlog and len(tx.window) < self.config.window:
-            message = tx.backlog.popleft()
-            self._transmit_new(message, encode_message(message), now)
+        self._acknowledge(acked, now, events)
+        self._refill(now)
 
     def _on_nak(self, expected: int, now: float, events: list[Event]) -> None:
         self.stats.naks_received += 1
         tx = self._tx
         if not tx.window:
             return
-        index = (expected - tx.window[0].seq) & 0xFFFF
-        if index >= len(tx.window):
-            return
-        if index:
-            self._on_ack((expected - 1) & 0xFFFF, now, events)
-        self._resend_from(0, now)
+        before = (expected - tx.window[0].seq) & 0xFFFF  # messages the peer has
+        if before > len(tx.window):
+            return  # not about this window (stale or from before a reset)
+        if before:
+            self._acknowledge(before, now, events)
+        # Resend only what was outstanding; messages moved in from the backlog below
+        # are sent for the first time.
+        self._resend_window(now)
+        self._refill(now)
+
+    def _acknowledge(self, count: int, now: float, events: list[Event]) -> None:
+        tx = self._tx
+        for _ in range(count):
+            item = tx.window.popleft()
+            if not item.resent:
+                self._sample_rtt(now - item.sent_at)
+            events.append(Delivered(item.seq, item.message))
+        tx.retries = 0
+        tx.timeout = self.config.ack_timeout
+
+    def _refill(self, now: float) -> None:
+        tx = self._tx
+        while tx.backlog and len(tx.window) < self.config.window:
+            message = tx.backlog.popleft()
+            self._transmit_new(message, encode_message(message), now)
 
     def _sample_rtt(self, rtt: float) -> None:
         s = self.stats
@@ -518,17 +573,31 @@ class HostConnection(_Endpoint):
         self.identity: Identity | None = None
         self.refusal: str | None = None
         self._nonce = 0
+        self._started = False
         self._hello_frame = b""
         self._hello_sent_at = 0.0
         self._hello_tries = 0
 
-    def start_handshake(self, host_nonce: int, now: float, first_seq: int = 0) -> None:
-        """Send Hello. host_nonce must differ from the previous link's (use a random u32)."""
+    def start_handshake(self, host_nonce: int, now: float, first_seq: int | None = None) -> None:
+        """Send Hello. host_nonce must differ from the previous link's (use a random u32).
+
+        ``first_seq`` is this end's first reliable sequence number. By default a new
+        connection derives it from the nonce and a later handshake continues where the
+        previous link stopped, so a delayed frame of an earlier link is never mistaken
+        for a new command.
+        """
         if not 0 < host_nonce < 2**32:
             raise ValueError("host_nonce must be a non-zero u32")
+        if host_nonce == self._nonce:
+            # The pen would take the new Hello for a resend of the old one and keep
+            # the old link's sequence numbers.
+            raise ValueError("host_nonce must differ from the previous link's")
         self._fire(Input.START_HANDSHAKE)
         if self.state is not LinkState.HANDSHAKING:
             raise NotReadyError(f"cannot start a handshake while {self.state.value}")
+        if first_seq is None:
+            first_seq = self._tx.next_seq if self._started else host_nonce & 0xFFFF
+        self._started = True
         self._reset_streams(first_seq, 0)
         self._nonce = host_nonce
         self.refusal = None
@@ -561,17 +630,14 @@ class HostConnection(_Endpoint):
         try:
             identity = decode_message(frame.msg_type, frame.payload)
         except MessageDecodeError as exc:
-            self.stats.protocol_errors += 1
-            events.append(ProtocolViolation(str(exc), exc.msg_type, exc.reason))
+            self._violation(str(exc), exc.msg_type, exc.reason, events)
             return
         if not isinstance(identity, Identity):
-            self.stats.protocol_errors += 1
-            events.append(
-                ProtocolViolation(
-                    f"{type(identity).__name__} in a handshake frame",
-                    frame.msg_type,
-                    RefusalCode.UNKNOWN_MESSAGE,
-                )
+            self._violation(
+                f"{type(identity).__name__} in a handshake frame",
+                frame.msg_type,
+                RefusalCode.UNKNOWN_MESSAGE,
+                events,
             )
             return
         if self.state is LinkState.HANDSHAKING:
@@ -588,23 +654,33 @@ class HostConnection(_Endpoint):
             self._fire(Input.IDENTITY_OK)
             self.stats.handshakes += 1
             events.append(Connected(identity, self._nonce))
-        elif (
-            self.state is LinkState.READY
-            and self.identity is not None
-            and identity.boot_id != self.identity.boot_id
-        ):
-            previous = self.identity
-            abandoned = self._reset_streams(self._tx.next_seq, 0)
-            self.identity = identity
-            self._fire(Input.PEER_REBOOTED)
-            events.append(PeerRebooted(previous, identity, abandoned))
+        elif self.state is LinkState.READY and self.identity is not None:
+            if identity.boot_id != self.identity.boot_id:
+                previous = self.identity
+                abandoned = self._reset_streams(self._tx.next_seq, 0)
+                self.identity = identity
+                self._fire(Input.PEER_REBOOTED)
+                events.append(PeerRebooted(previous, identity, abandoned))
+            elif identity.host_nonce == 0:
+                # The pen announces itself only when it has no link: it dropped ours
+                # (it gave up retransmitting), so nothing we send reaches it any more.
+                abandoned = self._tx.reset(self._tx.next_seq)
+                self._fire(Input.PEER_LOST_LINK)
+                events.append(
+                    LinkFailed(
+                        f"pen {identity.serial_text} dropped the link (it announced itself "
+                        "while the link was up)",
+                        abandoned,
+                    )
+                )
 
     @staticmethod
     def _check_identity(identity: Identity) -> str | None:
         if identity.protocol_version != PROTOCOL_VERSION:
             return (
-                f"pen {identity.serial_text} speaks protocol version "
-                f"{identity.protocol_version}, this controller speaks {PROTOCOL_VERSION}"
+                f"pen {identity.serial_text} (firmware {identity.firmware_version}) speaks "
+                f"protocol version {identity.protocol_version}, this controller speaks "
+                f"{PROTOCOL_VERSION}: update the pen firmware or the controller before treating"
             )
         if identity.schema_hash != SCHEMA_HASH:
             return (
@@ -625,7 +701,11 @@ class DeviceConnection(_Endpoint):
         super().__init__(config)
         self.identity = identity
         self._nonce = 0
-        self._tx_first = 0
+        # A fresh boot starts its reliable numbers from the boot id, so frames of the
+        # previous boot still in flight do not look like new ones.
+        self._tx.next_seq = identity.boot_id & 0xFFFF
+        self._tx_first = self._tx.next_seq
+        self._recent_nonces: deque[int] = deque(maxlen=RECENT_NONCES)
         self._last_announce: float | None = None
 
     def announce(self, now: float) -> None:
@@ -641,31 +721,61 @@ class DeviceConnection(_Endpoint):
         try:
             hello = decode_message(frame.msg_type, frame.payload)
         except MessageDecodeError as exc:
-            self.stats.protocol_errors += 1
-            events.append(ProtocolViolation(str(exc), exc.msg_type, exc.reason))
+            self._violation(str(exc), exc.msg_type, exc.reason, events)
             return
         if not isinstance(hello, Hello) or hello.host_nonce == 0:
-            self.stats.protocol_errors += 1
+            self._violation(
+                "handshake frame is not a valid Hello",
+                frame.msg_type,
+                RefusalCode.BAD_PAYLOAD,
+                events,
+            )
+            return
+        nonce = hello.host_nonce
+        if nonce == self._nonce:
+            if self.state is LinkState.READY:
+                # A duplicated or retransmitted Hello: answer again, reset nothing.
+                self._emit_identity(nonce, self._tx_first)
+                return
+            # We gave up on this host but it is still there (its Hello was resent):
+            # resume without touching the receive side, so nothing it sent before
+            # is applied a second time.
+            self._tx_first = self._tx.next_seq
+            self._fire(Input.HELLO)
+            self.stats.handshakes += 1
+            self._emit_identity(nonce, self._tx_first)
+            events.append(Connected(None, nonce))
+            return
+        if nonce in self._recent_nonces:
+            # A Hello from an earlier link, delayed or duplicated on the wire. Obeying it
+            # would restart the receive side at its old sequence number and could apply
+            # a command twice.
+            self.stats.stale_hellos += 1
+            return
+        if hello.protocol_version != PROTOCOL_VERSION:
+            # Answer, so the host can say why, but never accept the link.
+            self._emit_identity(nonce, self._tx.next_seq)
             events.append(
-                ProtocolViolation(
-                    "handshake frame is not a valid Hello", frame.msg_type, RefusalCode.BAD_PAYLOAD
+                HandshakeRefused(
+                    f"host speaks protocol version {hello.protocol_version}, "
+                    f"this pen speaks {PROTOCOL_VERSION}",
+                    self.identity,
                 )
             )
             return
-        if self.state is LinkState.READY and hello.host_nonce == self._nonce:
-            # A duplicated or retransmitted Hello: answer again, reset nothing.
-            self._emit_identity(self._nonce, self._tx_first)
-            return
-        self._nonce = hello.host_nonce
+        if self._nonce:
+            self._recent_nonces.append(self._nonce)
+        self._nonce = nonce
         self._tx_first = self._tx.next_seq
-        self._reset_streams(self._tx_first, frame.seq)
+        abandoned = self._reset_streams(self._tx_first, frame.seq)
         self._fire(Input.HELLO)
         self.stats.handshakes += 1
-        self._emit_identity(self._nonce, self._tx_first)
-        events.append(Connected(None, self._nonce))
+        self._emit_identity(nonce, self._tx_first)
+        events.append(Connected(None, nonce, abandoned))
 
     def _on_frame_before_ready(self, frame: Frame, now: float) -> None:
-        # A host talking to a pen that does not know it (the pen rebooted): remind it.
+        # A host talking to a pen that does not know it (the pen rebooted or gave up
+        # on the link): remind it, at most once per announce_interval.
         last = self._last_announce
         if last is None or now - last >= self.config.announce_interval:
             self.announce(now)
