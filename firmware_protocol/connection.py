@@ -130,6 +130,10 @@ class LinkConfig:
     hello_timeout: float = 0.100
     hello_retries: int = 10
     announce_interval: float = 0.250  # device: least time between Identity announcements
+    # Host: declare the link failed when no valid frame arrived for this long while
+    # READY. Renew is unreliable and telemetry is never acknowledged, so without it a
+    # host with nothing reliable outstanding would never notice a dead pen. None: off.
+    peer_silence_timeout: float | None = None
 
     def __post_init__(self) -> None:
         if not 1 <= self.window < _HALF:
@@ -140,6 +144,8 @@ class LinkConfig:
             raise ValueError("need 0 < ack_timeout <= max_timeout")
         if self.hello_timeout <= 0 or self.announce_interval < 0:
             raise ValueError("hello_timeout must be positive, announce_interval not negative")
+        if self.peer_silence_timeout is not None and self.peer_silence_timeout <= 0:
+            raise ValueError("peer_silence_timeout must be positive or None")
 
     def retransmit_timeouts(self) -> tuple[float, ...]:
         """Successive waits for an ACK: after the first send, then after each resend."""
@@ -577,6 +583,7 @@ class HostConnection(_Endpoint):
         self._hello_frame = b""
         self._hello_sent_at = 0.0
         self._hello_tries = 0
+        self._last_frame_at = 0.0
 
     def start_handshake(self, host_nonce: int, now: float, first_seq: int | None = None) -> None:
         """Send Hello. host_nonce must differ from the previous link's (use a random u32).
@@ -607,13 +614,36 @@ class HostConnection(_Endpoint):
         self._hello_sent_at = now
         self._emit(self._hello_frame)
 
+    def receive_data(self, data: bytes, now: float) -> list[Event]:
+        frames_before = self.stats.frames_received
+        events = super().receive_data(data, now)
+        if self.stats.frames_received != frames_before:
+            self._last_frame_at = now
+        return events
+
     def next_deadline(self) -> float | None:
         if self.state is LinkState.HANDSHAKING:
             return self._hello_sent_at + self.config.hello_timeout
-        return super().next_deadline()
+        deadline = super().next_deadline()
+        silence = self._silence_deadline()
+        if silence is not None and (deadline is None or silence < deadline):
+            return silence
+        return deadline
+
+    def _silence_deadline(self) -> float | None:
+        timeout = self.config.peer_silence_timeout
+        if timeout is None or self.state is not LinkState.READY:
+            return None
+        return self._last_frame_at + timeout
 
     def handle_timeout(self, now: float) -> list[Event]:
         if self.state is not LinkState.HANDSHAKING:
+            silence = self._silence_deadline()
+            if silence is not None and now >= silence:
+                abandoned = self._tx.reset(self._tx.next_seq)
+                self._fire(Input.RETRIES_EXHAUSTED)
+                quiet_ms = (now - self._last_frame_at) * 1000
+                return [LinkFailed(f"no frame from the pen for {quiet_ms:.0f} ms", abandoned)]
             return super().handle_timeout(now)
         if now < self._hello_sent_at + self.config.hello_timeout:
             return []

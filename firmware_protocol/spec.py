@@ -239,6 +239,9 @@ def timing_table() -> str:
         f"| hello_retries | {c.hello_retries} | Hello resends before the handshake fails |",
         f"| announce_interval | {c.announce_interval * 1000:g} ms | least time between two "
         "announcements by a pen without a link |",
+        "| peer_silence_timeout | off in the core; 300 ms in the controller | host only: no "
+        "valid frame for this long while READY fails the link (telemetry at 100 Hz makes "
+        "silence a reliable sign of a dead pen) |",
         "",
         "Derived: waits for an ACK are "
         + ", ".join(f"{t * 1000:g}" for t in c.retransmit_timeouts())

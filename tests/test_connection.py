@@ -814,3 +814,25 @@ def test_arbitrary_input_never_crashes_either_end(chunks: list[bytes], state: st
                     | ProtocolViolation,
                 )
             conn.data_to_send()
+
+
+def test_host_notices_a_silent_pen_when_nothing_is_outstanding() -> None:
+    w = Wire(LinkConfig(peer_silence_timeout=0.3))
+    w.handshake()
+    w.device.send(telemetry(1), w.now)
+    w.now = 0.25
+    w.d2h()  # a frame at 0.25 pushes the deadline to 0.55
+    assert w.host.next_deadline() == pytest.approx(0.55)
+    assert w.host.handle_timeout(0.54) == []
+    events = w.host.handle_timeout(0.55)
+    assert [type(e) for e in events] == [LinkFailed]
+    assert "no frame from the pen for 300 ms" in events[0].reason
+    assert w.host.state is LinkState.FAILED
+
+
+def test_silence_watchdog_is_off_by_default() -> None:
+    w = Wire()
+    w.handshake()
+    assert w.host.next_deadline() is None
+    assert w.host.handle_timeout(1e6) == []
+    assert w.host.state is LinkState.READY

@@ -44,7 +44,7 @@ log = structlog.get_logger(__name__)
 class PenLinkConfig:
     url: str
     baudrate: int = 1_000_000
-    protocol: LinkConfig = field(default_factory=LinkConfig)
+    protocol: LinkConfig = field(default_factory=lambda: LinkConfig(peer_silence_timeout=0.3))
     reconnect_initial: float = 0.1
     reconnect_max: float = 5.0
 
@@ -247,7 +247,10 @@ class PenLink:
             return
         deadlines = [d for d in (self.conn.next_deadline(), self.lease.next_deadline()) if d]
         when = min(deadlines) if deadlines else None
-        if when == self._timer_when:
+        if when is not None and self._timer_when is not None and self._timer_when <= when:
+            # An earlier timer is already set; when it fires it reschedules. Keeping it
+            # avoids a cancel and a new handle for every received frame (the silence
+            # deadline moves with each one).
             return
         self._cancel_timer()
         if when is not None:
