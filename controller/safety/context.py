@@ -1,0 +1,128 @@
+"""What the safety gate knows when it decides: an immutable snapshot, built per decision.
+
+The gate never reads state of its own. Whoever asks it a question (the session
+registry, a test) builds a :class:`GateContext` describing the pen, its session
+and the policy limits at that instant, so every decision is reproducible from
+its inputs alone. The session state enum lives here, beside the context, so the
+gate never imports the session machine (the dependency points one way:
+sessions -> safety).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from controller.policy import TreatmentPolicy
+
+
+class SessionState(enum.StrEnum):
+    """Life-cycle state of a treatment session (transitions: controller/sessions/states.py)."""
+
+    CREATED = "created"  # client, plan and pen chosen; not started
+    ACTIVE = "active"  # treating: zones may be selected, depth set, the pen armed
+    PAUSED = "paused"  # the therapist paused; the pen is stopped
+    INTERRUPTED = "interrupted"  # the pen link was lost (or the controller restarted)
+    FAULTED = "faulted"  # a safety fault; only a therapist's acknowledgement continues
+    ENDED = "ended"  # terminal
+
+
+class LinkStatus(enum.StrEnum):
+    """The pen link as far as treatment is concerned."""
+
+    DOWN = "down"  # no handshaken link
+    REFUSED = "refused"  # the pen failed the handshake (protocol or schema mismatch)
+    UP = "up"  # handshaken; it is the session's pen (or no session is bound yet)
+    FOREIGN = "foreign"  # handshaken, but not the pen (serial or boot) the session started on
+
+
+class CartridgeStatus(enum.StrEnum):
+    """The ledger's verdict on the cartridge in the pen, for this session."""
+
+    ABSENT = "absent"
+    FRESH = "fresh"  # never used
+    THIS_SESSION = "this_session"  # used earlier in this same session: still usable here
+    OTHER_SESSION = "other_session"  # used on another client whose session is not over
+    SPENT = "spent"  # used in a finished session: never arms again (product.md §4.5)
+
+
+#: Cartridge statuses that may arm.
+USABLE_CARTRIDGES = frozenset({CartridgeStatus.FRESH, CartridgeStatus.THIS_SESSION})
+
+
+@dataclass(frozen=True, slots=True)
+class SafetyLimits:
+    """Policy-wide limits, already narrowed by what the connected pen reports."""
+
+    device_ceiling_um: int
+    depth_tolerance_um: int
+    min_speed_hz: int
+    max_speed_hz: int
+    max_lease_ms: int
+    lift_off_grace_ms: int
+    telemetry_rate_hz: int
+
+    @classmethod
+    def from_policy(
+        cls,
+        policy: TreatmentPolicy,
+        pen_max_depth_um: int | None = None,
+        pen_max_lease_ms: int | None = None,
+    ) -> SafetyLimits:
+        """The policy's limits; a pen that reports a lower maximum lowers them further."""
+        ceiling = policy.device_ceiling_um
+        if pen_max_depth_um:
+            ceiling = min(ceiling, pen_max_depth_um)
+        lease = policy.max_lease_ms
+        if pen_max_lease_ms:
+            lease = min(lease, pen_max_lease_ms)
+        return cls(
+            device_ceiling_um=ceiling,
+            depth_tolerance_um=policy.depth_tolerance_um,
+            min_speed_hz=policy.min_speed_hz,
+            max_speed_hz=policy.max_speed_hz,
+            max_lease_ms=lease,
+            lift_off_grace_ms=policy.lift_off_grace_ms,
+            telemetry_rate_hz=policy.telemetry_rate_hz,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ZoneContext:
+    """The selected zone with its *effective* limits (manager overrides applied)."""
+
+    zone_id: str
+    label: str
+    max_depth_um: int
+    max_passes: int
+    passes_done: int
+    puncture_budget: int | None = None
+    overridden: bool = False
+
+    @property
+    def passes_left(self) -> int:
+        return max(0, self.max_passes - self.passes_done)
+
+
+@dataclass(frozen=True, slots=True)
+class GateContext:
+    """Everything the gate may look at. Defaults describe a pen with nothing going on.
+
+    ``session_state`` is None when no session is open on the pen.
+    ``depth_setpoint_um`` is the setpoint the controller approved for the
+    *selected zone* (cleared whenever the zone changes), not what the pen reports.
+    ``pass_start_strokes`` is the pen's cumulative stroke count when the
+    current pass began (None when no pass is running).
+    """
+
+    limits: SafetyLimits
+    session_state: SessionState | None = None
+    zone: ZoneContext | None = None
+    depth_setpoint_um: int | None = None
+    cartridge_id: int | None = None
+    cartridge: CartridgeStatus = CartridgeStatus.ABSENT
+    link: LinkStatus = LinkStatus.DOWN
+    fault: str | None = None
+    motor_running: bool = False
+    lease_token: int | None = None
+    pass_start_strokes: int | None = None

@@ -1,0 +1,135 @@
+"""What the registry hands back for every input: an :class:`Outcome`.
+
+The runtime's whole job with an outcome, in this order:
+
+1. send ``urgent_commands`` (Stop, Disarm) to their pens at once;
+2. if ``state_changed``, journal ``registry.to_dict()`` durably; append
+   ``audit`` to the audit log;
+3. send the remaining ``commands``, in order (each was already allowed by the
+   gate; the runtime must not alter or reorder them);
+4. apply ``leases`` to the link (``keep_armed(token, lease_ms)`` /
+   ``stop_renewing()``);
+5. publish ``events`` (tablet WebSocket, MQTT events stream) and show
+   ``refusal`` to whoever asked.
+
+Sending a risk-reducing command before the journal write keeps the safety
+reaction fast (product.md §10); sending a risk-increasing one (Arm, SetDepth)
+only after it means a crash can never leave the pen armed by a decision the
+journal does not know about.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from controller.audit import AuditEntry
+from controller.safety.gate import Refused
+from firmware_protocol.messages import Disarm, Message, Stop
+
+
+@dataclass(frozen=True, slots=True)
+class PenCommand:
+    """A command for the pen on ``port``, already allowed by the gate."""
+
+    port: str
+    message: Message
+
+    @property
+    def urgent(self) -> bool:
+        """Stop and Disarm: send before anything else, even before journaling."""
+        return isinstance(self.message, Stop | Disarm)
+
+
+class LeaseAction(enum.StrEnum):
+    KEEP_RENEWING = "keep_renewing"  # the pen confirmed Armed(token): renew it
+    STOP_RENEWING = "stop_renewing"  # let the lease lapse (and the pen disarm itself)
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseDirective:
+    port: str
+    action: LeaseAction
+    token: int | None = None
+    lease_ms: int | None = None
+
+
+class EventKind(enum.StrEnum):
+    SESSION_CREATED = "session_created"
+    STATE_CHANGED = "state_changed"
+    ZONE_SELECTED = "zone_selected"
+    DEPTH_SET = "depth_set"
+    SPEED_SET = "speed_set"
+    ARMING = "arming"
+    ARMED = "armed"
+    DISARMED = "disarmed"
+    PASS_STARTED = "pass_started"
+    PASS_ENDED = "pass_ended"
+    ZONE_COMPLETED = "zone_completed"
+    OVERRIDE_APPLIED = "override_applied"
+    STOP_SENT = "stop_sent"
+    REFUSED = "refused"
+    FAULT = "fault"
+    CARTRIDGE_INSERTED = "cartridge_inserted"
+    CARTRIDGE_REMOVED = "cartridge_removed"
+    PEN_CONNECTED = "pen_connected"
+    PEN_DISCONNECTED = "pen_disconnected"
+    SESSION_REPORT = "session_report"
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEvent:
+    """Something the tablet and the telemetry stream should hear about (JSON-able detail)."""
+
+    kind: EventKind
+    at: float
+    port: str
+    session_id: str | None
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The result of one input. Empty when nothing happened (most telemetry samples)."""
+
+    commands: tuple[PenCommand, ...] = ()
+    leases: tuple[LeaseDirective, ...] = ()
+    events: tuple[SessionEvent, ...] = ()
+    audit: tuple[AuditEntry, ...] = ()
+    refusal: Refused | None = None
+    state_changed: bool = False
+
+    @property
+    def urgent_commands(self) -> tuple[PenCommand, ...]:
+        return tuple(c for c in self.commands if c.urgent)
+
+    @property
+    def other_commands(self) -> tuple[PenCommand, ...]:
+        return tuple(c for c in self.commands if not c.urgent)
+
+
+@dataclass
+class OutcomeBuilder:
+    """Mutable accumulator used while one input is processed."""
+
+    commands: list[PenCommand] = field(default_factory=list)
+    leases: list[LeaseDirective] = field(default_factory=list)
+    events: list[SessionEvent] = field(default_factory=list)
+    audit: list[AuditEntry] = field(default_factory=list)
+    refusal: Refused | None = None
+    state_changed: bool = False
+
+    def build(self) -> Outcome:
+        return Outcome(
+            commands=tuple(self.commands),
+            leases=tuple(self.leases),
+            events=tuple(self.events),
+            audit=tuple(self.audit),
+            refusal=self.refusal,
+            state_changed=self.state_changed,
+        )
+
+
+EMPTY = Outcome()

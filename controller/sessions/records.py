@@ -1,0 +1,126 @@
+"""The registry's state, as plain serialisable records (pydantic v2 models).
+
+Everything the registry knows lives in these models, so ``model_dump(mode="json")``
+is the whole state and ``model_validate`` restores it exactly. Validation on
+restore is strict (``extra="forbid"``): a journal that does not fit fails to
+load rather than being half-understood.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+from controller.safety.context import SessionState
+
+from .states import ArmState
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=False)
+
+
+class ZoneOverride(_Record):
+    """A manager's limits for one zone in one session (product.md §4.4)."""
+
+    max_depth_um: int
+    max_passes: int
+    manager_id: str
+    reason: str
+    at: float
+
+
+class ZoneProgress(_Record):
+    """One zone of the session's plan: the policy's limits when the session was
+    created (a later policy change does not move limits under a live session),
+    any override, and the passes done."""
+
+    zone_id: str
+    label: str
+    policy_max_depth_um: int
+    policy_max_passes: int
+    puncture_budget: int | None = None
+    passes_done: int = 0
+    override: ZoneOverride | None = None
+
+    @property
+    def max_depth_um(self) -> int:
+        return self.override.max_depth_um if self.override else self.policy_max_depth_um
+
+    @property
+    def max_passes(self) -> int:
+        return self.override.max_passes if self.override else self.policy_max_passes
+
+
+class PassRecord(_Record):
+    """One run of the needle in a zone, motor start to stop (product.md §4.3)."""
+
+    zone_id: str
+    number: int  # 1-based within the zone
+    cartridge_id: int | None
+    depth_setpoint_um: int | None
+    started_at: float
+    start_strokes: int
+    ended_at: float | None = None
+    strokes: int | None = None
+    peak_depth_um: int | None = None
+    end_reason: str | None = None
+
+
+class FaultRecord(_Record):
+    kind: str
+    detail: str
+    at: float
+
+
+class Session(_Record):
+    """One client's treatment on one pen."""
+
+    session_id: str
+    port: str
+    client_ref: str
+    therapist_id: str
+    plan_id: str
+    policy_fingerprint: str
+    state: SessionState = SessionState.CREATED
+    created_at: float
+    started_at: float | None = None
+    ended_at: float | None = None
+    # The pen the session is bound to, from START (boot id rebound on acknowledging a reboot).
+    pen_serial: str | None = None
+    pen_boot_id: int | None = None
+    zones: dict[str, ZoneProgress]
+    current_zone: str | None = None
+    depth_setpoint_um: int | None = None  # approved for current_zone; cleared on zone change
+    speed_hz: int | None = None
+    current_pass: PassRecord | None = None
+    passes: list[PassRecord] = []
+    fault: FaultRecord | None = None
+    cartridges_used: list[int] = []
+    refusals: int = 0
+
+
+class PenState(_Record):
+    """What the controller knows about the pen on one port."""
+
+    port: str
+    link: str = "down"  # "down" | "up" | "refused"
+    serial: str | None = None
+    boot_id: int | None = None
+    firmware: str | None = None
+    max_depth_um: int | None = None
+    max_lease_ms: int | None = None
+    cartridge_id: int | None = None
+    arm: ArmState = ArmState.DISARMED
+    lease_token: int | None = None
+    motor_running: bool = False
+    # A Stop/Disarm is on its way: do not record the same stop again on every sample.
+    stopping: bool = False
+
+
+class CartridgeRecord(_Record):
+    """A cartridge that has been used: bound to the session it was used in."""
+
+    cartridge_id: int
+    session_id: str
+    first_used_at: float
+    spent_at: float | None = None

@@ -1,0 +1,694 @@
+"""The session registry, scenario by scenario, through the bench (fake pen + delivery rules)."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from typing import Any
+
+import pytest
+
+from controller.audit import AuditKind
+from controller.policy import load_policy, policy_from_mapping
+from controller.safety import GATE_REASONS, RefusalReason, SessionState
+from controller.sessions import (
+    AcknowledgeFault,
+    Actor,
+    ArmPen,
+    ArmState,
+    CreateSession,
+    DisarmPen,
+    EndSession,
+    EventKind,
+    LeaseAction,
+    Outcome,
+    OverrideZone,
+    PauseSession,
+    ResumeSession,
+    Role,
+    SelectZone,
+    SessionRegistry,
+    SetStrokeRate,
+    SetZoneDepth,
+    StartSession,
+    StopPen,
+)
+from firmware_protocol.connection import (
+    Connected,
+    Delivered,
+    HandshakeRefused,
+    LinkFailed,
+    MessageReceived,
+    PeerRebooted,
+)
+from firmware_protocol.messages import (
+    Arm,
+    CartridgeRemoved,
+    CommandRefused,
+    Disarm,
+    HostStopReason,
+    Message,
+    MotorStarted,
+    RefusalCode,
+    SetDepth,
+    Stop,
+    StopReason,
+)
+
+from .test_session_harness import ADMIN, MANAGER, PORT, THERAPIST, Bench, FakePen, identity
+
+SID = "s1"
+
+
+def stops(outcomes: list[Outcome] | Outcome) -> list[int]:
+    items = outcomes if isinstance(outcomes, list) else [outcomes]
+    return [c.message.reason for o in items for c in o.commands if isinstance(c.message, Stop)]
+
+
+def treating(zone: str = "forehead", depth: int = 800, *, plan: str = "full_face") -> Bench:
+    """A bench with an ACTIVE session, a zone, a depth, a cartridge and an armed pen."""
+    bench = Bench.create()
+    bench.connect()
+    bench.pen_says(bench.pens[PORT].insert(42))
+    assert bench.act(CreateSession(SID, PORT, "client-7", plan, THERAPIST)).refusal is None
+    assert bench.act(StartSession(SID, THERAPIST)).refusal is None
+    assert bench.act(SelectZone(SID, zone, THERAPIST)).refusal is None
+    assert bench.act(SetZoneDepth(SID, depth, THERAPIST)).refusal is None
+    assert bench.act(ArmPen(SID, THERAPIST)).refusal is None
+    assert bench.pens[PORT].armed
+    return bench
+
+
+def one_pass(bench: Bench, depth: int = 790, *, strokes: int = 20) -> list[Outcome]:
+    pen = bench.pens[PORT]
+    out = bench.pen_says(pen.press())
+    out += bench.pen_says([pen.sample(depth, strokes)])
+    out += bench.pen_says(pen.release())
+    return out
+
+
+def refused(bench: Bench, action: object) -> RefusalReason:
+    outcome = bench.act(action)
+    assert outcome.refusal is not None, action
+    assert outcome.refusal.message and outcome.refusal.remediation
+    records = [a for a in outcome.audit if a.kind is AuditKind.REFUSAL]
+    assert records and records[0].details["code"] == outcome.refusal.code
+    return outcome.refusal.code
+
+
+def zone_of(bench: Bench, zone: str) -> Any:
+    session = bench.registry.session(SID)
+    assert session is not None
+    return session.zones[zone]
+
+
+# --- the treatment flow ------------------------------------------------------------------
+
+
+def test_a_full_session_counts_passes_and_reports() -> None:
+    bench = treating()
+    for _ in range(2):
+        one_pass(bench)
+    session = bench.registry.session(SID)
+    assert session is not None
+    assert session.zones["forehead"].passes_done == 2
+    assert [p.number for p in session.passes] == [1, 2]
+    assert session.passes[0].strokes == 20 and session.passes[0].peak_depth_um == 790
+    assert session.passes[0].cartridge_id == 42
+    assert session.cartridges_used == [42]
+    end = bench.act(EndSession(SID, THERAPIST))
+    report = bench.registry.report(SID)
+    assert report is not None
+    forehead = next(z for z in report["zones"] if z["zone_id"] == "forehead")
+    assert forehead["passes_done"] == 2 and forehead["max_depth_um"] == 1000
+    assert forehead["deepest_setpoint_um"] == 800 and forehead["peak_depth_um"] == 790
+    assert [e.kind for e in end.events if e.kind is EventKind.SESSION_REPORT]
+    assert HostStopReason.SESSION_END in stops(end)  # the pen was still armed
+    assert not bench.pens[PORT].armed
+    assert bench.registry.live_session_id(PORT) is None
+
+
+def test_the_pass_limit_disarms_the_pen_for_that_zone() -> None:
+    bench = treating()
+    outcomes: list[Outcome] = []
+    for _ in range(3):
+        outcomes = one_pass(bench)
+    assert stops(outcomes) == [HostStopReason.PASS_LIMIT]
+    assert not bench.pens[PORT].armed
+    assert zone_of(bench, "forehead").passes_done == 3
+    assert refused(bench, ArmPen(SID, THERAPIST)) is RefusalReason.ZONE_PASSES_USED
+    assert refused(bench, SelectZone(SID, "forehead", THERAPIST)) is (
+        RefusalReason.ZONE_PASSES_USED
+    )
+    # Another zone of the plan is fine, with its own depth.
+    assert bench.act(SelectZone(SID, "cheeks", THERAPIST)).refusal is None
+    assert refused(bench, ArmPen(SID, THERAPIST)) is RefusalReason.NO_DEPTH_SET
+    bench.act(SetZoneDepth(SID, 1200, THERAPIST))
+    assert bench.act(ArmPen(SID, THERAPIST)).refusal is None
+
+
+@pytest.mark.parametrize(
+    "reason", [StopReason.LIFT_OFF, StopReason.BUTTON_RELEASED, StopReason.LEASE_EXPIRED]
+)
+def test_any_stop_ends_a_pass(reason: StopReason) -> None:
+    bench = treating()
+    pen = bench.pens[PORT]
+    bench.pen_says(pen.press())
+    bench.pen_says(pen.release(reason))
+    assert zone_of(bench, "forehead").passes_done == 1
+    session = bench.registry.session(SID)
+    assert session is not None and session.passes[0].end_reason == reason.name.lower()
+
+
+def test_a_pen_fault_stop_counts_the_pass_and_faults_the_session() -> None:
+    bench = treating()
+    pen = bench.pens[PORT]
+    bench.pen_says(pen.press())
+    outcomes = bench.pen_says(pen.stop(StopReason.OVER_TEMPERATURE))
+    session = bench.registry.session(SID)
+    assert session is not None
+    assert session.state is SessionState.FAULTED
+    assert session.fault is not None and "too hot" in session.fault.detail
+    assert zone_of(bench, "forehead").passes_done == 1
+    faults = [a for o in outcomes for a in o.audit if a.kind is AuditKind.FAULT]
+    assert len(faults) == 1  # MotorStopped and Disarmed both say so; recorded once
+    assert faults[0].remediation == "Let the pen cool down before continuing."
+
+
+def test_puncture_budget_stops_the_pass_without_a_fault() -> None:
+    data: dict[str, Any] = {
+        "policy_version": 1,
+        "zones": {
+            "scalp": {"max_depth_mm": Decimal("1.0"), "max_passes": 3, "puncture_budget": 100}
+        },
+        "plans": {"scalp": {"zones": ["scalp"]}},
+    }
+    bench = Bench(SessionRegistry(policy_from_mapping(data)))
+    bench.pens[PORT] = FakePen()
+    bench.connect()
+    bench.pen_says(bench.pens[PORT].insert(1))
+    bench.act(CreateSession(SID, PORT, "c1", "scalp", THERAPIST))
+    bench.act(StartSession(SID, THERAPIST))
+    bench.act(SelectZone(SID, "scalp", THERAPIST))
+    bench.act(SetZoneDepth(SID, 500, THERAPIST))
+    bench.act(ArmPen(SID, THERAPIST))
+    pen = bench.pens[PORT]
+    bench.pen_says(pen.press())
+    assert stops(bench.pen_says([pen.sample(500, 99)])) == []
+    outcomes = bench.pen_says([pen.sample(500, 1)])
+    assert stops(outcomes) == [HostStopReason.PUNCTURE_BUDGET]
+    session = bench.registry.session(SID)
+    assert session is not None
+    assert session.state is SessionState.ACTIVE and session.fault is None
+    assert session.zones["scalp"].passes_done == 1
+    assert [a.kind for o in outcomes for a in o.audit] == [AuditKind.STOP]
+
+
+def test_overshoot_stops_at_once_on_every_sample_and_is_recorded_once() -> None:
+    bench = treating(zone="cheeks", depth=1000)
+    pen = bench.pens[PORT]
+    bench.pen_says(pen.press())
+    first = bench.registry.pen_message(PORT, pen.sample(1100), bench.tick())
+    second = bench.registry.pen_message(PORT, pen.sample(1120), bench.tick())
+    assert stops(first)[0] == HostStopReason.DEPTH_OVERSHOOT
+    assert first.urgent_commands[0].message == Stop(HostStopReason.DEPTH_OVERSHOOT)
+    assert stops(second) == [HostStopReason.DEPTH_OVERSHOOT]
+    assert [a.kind for a in first.audit] == [AuditKind.STOP, AuditKind.FAULT]
+    assert second.audit == ()
+    assert first.leases[0].action is LeaseAction.STOP_RENEWING
+    bench.feed(first)
+    session = bench.registry.session(SID)
+    assert session is not None and session.state is SessionState.FAULTED
+    assert refused(bench, ArmPen(SID, THERAPIST)) is RefusalReason.SESSION_NOT_ACTIVE
+    assert bench.act(AcknowledgeFault(SID, THERAPIST)).refusal is None
+    assert bench.act(ArmPen(SID, THERAPIST)).refusal is None
+
+
+def test_a_peak_depth_overshoot_between_samples_is_a_fault() -> None:
+    bench = treating(zone="cheeks", depth=1000)
+    pen = bench.pens[PORT]
+    bench.pen_says(pen.press())
+    pen.peak_um = 1200  # deeper than any sample showed
+    outcomes = bench.pen_says(pen.release())
+    session = bench.registry.session(SID)
+    assert session is not None and session.state is SessionState.FAULTED
+    assert any("peak depth of 1.20 mm" in a.message for o in outcomes for a in o.audit)
+
+
+def test_idle_telemetry_never_stops() -> None:
+    bench = treating()
+    pen = bench.pens[PORT]
+    assert bench.registry.pen_message(PORT, pen.sample(2400), bench.tick()) == Outcome()
+
+
+# --- depth and zone rules ------------------------------------------------------------------
+
+
+def test_a_refused_depth_is_never_sent_nor_clamped() -> None:
+    bench = treating()
+    sent_before = len(bench.wire)
+    outcome = bench.act(SetZoneDepth(SID, 1200, THERAPIST))
+    assert outcome.refusal is not None
+    assert outcome.refusal.message == "Depth 1.20 mm is deeper than the forehead allows (1.00 mm)."
+    assert outcome.commands == ()
+    assert len(bench.wire) == sent_before
+    session = bench.registry.session(SID)
+    assert session is not None and session.depth_setpoint_um == 800
+
+
+def test_the_depth_belongs_to_the_zone_it_was_set_for() -> None:
+    bench = treating(zone="cheeks", depth=1400)
+    assert refused(bench, SelectZone(SID, "periorbital", THERAPIST)) is RefusalReason.DISARM_FIRST
+    bench.act(DisarmPen(SID, THERAPIST))
+    assert bench.registry.pen(PORT).arm is ArmState.DISARMED
+    assert bench.act(SelectZone(SID, "periorbital", THERAPIST)).refusal is None
+    assert refused(bench, ArmPen(SID, THERAPIST)) is RefusalReason.NO_DEPTH_SET
+
+
+def test_depth_cannot_change_during_a_pass() -> None:
+    bench = treating()
+    bench.pen_says(bench.pens[PORT].press())
+    assert refused(bench, SetZoneDepth(SID, 500, THERAPIST)) is RefusalReason.PEN_RUNNING
+
+
+def test_the_pen_refusing_a_depth_unsets_it() -> None:
+    bench = treating()
+    bench.pen_says([CommandRefused(SetDepth.TYPE, RefusalCode.DEPTH_ABOVE_CEILING)])
+    session = bench.registry.session(SID)
+    assert session is not None and session.depth_setpoint_um is None
+
+
+# --- overrides -------------------------------------------------------------------------------
+
+
+def test_override_rules() -> None:
+    bench = treating()
+    zone = "forehead"
+    assert refused(bench, OverrideZone(SID, zone, THERAPIST, "thick skin", 1200)) is (
+        RefusalReason.ROLE_NOT_PERMITTED
+    )
+    assert refused(bench, OverrideZone(SID, zone, MANAGER, "  ", 1200)) is (
+        RefusalReason.OVERRIDE_NEEDS_REASON
+    )
+    assert refused(bench, OverrideZone(SID, zone, MANAGER, "thick skin", 2600)) is (
+        RefusalReason.OVERRIDE_ABOVE_CEILING
+    )
+    assert refused(bench, OverrideZone(SID, zone, MANAGER, "thick skin", None, 9)) is (
+        RefusalReason.OVERRIDE_ABOVE_CEILING
+    )
+    assert refused(bench, OverrideZone(SID, zone, MANAGER, "thick skin")) is (
+        RefusalReason.BAD_REQUEST
+    )
+    assert refused(bench, OverrideZone(SID, zone, MANAGER, "thick skin", 0)) is (
+        RefusalReason.BAD_REQUEST
+    )
+    assert refused(bench, OverrideZone(SID, "neck", MANAGER, "thick skin", 1200)) is (
+        RefusalReason.ZONE_NOT_IN_PLAN
+    )
+    outcome = bench.act(OverrideZone(SID, zone, MANAGER, "thick skin", 1200, 4))
+    assert outcome.refusal is None
+    [record] = outcome.audit
+    assert record.kind is AuditKind.OVERRIDE
+    assert record.details["before"] == {"max_depth_um": 1000, "max_passes": 3}
+    assert record.details["after"] == {"max_depth_um": 1200, "max_passes": 4}
+    assert record.details["manager"] == "mg-01" and record.details["reason"] == "thick skin"
+    assert "thick skin" in record.message
+    bench.act(DisarmPen(SID, THERAPIST))
+    assert bench.act(SetZoneDepth(SID, 1200, THERAPIST)).refusal is None
+    assert refused(bench, SetZoneDepth(SID, 1201, THERAPIST)) is (
+        RefusalReason.DEPTH_ABOVE_ZONE_LIMIT
+    )
+
+
+def test_an_override_is_for_one_session_only() -> None:
+    bench = treating()
+    bench.act(OverrideZone(SID, "forehead", MANAGER, "thick skin", 1200))
+    bench.act(EndSession(SID, THERAPIST))
+    bench.act(CreateSession("s2", PORT, "client-8", "full_face", THERAPIST))
+    bench.act(StartSession("s2", THERAPIST))
+    bench.act(SelectZone("s2", "forehead", THERAPIST))
+    outcome = bench.act(SetZoneDepth("s2", 1200, THERAPIST))
+    assert outcome.refusal is not None
+    assert outcome.refusal.code is RefusalReason.DEPTH_ABOVE_ZONE_LIMIT
+
+
+def test_lowering_a_limit_below_the_setpoint_stops_an_armed_pen() -> None:
+    bench = treating(depth=900)
+    outcome = bench.act(OverrideZone(SID, "forehead", MANAGER, "sensitive skin", 700))
+    assert stops(outcome) == [HostStopReason.OTHER]
+    assert not bench.pens[PORT].armed
+
+
+# --- cartridges -------------------------------------------------------------------------------
+
+
+def test_a_cartridge_used_in_a_finished_session_never_arms_again() -> None:
+    bench = treating()
+    one_pass(bench)
+    bench.act(EndSession(SID, THERAPIST))
+    assert bench.registry.ledger.status(42, "s2") == "spent"
+    bench.act(CreateSession("s2", PORT, "client-8", "full_face", THERAPIST))
+    bench.act(StartSession("s2", THERAPIST))
+    bench.act(SelectZone("s2", "forehead", THERAPIST))
+    bench.act(SetZoneDepth("s2", 500, THERAPIST))
+    outcome = bench.act(ArmPen("s2", THERAPIST))
+    assert outcome.refusal is not None
+    assert outcome.refusal.code is RefusalReason.CARTRIDGE_SPENT
+    bench.pen_says(bench.pens[PORT].insert(43))
+    assert bench.act(ArmPen("s2", THERAPIST)).refusal is None
+
+
+def test_an_unused_cartridge_may_serve_the_next_client() -> None:
+    bench = treating()
+    bench.act(EndSession(SID, THERAPIST))  # armed but never ran
+    assert bench.registry.ledger.status(42, "s2") == "fresh"
+
+
+def test_a_cartridge_used_on_one_client_is_refused_for_another_live_session() -> None:
+    bench = treating()
+    one_pass(bench)
+    other = "/dev/ttyPEN1"
+    bench.pens[other] = FakePen(serial="PEN0002")
+    bench.connect(other)
+    bench.pen_says(bench.pens[PORT].remove())
+    bench.pen_says(bench.pens[other].insert(42), other)
+    bench.feed(
+        bench.registry.handle(
+            CreateSession("s2", other, "c2", "full_face", THERAPIST), bench.tick()
+        )
+    )
+    for action in (
+        StartSession("s2", THERAPIST),
+        SelectZone("s2", "forehead", THERAPIST),
+        SetZoneDepth("s2", 500, THERAPIST),
+    ):
+        assert bench.registry.handle(action, bench.tick()).refusal is None
+    outcome = bench.registry.handle(ArmPen("s2", THERAPIST), bench.tick())
+    assert outcome.refusal is not None
+    assert outcome.refusal.code is RefusalReason.CARTRIDGE_OTHER_SESSION
+
+
+def test_removing_the_cartridge_while_armed_is_a_pen_fault() -> None:
+    bench = treating()
+    assert bench.renewing[PORT] is not None
+    bench.pen_says(bench.pens[PORT].remove())  # the pen stops: CARTRIDGE_REMOVED
+    assert bench.renewing[PORT] is None
+    session = bench.registry.session(SID)
+    assert session is not None and session.state is SessionState.FAULTED
+    assert bench.act(AcknowledgeFault(SID, THERAPIST)).refusal is None
+    assert refused(bench, ArmPen(SID, THERAPIST)) is RefusalReason.NO_CARTRIDGE
+
+
+def test_without_a_cartridge_report_the_registry_still_stops_renewing() -> None:
+    # A pen that never says it stopped: the registry's own re-check stops it.
+    bench = treating()
+    outcome = bench.registry.pen_message(PORT, CartridgeRemoved(42), bench.tick())
+    assert stops(outcome) == [HostStopReason.OTHER]
+    assert outcome.leases[-1].action is LeaseAction.STOP_RENEWING
+
+
+# --- link, reboot, identity ----------------------------------------------------------------------
+
+
+def test_link_loss_interrupts_and_only_the_therapist_resumes() -> None:
+    bench = treating()
+    bench.pen_says(bench.pens[PORT].press())
+    outcomes = bench.disconnect()
+    session = bench.registry.session(SID)
+    assert session is not None and session.state is SessionState.INTERRUPTED
+    assert session.zones["forehead"].passes_done == 1  # the cut-short pass counts
+    assert any(a.kind is AuditKind.FAULT for o in outcomes for a in o.audit)
+    assert bench.renewing[PORT] is None
+    bench.connect()
+    session = bench.registry.session(SID)
+    assert session is not None and session.state is SessionState.INTERRUPTED
+    assert not bench.pens[PORT].armed
+    assert refused(bench, ArmPen(SID, THERAPIST)) is RefusalReason.SESSION_NOT_ACTIVE
+    assert bench.act(ResumeSession(SID, THERAPIST)).refusal is None
+    assert not bench.pens[PORT].armed  # resuming does not arm
+    assert bench.act(ArmPen(SID, THERAPIST)).refusal is None
+
+
+def test_resume_needs_the_pen_back() -> None:
+    bench = treating()
+    bench.disconnect()
+    assert refused(bench, ResumeSession(SID, THERAPIST)) is RefusalReason.LINK_DOWN
+
+
+def test_a_reboot_is_a_fault_that_never_resumes_by_itself() -> None:
+    bench = treating()
+    bench.pen_says(bench.pens[PORT].press())
+    bench.reboot()
+    session = bench.registry.session(SID)
+    assert session is not None
+    assert session.state is SessionState.FAULTED
+    assert session.fault is not None and session.fault.kind == "pen_rebooted"
+    assert session.zones["forehead"].passes_done == 1
+    assert refused(bench, ResumeSession(SID, THERAPIST)) is RefusalReason.NOT_ALLOWED_NOW
+    bench.pen_says(bench.pens[PORT].insert(42))
+    assert refused(bench, ArmPen(SID, THERAPIST)) is RefusalReason.SESSION_NOT_ACTIVE
+    assert bench.act(AcknowledgeFault(SID, THERAPIST)).refusal is None
+    session = bench.registry.session(SID)
+    assert session is not None and session.pen_boot_id == 2
+    assert refused(bench, ArmPen(SID, THERAPIST)) is RefusalReason.NO_DEPTH_SET  # pen forgot it
+    bench.act(SetZoneDepth(SID, 800, THERAPIST))
+    assert bench.act(ArmPen(SID, THERAPIST)).refusal is None
+
+
+def test_another_pen_on_the_port_is_a_fault_until_the_right_pen_returns() -> None:
+    bench = treating()
+    original = bench.pens[PORT]
+    bench.disconnect()
+    bench.pens[PORT] = FakePen(serial="PEN0999")
+    bench.connect()
+    session = bench.registry.session(SID)
+    assert session is not None and session.state is SessionState.FAULTED
+    assert refused(bench, AcknowledgeFault(SID, THERAPIST)) is RefusalReason.WRONG_PEN
+    assert refused(bench, ArmPen(SID, THERAPIST)) is RefusalReason.SESSION_NOT_ACTIVE
+    bench.disconnect()
+    bench.pens[PORT] = original
+    bench.connect()
+    assert bench.act(AcknowledgeFault(SID, THERAPIST)).refusal is None
+
+
+def test_a_pen_failing_the_handshake_cannot_start_a_session() -> None:
+    bench = Bench.create()
+    bench.act(CreateSession(SID, PORT, "client-7", "full_face", THERAPIST))
+    outcome = bench.registry.handshake_refused(PORT, "schema mismatch", identity(), bench.tick())
+    assert [a.kind for a in outcome.audit] == [AuditKind.REFUSAL]
+    again = bench.registry.handshake_refused(PORT, "schema mismatch", identity(), bench.tick())
+    assert again.audit == ()  # a retrying link is not a new refusal
+    assert refused(bench, StartSession(SID, THERAPIST)) is RefusalReason.PEN_NOT_VERIFIED
+
+
+def test_the_pen_running_without_a_session_is_stopped() -> None:
+    bench = Bench.create()
+    bench.connect()
+    outcome = bench.registry.pen_message(PORT, MotorStarted(1, 500, 0), bench.tick())
+    assert stops(outcome) == [HostStopReason.FAULT]
+    assert [a.kind for a in outcome.audit] == [AuditKind.STOP]
+
+
+def test_firmware_protocol_events_are_accepted_directly() -> None:
+    registry = SessionRegistry(load_policy())
+    now = 1_800_000_000.0
+    connected = registry.handle_link_event(PORT, Connected(identity(), 7), now)
+    assert registry.pen(PORT).link == "up" and connected.commands
+    registry.handle_link_event(PORT, MessageReceived(MotorStarted(1, 0, 0)), now)
+    assert registry.pen(PORT).motor_running
+    assert registry.handle_link_event(PORT, Delivered(1, Disarm()), now) == Outcome()
+    registry.handle_link_event(PORT, PeerRebooted(identity(), identity(boot_id=2)), now)
+    assert registry.pen(PORT).boot_id == 2 and registry.pen(PORT).link == "down"
+    registry.handle_link_event(PORT, LinkFailed("gone"), now)
+    registry.handle_link_event(PORT, HandshakeRefused("bad schema", identity()), now)
+    assert registry.pen(PORT).link == "refused"
+
+
+# --- restart and serialisation ------------------------------------------------------------------
+
+
+def restart(bench: Bench) -> Outcome:
+    """kill -9 and start again: the journal (to_dict, through JSON) is all that survives."""
+    journal = json.loads(json.dumps(bench.registry.to_dict()))
+    for port, pen in bench.pens.items():
+        pen.lose_host()
+        bench.connected[port] = False
+        bench.renewing[port] = None
+    bench.registry = SessionRegistry.from_dict(load_policy(), journal)
+    assert bench.registry.to_dict() == journal
+    return bench.registry.recover(bench.tick())
+
+
+def test_a_running_session_recovers_interrupted_with_its_pass_counted() -> None:
+    bench = treating()
+    one_pass(bench)
+    bench.pen_says(bench.pens[PORT].press())
+    recovery = restart(bench)
+    session = bench.registry.session(SID)
+    assert session is not None
+    assert session.state is SessionState.INTERRUPTED
+    assert session.zones["forehead"].passes_done == 2
+    assert session.current_pass is None
+    assert [a.kind for a in recovery.audit] == [AuditKind.RECOVERY]
+    assert bench.registry.pen(PORT).arm is ArmState.DISARMED
+    assert bench.registry.ledger.status(42, SID) == "this_session"
+    bench.connect()
+    assert refused(bench, ArmPen(SID, THERAPIST)) is RefusalReason.SESSION_NOT_ACTIVE
+    assert bench.act(ResumeSession(SID, THERAPIST)).refusal is None
+    assert bench.act(ArmPen(SID, THERAPIST)).refusal is None
+
+
+def test_spent_cartridges_survive_a_restart() -> None:
+    bench = treating()
+    one_pass(bench)
+    bench.act(EndSession(SID, THERAPIST))
+    restart(bench)
+    assert bench.registry.ledger.status(42, "s2") == "spent"
+    assert bench.registry.session(SID) is not None
+
+
+def test_from_dict_refuses_what_it_does_not_understand() -> None:
+    bench = treating()
+    journal = bench.registry.to_dict()
+    with pytest.raises(ValueError, match="format"):
+        SessionRegistry.from_dict(load_policy(), {**journal, "format": 99})
+    broken = json.loads(json.dumps(journal))
+    broken["sessions"][SID]["surprise"] = 1
+    with pytest.raises(ValueError, match="surprise"):
+        SessionRegistry.from_dict(load_policy(), broken)
+    twin = json.loads(json.dumps(journal))
+    twin["sessions"]["s2"] = {**twin["sessions"][SID], "session_id": "s2"}
+    with pytest.raises(ValueError, match="both hold port"):
+        SessionRegistry.from_dict(load_policy(), twin)
+
+
+def test_archive_drops_only_ended_sessions() -> None:
+    bench = treating()
+    assert bench.registry.archive(SID) is None
+    bench.act(EndSession(SID, THERAPIST))
+    archived = bench.registry.archive(SID)
+    assert archived is not None and archived["state"] == "ended"
+    assert bench.registry.session(SID) is None
+
+
+# --- refusals of actions -------------------------------------------------------------------------
+
+
+def _session_refusal_cases() -> dict[RefusalReason, tuple[Bench, object]]:
+    def fresh() -> Bench:
+        bench = Bench.create()
+        bench.connect()
+        return bench
+
+    def created() -> Bench:
+        bench = fresh()
+        bench.act(CreateSession(SID, PORT, "client-7", "full_face", THERAPIST))
+        return bench
+
+    return {
+        RefusalReason.BAD_REQUEST: (
+            fresh(),
+            CreateSession("s 1", PORT, "c", "full_face", THERAPIST),
+        ),
+        RefusalReason.UNKNOWN_SESSION: (fresh(), StartSession("nope", THERAPIST)),
+        RefusalReason.SESSION_EXISTS: (
+            created(),
+            CreateSession(SID, "/dev/other", "c", "full_face", THERAPIST),
+        ),
+        RefusalReason.PEN_BUSY: (created(), CreateSession("s2", PORT, "c", "full_face", THERAPIST)),
+        RefusalReason.UNKNOWN_PLAN: (
+            fresh(),
+            CreateSession(SID, PORT, "c", "everything", THERAPIST),
+        ),
+        RefusalReason.UNKNOWN_ZONE: (treating(), SelectZone(SID, "elbow", THERAPIST)),
+        RefusalReason.ZONE_NOT_IN_PLAN: (treating(), SelectZone(SID, "neck", THERAPIST)),
+        RefusalReason.NOT_ALLOWED_NOW: (created(), ResumeSession(SID, THERAPIST)),
+        RefusalReason.DISARM_FIRST: (treating(), SelectZone(SID, "cheeks", THERAPIST)),
+        RefusalReason.ROLE_NOT_PERMITTED: (created(), StartSession(SID, ADMIN)),
+        RefusalReason.OVERRIDE_NEEDS_REASON: (
+            treating(),
+            OverrideZone(SID, "forehead", MANAGER, "", 1100),
+        ),
+        RefusalReason.OVERRIDE_ABOVE_CEILING: (
+            treating(),
+            OverrideZone(SID, "forehead", MANAGER, "why not", 2501),
+        ),
+    }
+
+
+def test_every_session_refusal_code_is_exercised() -> None:
+    cases = _session_refusal_cases()
+    assert set(cases) == set(RefusalReason) - GATE_REASONS
+    for code, (bench, action) in cases.items():
+        assert refused(bench, action) is code, code
+
+
+def test_every_refusal_is_audited_with_who_and_what() -> None:
+    bench = treating()
+    outcome = bench.act(SetZoneDepth(SID, 1500, THERAPIST))
+    [record] = outcome.audit
+    assert record.kind is AuditKind.REFUSAL
+    assert record.session_id == SID and record.device_id == "PEN0001"
+    assert record.details["code"] == "depth_above_zone_limit"
+    assert record.details["depth_um"] == 1500 and record.details["zone_id"] == "forehead"
+    assert record.details["actor"] == "th-01"
+    assert record.remediation == "Choose 1.00 mm or less, or ask a manager for an override."
+    session = bench.registry.session(SID)
+    assert session is not None and session.refusals == 1
+
+
+def test_lifecycle_actions_follow_the_table() -> None:
+    bench = treating()
+    assert bench.act(PauseSession(SID, THERAPIST)).refusal is None
+    assert not bench.pens[PORT].armed  # leaving ACTIVE stops the pen
+    assert refused(bench, PauseSession(SID, THERAPIST)) is RefusalReason.NOT_ALLOWED_NOW
+    assert refused(bench, AcknowledgeFault(SID, THERAPIST)) is RefusalReason.NOT_ALLOWED_NOW
+    assert bench.act(ResumeSession(SID, THERAPIST)).refusal is None
+    assert refused(bench, StartSession(SID, THERAPIST)) is RefusalReason.NOT_ALLOWED_NOW
+    bench.act(EndSession(SID, THERAPIST))
+    assert refused(bench, EndSession(SID, THERAPIST)) is RefusalReason.NOT_ALLOWED_NOW
+    assert refused(bench, SetStrokeRate(SID, 100, THERAPIST)) is RefusalReason.SESSION_NOT_ACTIVE
+
+
+def test_stop_button_and_speed() -> None:
+    bench = treating()
+    assert bench.act(SetStrokeRate(SID, 120, THERAPIST)).refusal is None
+    assert bench.pens[PORT].speed_hz == 120
+    assert refused(bench, SetStrokeRate(SID, 200, THERAPIST)) is RefusalReason.SPEED_OUT_OF_RANGE
+    outcome = bench.act(StopPen(SID, THERAPIST))
+    assert stops(outcome) == [HostStopReason.THERAPIST]
+    assert [a.kind for a in outcome.audit] == [AuditKind.STOP]
+    assert not bench.pens[PORT].armed
+
+
+def test_lease_directives_follow_the_pen() -> None:
+    bench = treating()
+    token = bench.registry.pen(PORT).lease_token
+    assert token is not None and bench.renewing[PORT] == token
+    arms = [m for _, m in bench.wire if isinstance(m, Arm)]
+    assert arms == [Arm(250, token)]
+    bench.renew()  # the link renews as told; the pen accepts
+    assert bench.pens[PORT].armed
+    bench.act(DisarmPen(SID, THERAPIST))
+    assert bench.renewing[PORT] is None
+
+
+def test_a_therapist_arm_while_armed_is_a_no_op() -> None:
+    bench = treating()
+    outcome = bench.act(ArmPen(SID, THERAPIST))
+    assert outcome.refusal is None and outcome.commands == ()
+
+
+def test_actor_roles() -> None:
+    bench = Bench.create()
+    bench.connect()
+    assert refused(bench, CreateSession(SID, PORT, "c", "full_face", ADMIN)) is (
+        RefusalReason.ROLE_NOT_PERMITTED
+    )
+    manager_treats = bench.act(CreateSession(SID, PORT, "c", "full_face", MANAGER))
+    assert manager_treats.refusal is None
+    assert Actor("x", Role.THERAPIST).role == "therapist"
+
+
+def _messages(outcomes: list[Outcome]) -> list[Message]:
+    return [c.message for o in outcomes for c in o.commands]
