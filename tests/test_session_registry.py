@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from controller.audit import AuditKind
-from controller.policy import load_policy, policy_from_mapping
+from controller.policy import PolicyError, load_policy, policy_from_mapping
 from controller.safety import GATE_REASONS, RefusalReason, SessionState
 from controller.sessions import (
     AcknowledgeFault,
@@ -47,7 +47,6 @@ from firmware_protocol.messages import (
     CommandRefused,
     Disarm,
     HostStopReason,
-    Message,
     MotorStarted,
     RefusalCode,
     SetDepth,
@@ -690,5 +689,14 @@ def test_actor_roles() -> None:
     assert Actor("x", Role.THERAPIST).role == "therapist"
 
 
-def _messages(outcomes: list[Outcome]) -> list[Message]:
-    return [c.message for o in outcomes for c in o.commands]
+def test_anyone_may_stop_the_needle() -> None:
+    bench = treating()
+    outcome = bench.act(StopPen(SID, ADMIN))
+    assert outcome.refusal is None
+    assert stops(outcome) == [HostStopReason.THERAPIST]
+    assert bench.act(DisarmPen(SID, ADMIN)).refusal is None
+
+
+def test_a_lease_longer_than_the_policy_allows_refuses_to_start() -> None:
+    with pytest.raises(PolicyError, match=r"link.lease_ms: 600 must be between 1 and .* \(500\)"):
+        SessionRegistry(load_policy(), lease_ms=600)

@@ -533,7 +533,7 @@ class SessionMachine(RuleBasedStateMachine):
         if not (self.pen.armed or self.pen.running):
             return
         assert self.sid is not None and self.zone is not None
-        assert self.treating() or (self.pen.running is False and not self.pen.armed)
+        assert self.treating(), "armed or running outside an active session"
         done = self.passes[(self.sid, self.zone)]
         max_passes = self.limits(self.zone)[1]
         if self.pen.running:

@@ -1,9 +1,33 @@
 """Treatment sessions: a pure, serialisable registry of sessions, pens and cartridges.
 
-* :class:`SessionRegistry` takes therapist actions, pen/link events and time as
-  arguments and returns :class:`Outcome` objects (gate-approved commands, lease
-  directives, events, audit entries). See ``registry.py`` for the contract and
-  ``states.py`` for the state tables.
+How a runtime drives it (``controller/service.py`` does exactly this):
+
+1. Build once: ``registry = SessionRegistry(load_policy(path), lease_ms=settings.link.lease_ms)``
+   (PolicyError if the lease is longer than the policy allows), or after a
+   restart ``SessionRegistry.from_dict(policy, journal, lease_ms=...)`` followed
+   by ``registry.recover(time.time())``.
+2. Feed every input, with ``now = time.time()`` (wall clock; it stamps records):
+
+   ===========================================  ====================================
+   source                                       call
+   ===========================================  ====================================
+   tablet request (already authenticated)       ``handle(action, now)``
+   ``LinkUp(identity)`` / ``Connected``         ``pen_connected(port, identity, now)``
+   ``LinkDown(reason)`` / ``LinkFailed``        ``link_down(port, reason, now)``
+   any other ``firmware_protocol`` event        ``handle_link_event(port, event, now)``
+   ===========================================  ====================================
+
+   ``port`` names the link (the configured device path or URL), not the pen:
+   the registry tells pens apart by the serial and boot id of their handshake.
+3. Carry out the returned :class:`Outcome` in the order ``outcome.py`` states:
+   urgent commands, journal + audit, other commands, lease directives, events.
+   Commands were already allowed by the gate: send them unchanged, in order;
+   a command for a link that is down is dropped (the pen's lease covers it).
+4. Telemetry is the hot path: ``handle_link_event`` returns the shared empty
+   Outcome for almost every sample; only act when it has commands or events.
+
+The registry is not thread-safe: call it from one thread (the event loop).
+State tables: ``states.py``. Contract and safety properties: ``registry.py``.
 """
 
 from .actions import (

@@ -42,7 +42,7 @@ import re
 from typing import Any, Final
 
 from controller.audit import AuditEntry, AuditKind
-from controller.policy import TreatmentPolicy
+from controller.policy import PolicyError, TreatmentPolicy
 from controller.safety.context import (
     CartridgeStatus,
     GateContext,
@@ -198,9 +198,18 @@ class SessionRegistry:
     """All sessions, pens and the cartridge ledger. See the module docstring."""
 
     def __init__(self, policy: TreatmentPolicy, *, lease_ms: int = 250) -> None:
+        """``lease_ms``: the arming lease to ask for; PolicyError if the policy forbids it."""
+        if not 0 < lease_ms <= policy.max_lease_ms:
+            # Fail closed at start (product.md §4.1) rather than refuse every Arm later.
+            raise PolicyError(
+                "settings",
+                [
+                    f"link.lease_ms: {lease_ms} must be between 1 and the policy's "
+                    f"max_lease_ms ({policy.max_lease_ms})"
+                ],
+            )
         self.policy = policy
-        #: The lease each Arm asks for (the service's link.lease_ms); the gate
-        #: refuses it if above the policy's max_lease_ms.
+        #: The lease each Arm asks for (the service's link.lease_ms).
         self.lease_ms = lease_ms
         self._sessions: dict[str, Session] = {}
         self._pens: dict[str, PenState] = {}
@@ -381,6 +390,8 @@ class SessionRegistry:
 
     def _role_ok(self, out: OutcomeBuilder, now: float, session: Session, action: Action) -> bool:
         actor: Actor = action.actor
+        if isinstance(action, StopPen | DisarmPen):
+            return True  # stopping the needle is never refused, whoever asks
         if isinstance(action, OverrideZone):
             if actor.role is Role.MANAGER:
                 return True
@@ -635,8 +646,9 @@ class SessionRegistry:
         pen = self._pen(session.port)
         if pen.link == "up":
             out.commands.append(PenCommand(session.port, Disarm()))
-            pen.stopping = True
-            out.state_changed = True
+            if pen.arm is not ArmState.DISARMED or pen.motor_running:
+                pen.stopping = True  # until the pen confirms with Disarmed
+                out.state_changed = True
         out.leases.append(LeaseDirective(session.port, LeaseAction.STOP_RENEWING))
         self._event(out, EventKind.DISARMED, now, session, requested=True)
 
