@@ -16,6 +16,8 @@ SUBCOMMANDS: dict[str, str] = {
     "simulate": "simulated_pen.cli",
     "bench": "controller.bench.cli",
     "audit": "controller.audit_cli",
+    "serve": "controller.serve_cli",
+    "ingest": "controller.ingest.cli",
 }
 
 

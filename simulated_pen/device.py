@@ -206,6 +206,16 @@ class SimulatedPen:
                         self.stats.link_failures += 1
         self._flush(now)
 
+    def emit(self, message: Message, now: float) -> None:
+        """Send a message as if the firmware had produced it.
+
+        For benchmarks and fault tests that need one exact frame at one exact
+        moment (a crafted breaching telemetry sample); the firmware's own state is
+        untouched.
+        """
+        self._send([message], self._clock(now))
+        self._flush(now)
+
     def data_to_send(self) -> bytes:
         """Bytes for the host, accumulated since the last call."""
         if not self._out:

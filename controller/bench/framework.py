@@ -29,6 +29,8 @@ from typing import Any, Protocol
 #: benchmark name -> module exposing DESCRIPTION and run(ctx); adding one is one line.
 BENCHMARKS: dict[str, str] = {
     "codec": "controller.bench.codec",
+    "reaction": "controller.bench.reaction",
+    "capacity": "controller.bench.capacity",
 }
 
 

@@ -1,0 +1,126 @@
+"""Simulated pens in their own process, for the reaction and capacity benchmarks.
+
+    python -m controller.bench.pen_farm --pens 32 --breachers 8 --duration 30
+
+Boots N pens on pseudo-terminals (each streaming telemetry at 100 Hz), prints
+``pen SERIAL PATH`` for each, then ``ready``. The first ``--breachers`` pens, once
+the controller has armed them and their automatic hand runs a pass, send one
+crafted telemetry frame whose measured depth is far past the setpoint, noting the
+time just before it is written. When the controller's Stop arrives, the pen notes
+that time too and prints ``reaction SERIAL SECONDS``. Both times are read from
+the same clock, in this process: the figure is the whole loop breaching frame
+written, read by the controller, Stop decided, Stop written, Stop read by the pen.
+
+At the end (``--duration``, or on SIGTERM) it prints ``summary JSON`` with what
+every pen sent and how its link fared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import signal
+import time
+from typing import Any
+
+from firmware_protocol.messages import Message, Stop, Telemetry
+from simulated_pen.device import SimulatedPen
+from simulated_pen.hand import HandConfig
+from simulated_pen.runner import PenRunner
+
+BREACH_EXTRA_UM = 400
+#: Fast passes so that a breaching pen measures often.
+FAST_HAND = HandConfig(
+    pause=(0.05, 0.15), approach=(0.02, 0.04), hold=(0.3, 0.6), reaction=(0.05, 0.1)
+)
+
+
+class Breacher:
+    """Sends a breaching frame during each pass and times the Stop that answers it."""
+
+    def __init__(self, runner: PenRunner, pen: SimulatedPen) -> None:
+        self.runner = runner
+        self.pen = pen
+        self.sent_at: float | None = None
+        self.samples: list[float] = []
+        original = pen.firmware.handle
+
+        def handle(message: Message, now: float) -> list[Message]:
+            if isinstance(message, Stop) and self.sent_at is not None:
+                elapsed = time.perf_counter() - self.sent_at
+                self.samples.append(elapsed)
+                self.sent_at = None
+                print(f"reaction {pen.serial} {elapsed:.6f}", flush=True)
+            return original(message, now)
+
+        pen.firmware.handle = handle  # type: ignore[method-assign]
+
+    def poke(self) -> None:
+        pen = self.pen
+        if self.sent_at is not None or not pen.running:
+            return
+        fw = pen.firmware
+
+        def breach(p: SimulatedPen, now: float) -> None:
+            depth = (fw.depth_set_um or 0) + BREACH_EXTRA_UM
+            sample = Telemetry(
+                fw.device_ms(now),
+                fw.depth_set_um or 0,
+                depth,
+                fw.speed_hz,
+                400,
+                3500,
+                3900,
+                fw.strokes,
+                fw.flags,
+            )
+            self.sent_at = time.perf_counter()
+            p.emit(sample, now)
+
+        self.runner.apply(pen, breach)
+
+
+async def main(args: argparse.Namespace) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with PenRunner(seed=args.seed, auto_hand=True, hand_config=FAST_HAND) as runner:
+        slots = await runner.start(args.pens, "pty")
+        for slot in slots:
+            print(f"pen {slot.serial} {slot.address}", flush=True)
+        print("ready", flush=True)
+        breachers = [Breacher(runner, s.pen) for s in slots[: args.breachers]]
+        started = time.monotonic()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(args.duration):
+                while not stop.is_set():
+                    for b in breachers:
+                        b.poke()
+                    await asyncio.sleep(0.05)
+        summary: dict[str, Any] = {
+            "seconds": time.monotonic() - started,
+            "pens": args.pens,
+            "telemetry_sent": sum(s.pen.connection.stats.frames_sent for s in slots),
+            "reactions": sum(len(b.samples) for b in breachers),
+            "runner": {
+                "lateness_max_s": runner.stats.lateness_max,
+                "busy_s": runner.stats.busy_s,
+            },
+        }
+        print("summary " + json.dumps(summary), flush=True)
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m controller.bench.pen_farm")
+    p.add_argument("--pens", type=int, default=32)
+    p.add_argument("--breachers", type=int, default=4)
+    p.add_argument("--duration", type=float, default=30.0)
+    p.add_argument("--seed", type=int, default=1)
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    asyncio.run(main(parse()))

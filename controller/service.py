@@ -1,0 +1,419 @@
+"""The controller service: pens, the session registry, journal, audit log and telemetry.
+
+A thin asyncio shell around :class:`controller.sessions.SessionRegistry`, which
+makes every decision. This module only moves things: link events into the
+registry, and each resulting :class:`Outcome` out, in the order its contract
+demands (urgent Stop/Disarm first, then the journal and audit log, then other
+commands, leases and events).
+
+The in-process interface the tablet API calls is the ``act`` family below:
+build an action, hand it over, get the session back or a ``ActionRefused``
+carrying the therapist-readable reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from firmware_protocol import LinkConfig, LinkFailed, MessageReceived, NotReadyError
+from firmware_protocol.connection import LinkBusyError
+from firmware_protocol.messages import Message, Telemetry
+
+from .audit import AuditLog
+from .config import PenEndpoint, ServiceSettings
+from .journal import Journal
+from .link import LinkDown, LinkUp, PenLink, PenLinkConfig
+from .link.pen_link import LinkEvent
+from .policy import TreatmentPolicy, load_policy
+from .safety.gate import Refused
+from .sessions import (
+    Action,
+    LeaseAction,
+    Outcome,
+    SessionEvent,
+    SessionRegistry,
+)
+from .sessions.records import Session
+from .telemetry.outbox import Outbox
+from .telemetry.publisher import TelemetryPublisher
+
+log = structlog.get_logger(__name__)
+
+REGISTRY_DOC = ("registry", "main")
+
+
+class ActionRefused(Exception):  # noqa: N818 - it is an answer, not a bug
+    """The registry refused an action; ``refusal`` says why in the therapist's words."""
+
+    def __init__(self, refusal: Refused) -> None:
+        super().__init__(f"{refusal.message} {refusal.remediation}")
+        self.refusal = refusal
+
+
+@dataclass
+class LiveTelemetry:
+    """A tablet-rate telemetry sample for the live view."""
+
+    port: str
+    session_id: str | None
+    at: float
+    depth_set_um: int
+    depth_um: int
+    speed_hz: int
+    strokes: int
+    flags: int
+
+
+LiveItem = SessionEvent | LiveTelemetry
+
+
+@dataclass
+class _PenRuntime:
+    port: str
+    endpoint: PenEndpoint
+    link: PenLink
+    serial: str | None = None
+    session_id: str | None = None
+    zone: str | None = None
+    last_live: float = 0.0
+
+
+@dataclass
+class ServiceCounters:
+    telemetry: int = 0
+    outcomes: int = 0
+    commands_sent: int = 0
+    commands_unsent: int = 0
+    journal_writes: int = 0
+    audit_records: int = 0
+
+
+class _Subscriber:
+    def __init__(self, maxsize: int) -> None:
+        self.queue: asyncio.Queue[LiveItem] = asyncio.Queue(maxsize)
+
+    def offer(self, item: LiveItem) -> None:
+        if self.queue.full():
+            # A slow tablet loses old samples, never the newest state or an event.
+            with contextlib.suppress(asyncio.QueueEmpty):
+                self.queue.get_nowait()
+        self.queue.put_nowait(item)
+
+
+@dataclass
+class ControllerService:
+    """Runs the configured pens. ``await start()``, use, ``await stop()``."""
+
+    settings: ServiceSettings
+    policy: TreatmentPolicy | None = None
+    controller_id: str = "controller-1"
+    live_rate_hz: float = 10.0
+    counters: ServiceCounters = field(default_factory=ServiceCounters)
+
+    def __post_init__(self) -> None:
+        if self.policy is None:
+            self.policy = load_policy(self.settings.policy_file)
+        state = self.settings.state_dir
+        state.mkdir(parents=True, exist_ok=True)
+        self.journal = Journal(state / "journal.db")
+        self.audit = AuditLog(state / "audit.db")
+        saved = self.journal.load(*REGISTRY_DOC)
+        lease_ms = self.settings.link.lease_ms
+        if saved is None:
+            self.registry = SessionRegistry(self.policy, lease_ms=lease_ms)
+        else:
+            self.registry = SessionRegistry.from_dict(self.policy, saved, lease_ms=lease_ms)
+        self.pens: dict[str, _PenRuntime] = {}
+        for index, endpoint in enumerate(self.settings.pens):
+            port = endpoint.name or f"pen{index + 1}"
+            if port in self.pens:
+                raise ValueError(f"pens.{index}.name: {port!r} is used twice")
+            link = PenLink(
+                PenLinkConfig(
+                    url=endpoint.url,
+                    baudrate=self.settings.link.baudrate,
+                    protocol=LinkConfig(peer_silence_timeout=0.3),
+                    reconnect_max=self.settings.link.reconnect_max_s,
+                ),
+                self._link_callback(port),
+            )
+            self.pens[port] = _PenRuntime(port, endpoint, link)
+        self.publisher: TelemetryPublisher | None = None
+        if self.settings.mqtt.enabled:
+            self.outbox = Outbox(state / "outbox.db")
+            self.publisher = TelemetryPublisher(
+                self.settings.mqtt,
+                self.outbox,
+                clinic_id=self.settings.clinic_id,
+                controller_id=self.controller_id,
+            )
+        self._subscribers: set[_Subscriber] = set()
+        self._meta: dict[str, tuple[str | None, str | None]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._waiters: list[
+            tuple[Callable[[SessionEvent], bool], asyncio.Future[SessionEvent]]
+        ] = []
+
+    # === lifecycle ====================================================================
+
+    async def start(self) -> None:
+        """Recover from the journal, then connect every pen (and the broker)."""
+        self._execute(self.registry.recover(time.time()))
+        self._save_registry()  # recovery is a state change even when nothing else is
+        for pen in self.pens.values():
+            self._tasks.append(asyncio.create_task(pen.link.run(), name=f"link-{pen.port}"))
+        if self.publisher is not None:
+            self._tasks.append(asyncio.create_task(self.publisher.run(), name="publisher"))
+
+    async def stop(self) -> None:
+        for pen in self.pens.values():
+            await pen.link.close()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self.publisher is not None:
+            self.publisher.flush()
+            self.outbox.close()
+        self.journal.close()
+        self.audit.close()
+
+    # === in-process interface (the tablet API calls these) ===========================
+
+    def act(self, action: Action) -> Outcome:
+        """Apply a therapist or manager action. Raises ActionRefused with the reason."""
+        outcome = self.registry.handle(action, time.time())
+        self._execute(outcome)
+        if outcome.refusal is not None:
+            raise ActionRefused(outcome.refusal)
+        return outcome
+
+    async def act_and_wait(
+        self, action: Action, until: Callable[[SessionEvent], bool], within: float = 2.0
+    ) -> SessionEvent:
+        """Act, then wait for the first session event that satisfies ``until``.
+
+        For actions the pen must confirm (arming): the registry answers at once,
+        the pen a round trip later.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[SessionEvent] = loop.create_future()
+        waiter = (until, future)
+        self._waiters.append(waiter)
+        try:
+            self.act(action)
+            async with asyncio.timeout(within):
+                return await future
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
+
+    def session(self, session_id: str) -> Session | None:
+        return self.registry.session(session_id)
+
+    def new_session_id(self) -> str:
+        return "s-" + secrets.token_hex(6)
+
+    def devices(self) -> list[dict[str, Any]]:
+        out = []
+        for port, pen in self.pens.items():
+            state = self.registry.pen(port)
+            out.append(
+                {
+                    "port": port,
+                    "url": pen.endpoint.url,
+                    "name": pen.endpoint.name,
+                    "serial": state.serial,
+                    "firmware": state.firmware,
+                    "link": state.link,
+                    "armed": state.arm.value,
+                    "motor_running": state.motor_running,
+                    "cartridge_id": state.cartridge_id,
+                    "session_id": self.registry.live_session_id(port),
+                    "link_stats": pen.link.stats(),
+                }
+            )
+        return out
+
+    def subscribe(self, maxsize: int = 256) -> _Subscriber:
+        """Live events and tablet-rate telemetry for every pen; unsubscribe() when done."""
+        sub = _Subscriber(maxsize)
+        self._subscribers.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: _Subscriber) -> None:
+        self._subscribers.discard(sub)
+
+    # === link events ==================================================================
+
+    def _link_callback(self, port: str) -> Callable[[LinkEvent], None]:
+        def on_event(event: LinkEvent) -> None:
+            self._on_link_event(port, event)
+
+        return on_event
+
+    def _on_link_event(self, port: str, event: LinkEvent) -> None:
+        now = time.time()
+        pen = self.pens[port]
+        if isinstance(event, MessageReceived) and isinstance(event.message, Telemetry):
+            # The hot path: one call per sample per pen, 100 Hz each.
+            outcome = self.registry.handle_link_event(port, event, now)
+            if outcome.commands or outcome.events or outcome.state_changed:
+                self._execute(outcome)
+            self._on_telemetry(pen, event.message, now)
+            return
+        if isinstance(event, LinkUp):
+            pen.serial = event.identity.serial_text
+            outcome = self.registry.pen_connected(port, event.identity, now)
+        elif isinstance(event, LinkDown):
+            outcome = self.registry.link_down(port, event.reason, now)
+        elif isinstance(event, LinkFailed):
+            return  # LinkDown follows from the link shell with the same reason
+        else:
+            outcome = self.registry.handle_link_event(port, event, now)
+        self._execute(outcome)
+        if self.publisher is not None and isinstance(event, LinkUp | LinkDown):
+            serial = pen.serial
+            if serial:
+                self.publisher.set_status(
+                    serial,
+                    online=isinstance(event, LinkUp),
+                    state="up" if isinstance(event, LinkUp) else "down",
+                    firmware=event.identity.firmware_version if isinstance(event, LinkUp) else None,
+                    link=_numeric(pen.link.stats()),
+                )
+
+    def _on_telemetry(self, pen: _PenRuntime, sample: Telemetry, now: float) -> None:
+        self.counters.telemetry += 1
+        if self.publisher is not None and pen.serial:
+            self.publisher.add_sample(pen.serial, sample, session=pen.session_id, zone=pen.zone)
+        if self._subscribers and now - pen.last_live >= 1.0 / self.live_rate_hz:
+            pen.last_live = now
+            item = LiveTelemetry(
+                pen.port,
+                pen.session_id,
+                now,
+                sample.depth_set_um,
+                sample.depth_um,
+                sample.speed_hz,
+                sample.strokes,
+                sample.flags,
+            )
+            for sub in self._subscribers:
+                sub.offer(item)
+
+    # === outcomes =====================================================================
+
+    def _execute(self, outcome: Outcome) -> None:
+        """Carry out an outcome in the order controller.sessions.outcome prescribes."""
+        self.counters.outcomes += 1
+        self._send(outcome.urgent_commands)
+        if outcome.state_changed:
+            self._save_registry()
+        if outcome.audit:
+            self.audit.extend(outcome.audit)
+            self.counters.audit_records += len(outcome.audit)
+        self._send(outcome.other_commands)
+        for lease in outcome.leases:
+            link = self.pens[lease.port].link if lease.port in self.pens else None
+            if link is None:
+                continue
+            if lease.action is LeaseAction.KEEP_RENEWING and lease.token is not None:
+                link.keep_armed(lease.token, lease.lease_ms or self.settings.link.lease_ms)
+            else:
+                link.stop_renewing()
+        for event in outcome.events:
+            self._publish_event(event)
+
+    def _send(self, commands: Iterable[Any]) -> None:
+        for command in commands:
+            pen = self.pens.get(command.port)
+            message: Message = command.message
+            if pen is None:
+                continue
+            try:
+                pen.link.send(message)
+                self.counters.commands_sent += 1
+            except (NotReadyError, LinkBusyError) as exc:
+                # Nothing to do for a Stop here: the pen stops by its lease. The
+                # registry learns about the link through LinkDown.
+                self.counters.commands_unsent += 1
+                log.warning(
+                    "command not sent",
+                    port=command.port,
+                    message=type(message).__name__,
+                    error=str(exc),
+                )
+
+    def _save_registry(self) -> None:
+        self.journal.save(*REGISTRY_DOC, self.registry.to_dict())
+        self.counters.journal_writes += 1
+        for pen in self.pens.values():
+            # Cheap lookups only: this runs on every state change, at pass rate.
+            pen.session_id = self.registry.live_session_id(pen.port)
+            zone = self.registry.gate_context(pen.port).zone
+            pen.zone = zone.zone_id if zone else None
+
+    def _session_meta(self, session_id: str | None) -> tuple[str | None, str | None]:
+        """(therapist, plan) of a session; fixed for its life, so looked up once."""
+        if session_id is None:
+            return None, None
+        meta = self._meta.get(session_id)
+        if meta is None:
+            session = self.registry.session(session_id)
+            meta = (session.therapist_id, session.plan_id) if session else (None, None)
+            self._meta[session_id] = meta
+        return meta
+
+    def _publish_event(self, event: SessionEvent) -> None:
+        for sub in self._subscribers:
+            sub.offer(event)
+        for until, future in list(self._waiters):
+            if not future.done() and until(event):
+                future.set_result(event)
+        if self.publisher is None:
+            return
+        pen = self.pens.get(event.port)
+        serial = pen.serial if pen else None
+        if not serial:
+            return
+        detail = dict(event.detail)
+        values: dict[str, int | float | bool | str] = {}
+        for key, value in detail.items():
+            if key in ("zone_id", "message", "code", "reason"):
+                continue
+            if isinstance(value, bool | int | float | str):
+                values[key] = value
+            elif value is not None:
+                values[key] = json.dumps(value, sort_keys=True, default=str)[:200]
+        therapist, plan = self._session_meta(event.session_id)
+        self.publisher.add_event(
+            serial,
+            event.kind.value,
+            session=event.session_id,
+            therapist=therapist,
+            plan=plan,
+            zone=detail.get("zone_id") or (pen.zone if pen else None),
+            code=_str_or_none(detail.get("code") or detail.get("reason")),
+            message=_str_or_none(detail.get("message"), 500),
+            values=dict(list(values.items())[:32]),
+        )
+
+
+def _str_or_none(value: object, limit: int = 64) -> str | None:
+    return None if value is None else str(value)[:limit]
+
+
+def _numeric(stats: dict[str, Any]) -> dict[str, int | float]:
+    return {
+        k: v for k, v in stats.items() if isinstance(v, int | float) and not isinstance(v, bool)
+    }

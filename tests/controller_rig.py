@@ -1,0 +1,179 @@
+"""A controller wired to simulated pens over real pseudo-terminals, for end-to-end tests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from controller.config import load_settings
+from controller.policy import TreatmentPolicy, load_policy
+from controller.service import ControllerService, LiveItem
+from controller.sessions import (
+    Actor,
+    ArmPen,
+    CreateSession,
+    EventKind,
+    Role,
+    SelectZone,
+    SessionEvent,
+    SetZoneDepth,
+    StartSession,
+)
+from simulated_pen.device import SimulatedPen
+from simulated_pen.runner import PenRunner, PenSlot
+
+THERAPIST = Actor("t-0001", Role.THERAPIST)
+MANAGER = Actor("m-0001", Role.MANAGER)
+
+
+async def eventually(predicate: Callable[[], bool], within: float = 5.0, what: str = "") -> None:
+    """Wait until predicate() holds, checking every few milliseconds.
+
+    For state that lives in another component with no event to await (a simulated
+    pen's motor); every controller-side condition is awaited through events.
+    """
+    async with asyncio.timeout(within):
+        while not predicate():  # noqa: ASYNC110 - polls state owned elsewhere
+            await asyncio.sleep(0.002)
+
+
+@dataclass
+class Rig:
+    runner: PenRunner | None
+    service: ControllerService
+    slots: list[PenSlot]
+    events: list[SessionEvent] = field(default_factory=list)
+
+    def pen(self, index: int = 0) -> SimulatedPen:
+        return self.slots[index].pen
+
+    def port(self, index: int = 0) -> str:
+        return f"room{index + 1}"
+
+    def physical(self, index: int, action: Callable[[SimulatedPen, float], Any]) -> Any:
+        """Do something to the pen in the therapist's hand (button, contact, cartridge)."""
+        assert self.runner is not None, "the pens run in another process"
+        return self.runner.apply(self.slots[index].pen, action)
+
+    async def wait_event(self, kind: EventKind, within: float = 5.0, **detail: Any) -> SessionEvent:
+        """The first event of ``kind`` (seen so far or still to come) matching ``detail``."""
+
+        def matches(e: SessionEvent) -> bool:
+            return e.kind == kind and all(e.detail.get(k) == v for k, v in detail.items())
+
+        async with asyncio.timeout(within):
+            while True:
+                found = [e for e in self.events if matches(e)]
+                if found:
+                    return found[0]
+                await self._changed.wait()
+                self._changed.clear()
+
+    async def start_treating(
+        self, zone: str, depth_um: int, *, index: int = 0, plan: str = "full_face"
+    ) -> str:
+        """Create and start a session, select a zone, set its depth, arm; return its id."""
+        svc = self.service
+        sid = svc.new_session_id()
+        svc.act(CreateSession(sid, self.port(index), "client-ref-1", plan, THERAPIST))
+        svc.act(StartSession(sid, THERAPIST))
+        svc.act(SelectZone(sid, zone, THERAPIST))
+        svc.act(SetZoneDepth(sid, depth_um, THERAPIST))
+        await self.arm(sid)
+        return sid
+
+    async def arm(self, sid: str) -> None:
+        await self.service.act_and_wait(
+            ArmPen(sid, THERAPIST), lambda e: e.kind == EventKind.ARMED and e.session_id == sid
+        )
+
+    async def one_pass(self, index: int = 0, hold: float = 0.15) -> SessionEvent:
+        """Touch the skin, press, hold, release, lift; return the pass_ended event."""
+        before = sum(1 for e in self.events if e.kind == EventKind.PASS_ENDED)
+        self.physical(index, lambda p, now: p.set_contact(True, now))
+        self.physical(index, lambda p, now: p.press_button(now))
+        await self.wait_nth(EventKind.PASS_STARTED, before + 1)
+        await asyncio.sleep(hold)  # the therapist's hand: a pass takes time
+        self.physical(index, lambda p, now: p.release_button(now))
+        self.physical(index, lambda p, now: p.set_contact(False, now))
+        return await self.wait_nth(EventKind.PASS_ENDED, before + 1)
+
+    async def wait_nth(self, kind: EventKind, n: int, within: float = 5.0) -> SessionEvent:
+        async with asyncio.timeout(within):
+            while True:
+                found = [e for e in self.events if e.kind == kind]
+                if len(found) >= n:
+                    return found[n - 1]
+                await self._changed.wait()
+                self._changed.clear()
+
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def _collect(self) -> None:
+        sub = self.service.subscribe(maxsize=100_000)
+        try:
+            while True:
+                item: LiveItem = await sub.queue.get()
+                if isinstance(item, SessionEvent):
+                    self.events.append(item)
+                    self._changed.set()
+        finally:
+            self.service.unsubscribe(sub)
+
+
+def policy_with(tmp_path: Path, extra_zone_lines: str = "") -> TreatmentPolicy:
+    """The default policy, optionally with extra TOML lines appended (e.g. a budget)."""
+    source = Path(__file__).resolve().parent.parent / "controller" / "default_policy.toml"
+    text = source.read_text()
+    if extra_zone_lines:
+        text = text.replace("[zones.forehead]\n", "[zones.forehead]\n" + extra_zone_lines, 1)
+    path = tmp_path / "policy.toml"
+    path.write_text(text)
+    return load_policy(path)
+
+
+async def start_rig(
+    tmp_path: Path,
+    pens: int = 1,
+    policy: TreatmentPolicy | None = None,
+    state_dir: Path | None = None,
+    *,
+    urls: list[str] | None = None,
+    runner: PenRunner | None = None,
+    slots: list[PenSlot] | None = None,
+) -> tuple[Rig, asyncio.Task[None]]:
+    """A controller on fresh simulated pens, or on given pens/urls (pens elsewhere)."""
+    if urls is None:
+        if runner is None:
+            runner = PenRunner(seed=7)
+            slots = await runner.start(pens, "pty")
+        assert slots is not None
+        urls = [s.address for s in slots]
+    settings = load_settings(
+        None,
+        state_dir=state_dir or tmp_path / "state",
+        pens=[{"url": url, "name": f"room{i + 1}"} for i, url in enumerate(urls)],
+        mqtt={"enabled": False},
+    )
+    service = ControllerService(settings, policy=policy)
+    rig = Rig(runner, service, slots or [])
+    collector = asyncio.create_task(rig._collect())
+    await service.start()
+    async with asyncio.timeout(10):
+        for pen in service.pens.values():
+            await pen.link.wait_ready()
+    for port in service.pens:
+        # The pen reports its cartridge in answer to the QueryStatus sent on connect.
+        await eventually(lambda port=port: service.registry.pen(port).cartridge_id is not None)
+    return rig, collector
+
+
+async def stop_rig(rig: Rig, collector: asyncio.Task[None], close_runner: bool = True) -> None:
+    collector.cancel()
+    await asyncio.gather(collector, return_exceptions=True)
+    await rig.service.stop()
+    if close_runner and rig.runner is not None:
+        rig.runner.close()
