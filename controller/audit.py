@@ -49,6 +49,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .sqlite_wal import open_wal
+
 GENESIS_HASH = "0" * 64
 FORMAT_VERSION = 1
 
@@ -174,11 +176,8 @@ class AuditLog:
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
         # FULL: an audit record acknowledged to the caller survives power loss.
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = open_wal(self.path, "FULL")
         self._db.executescript(_SCHEMA)
         self._db.execute(
             "INSERT OR IGNORE INTO audit_meta VALUES ('format', ?), ('hash', ?)",

@@ -22,6 +22,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from .sqlite_wal import open_wal
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS documents (
     kind    TEXT NOT NULL,
@@ -37,11 +39,8 @@ class Journal:
     """Durable JSON documents by kind and id. One owner; not thread-safe."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        self._db = open_wal(path, "FULL")
         self._db.executescript(_SCHEMA)
         row = self._db.execute("SELECT COALESCE(MAX(updated), 0) FROM documents").fetchone()
         self._version = int(row[0])

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +38,7 @@ from .policy import TreatmentPolicy, load_policy
 from .safety.gate import Refused
 from .sessions import (
     Action,
+    CreateSession,
     LeaseAction,
     Outcome,
     SessionEvent,
@@ -126,12 +128,13 @@ class ControllerService:
         state.mkdir(parents=True, exist_ok=True)
         self.journal = Journal(state / "journal.db")
         self.audit = AuditLog(state / "audit.db")
-        saved = self.journal.load(*REGISTRY_DOC)
         lease_ms = self.settings.link.lease_ms
+        saved = self.journaled_registry()
         if saved is None:
             self.registry = SessionRegistry(self.policy, lease_ms=lease_ms)
         else:
             self.registry = SessionRegistry.from_dict(self.policy, saved, lease_ms=lease_ms)
+        self._journaled_live: dict[str, str] = {}  # port -> live session last journaled
         self.pens: dict[str, _PenRuntime] = {}
         for index, endpoint in enumerate(self.settings.pens):
             port = endpoint.name or f"pen{index + 1}"
@@ -167,8 +170,12 @@ class ControllerService:
 
     async def start(self) -> None:
         """Recover from the journal, then connect every pen (and the broker)."""
-        self._execute(self.registry.recover(time.time()))
-        self._save_registry()  # recovery is a state change even when nothing else is
+        self._execute(self.registry.recover(time.time()), None)
+        # Everything built so far (modules, policy, registry) lives as long as the
+        # process: take it out of the collector's sight, so a full collection walks
+        # only what treatment allocates and stalls every pen for less time.
+        gc.collect()
+        gc.freeze()
         for pen in self.pens.values():
             self._tasks.append(asyncio.create_task(pen.link.run(), name=f"link-{pen.port}"))
         if self.publisher is not None:
@@ -191,8 +198,13 @@ class ControllerService:
 
     def act(self, action: Action) -> Outcome:
         """Apply a therapist or manager action. Raises ActionRefused with the reason."""
+        port = (
+            action.port
+            if isinstance(action, CreateSession)
+            else self.registry.port_of(action.session_id)
+        )
         outcome = self.registry.handle(action, time.time())
-        self._execute(outcome)
+        self._execute(outcome, port)
         if outcome.refusal is not None:
             raise ActionRefused(outcome.refusal)
         return outcome
@@ -268,7 +280,7 @@ class ControllerService:
             # The hot path: one call per sample per pen, 100 Hz each.
             outcome = self.registry.handle_link_event(port, event, now)
             if outcome.commands or outcome.events or outcome.state_changed:
-                self._execute(outcome)
+                self._execute(outcome, port)
             self._on_telemetry(pen, event.message, now)
             return
         if isinstance(event, LinkUp):
@@ -280,7 +292,7 @@ class ControllerService:
             return  # LinkDown follows from the link shell with the same reason
         else:
             outcome = self.registry.handle_link_event(port, event, now)
-        self._execute(outcome)
+        self._execute(outcome, port)
         if self.publisher is not None and isinstance(event, LinkUp | LinkDown):
             serial = pen.serial
             if serial:
@@ -313,12 +325,15 @@ class ControllerService:
 
     # === outcomes =====================================================================
 
-    def _execute(self, outcome: Outcome) -> None:
-        """Carry out an outcome in the order controller.sessions.outcome prescribes."""
+    def _execute(self, outcome: Outcome, port: str | None) -> None:
+        """Carry out an outcome in the order controller.sessions.outcome prescribes.
+
+        ``port`` is the pen the input concerned (None: any, as after a restart).
+        """
         self.counters.outcomes += 1
         self._send(outcome.urgent_commands)
         if outcome.state_changed:
-            self._save_registry()
+            self._save_registry(port)
         if outcome.audit:
             self.audit.extend(outcome.audit)
             self.counters.audit_records += len(outcome.audit)
@@ -354,13 +369,58 @@ class ControllerService:
                     error=str(exc),
                 )
 
-    def _save_registry(self) -> None:
-        self.journal.save(*REGISTRY_DOC, self.registry.to_dict())
+    def journaled_registry(self) -> dict[str, Any] | None:
+        """Reassemble what _save_registry stored piecewise (see SessionRegistry.to_parts)."""
+        meta = self.journal.load(*REGISTRY_DOC)
+        if meta is None:
+            return None
+        return {
+            **meta,
+            "pens": self.journal.load_all("pen"),
+            "sessions": self.journal.load_all("session"),
+            "ledger": self.journal.load_all("cartridge"),
+        }
+
+    def _save_registry(self, port: str | None) -> None:
+        """Journal what the input on ``port`` can have changed (None: everything live).
+
+        Whole-registry snapshots grew with the clinic's history and stalled every
+        pen's event loop for milliseconds; an input changes one port's pen, the
+        session live there before or after it, and that session's cartridges.
+        """
+        registry = self.registry
+        sessions: set[str | None]
+        if port is None:
+            ports = set(registry.to_dict()["pens"])
+            sessions = {*registry.live_session_ids(), *self._journaled_live.values()}
+        else:
+            ports = {port}
+            sessions = {registry.live_session_id(port), self._journaled_live.get(port)}
+        parts = registry.to_parts({s for s in sessions if s}, ports)
+        docs: list[tuple[str, str, Mapping[str, Any]]] = [
+            (*REGISTRY_DOC, {"format": parts["format"], "next_token": parts["next_token"]})
+        ]
+        docs += [("pen", p, body) for p, body in parts["pens"].items()]
+        docs += [("session", sid, body) for sid, body in parts["sessions"].items()]
+        docs += [("cartridge", cid, body) for cid, body in parts["ledger"].items()]
+        self.journal.save_many(docs)
+        for p in ports:
+            live = registry.live_session_id(p)
+            if live is None:
+                self._journaled_live.pop(p, None)
+            else:
+                self._journaled_live[p] = live
         self.counters.journal_writes += 1
-        for pen in self.pens.values():
+        self._refresh_tags(ports)
+
+    def _refresh_tags(self, ports: Iterable[str]) -> None:
+        for port in ports:
+            pen = self.pens.get(port)
+            if pen is None:
+                continue
             # Cheap lookups only: this runs on every state change, at pass rate.
-            pen.session_id = self.registry.live_session_id(pen.port)
-            zone = self.registry.gate_context(pen.port).zone
+            pen.session_id = self.registry.live_session_id(port)
+            zone = self.registry.gate_context(port).zone
             pen.zone = zone.zone_id if zone else None
 
     def _session_meta(self, session_id: str | None) -> tuple[str | None, str | None]:

@@ -117,6 +117,8 @@ async def test_a_used_cartridge_never_arms_again(rig: Rig) -> None:
     assert svc.registry.pen(rig.port()).cartridge_id == fresh
     await rig.arm(second)
     assert rig.pen().armed
+    # The journal, written piecewise, holds exactly the registry's whole state.
+    assert svc.journaled_registry() == svc.registry.to_dict()
 
 
 async def test_pen_reboot_mid_session_is_a_fault_that_does_not_resume(rig: Rig) -> None:

@@ -184,21 +184,31 @@ async def _start_session(service: ControllerService, port: str) -> str:
 
 
 async def _arm(service: ControllerService, sid: str) -> None:
-    """Whatever state the session is in, get its pen armed again."""
-    session = service.session(sid)
-    assert session is not None
-    if session.state is SessionState.FAULTED:
+    """Whatever state the session is in, get its pen armed again.
+
+    Reads only the gate context (cheap), never a copy of the session: the rig runs
+    in the controller's process and must not stall it.
+    """
+    port = service.registry.port_of(sid)
+    assert port is not None
+    ctx = service.registry.gate_context(port)
+    # Each act is its own turn of the event loop, as separate tablet requests are.
+    if ctx.session_state is SessionState.FAULTED:
         service.act(AcknowledgeFault(sid, THERAPIST))
-    elif session.state in (SessionState.INTERRUPTED, SessionState.PAUSED):
+        await asyncio.sleep(0)
+    elif ctx.session_state in (SessionState.INTERRUPTED, SessionState.PAUSED):
         service.act(ResumeSession(sid, THERAPIST))
-    session = service.session(sid)
-    assert session is not None
-    zone = session.current_zone
-    if zone is None or session.zones[zone].passes_done >= session.zones[zone].max_passes:
-        zone = next(z for z in ZONES if session.zones[z].passes_done < session.zones[z].max_passes)
+        await asyncio.sleep(0)
+    ctx = service.registry.gate_context(port)
+    if ctx.zone is None or ctx.zone.passes_left == 0:
+        used = ctx.zone.zone_id if ctx.zone else None
+        zone = ZONES[(ZONES.index(used) + 1) % len(ZONES)] if used else ZONES[0]
         service.act(SelectZone(sid, zone, THERAPIST))
-    if service.session(sid).depth_setpoint_um is None:  # type: ignore[union-attr]
+        await asyncio.sleep(0)
+        ctx = service.registry.gate_context(port)
+    if ctx.depth_setpoint_um is None:
         service.act(SetZoneDepth(sid, DEPTH_UM, THERAPIST))
+        await asyncio.sleep(0)
     await service.act_and_wait(
         ArmPen(sid, THERAPIST), lambda e: e.kind == EventKind.ARMED and e.session_id == sid
     )

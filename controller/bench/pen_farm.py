@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import random
 import signal
 import time
 from typing import Any
@@ -31,6 +32,10 @@ from simulated_pen.hand import HandConfig
 from simulated_pen.runner import PenRunner
 
 BREACH_EXTRA_UM = 400
+#: A pass runs this long before its breach, so the controller has finished with
+#: its start (journal, events): the figure is the reaction under streaming load.
+SETTLE_S = 0.1
+GAP_S = 0.05
 #: Fast passes so that a breaching pen measures often.
 FAST_HAND = HandConfig(
     pause=(0.05, 0.15), approach=(0.02, 0.04), hold=(0.3, 0.6), reaction=(0.05, 0.1)
@@ -44,6 +49,7 @@ class Breacher:
         self.runner = runner
         self.pen = pen
         self.sent_at: float | None = None
+        self.running_since: float | None = None
         self.samples: list[float] = []
         original = pen.firmware.handle
 
@@ -51,16 +57,25 @@ class Breacher:
             if isinstance(message, Stop) and self.sent_at is not None:
                 elapsed = time.perf_counter() - self.sent_at
                 self.samples.append(elapsed)
+                # perf_counter is CLOCK_MONOTONIC, shared by all processes on the host.
+                print(f"reaction {pen.serial} {elapsed:.6f} {self.sent_at:.6f}", flush=True)
                 self.sent_at = None
-                print(f"reaction {pen.serial} {elapsed:.6f}", flush=True)
             return original(message, now)
 
         pen.firmware.handle = handle  # type: ignore[method-assign]
 
-    def poke(self) -> None:
+    def poke(self, quiet: bool) -> bool:
+        """Breach now if this pen's pass has settled and ``quiet`` (no other breach
+        outstanding or just answered). True if it breached."""
         pen = self.pen
         if self.sent_at is not None or not pen.running:
-            return
+            self.running_since = None
+            return False
+        now = time.perf_counter()
+        if self.running_since is None:
+            self.running_since = now
+        if now - self.running_since < SETTLE_S or not quiet:
+            return False
         fw = pen.firmware
 
         def breach(p: SimulatedPen, now: float) -> None:
@@ -80,6 +95,7 @@ class Breacher:
             p.emit(sample, now)
 
         self.runner.apply(pen, breach)
+        return True
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -96,10 +112,18 @@ async def main(args: argparse.Namespace) -> None:
         started = time.monotonic()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(args.duration):
+                jitter = random.Random(args.seed)
+                last_breach = 0.0
                 while not stop.is_set():
+                    # One breach at a time, apart from the last one's aftermath: the
+                    # figure is the reaction while pens stream, not a pile-up.
                     for b in breachers:
-                        b.poke()
-                    await asyncio.sleep(0.05)
+                        outstanding = any(x.sent_at is not None for x in breachers)
+                        quiet = not outstanding and time.perf_counter() - last_breach > GAP_S
+                        if b.poke(quiet):
+                            last_breach = time.perf_counter()
+                    # Irregular polling, so breaches do not lock to the 100 Hz grid.
+                    await asyncio.sleep(jitter.uniform(0.01, 0.03))
         summary: dict[str, Any] = {
             "seconds": time.monotonic() - started,
             "pens": args.pens,

@@ -260,6 +260,35 @@ class SessionRegistry:
             "ledger": self._ledger.to_dict(),
         }
 
+    def live_session_ids(self) -> set[str]:
+        """Sessions not yet ENDED: the only ones any input can still change."""
+        return set(self._live_by_port.values())
+
+    def port_of(self, session_id: str) -> str | None:
+        """The port a session is on (cheap: no copy)."""
+        session = self._sessions.get(session_id)
+        return session.port if session else None
+
+    def to_parts(self, session_ids: set[str], ports: set[str]) -> dict[str, Any]:
+        """The part of :meth:`to_dict` that one input can have changed.
+
+        Every input concerns one port: a pen event, or an action on a session bound
+        to a port. It can change that port's pen, the session live on the port
+        before or after it (ENDED is terminal), and the cartridges that session
+        used. A journal that stores ``to_parts`` of exactly those after every change
+        holds, in total, what ``to_dict()`` would, at the cost of one pen and one
+        session per input instead of the clinic's whole history.
+        """
+        sessions = {sid: self._sessions[sid] for sid in session_ids if sid in self._sessions}
+        records = (self._ledger.record(cid) for s in sessions.values() for cid in s.cartridges_used)
+        return {
+            "format": FORMAT_VERSION,
+            "next_token": self._next_token,
+            "pens": {p: self._pens[p].model_dump(mode="json") for p in ports if p in self._pens},
+            "sessions": {sid: s.model_dump(mode="json") for sid, s in sessions.items()},
+            "ledger": {str(r.cartridge_id): r.model_dump(mode="json") for r in records if r},
+        }
+
     @classmethod
     def from_dict(
         cls, policy: TreatmentPolicy, data: dict[str, Any], *, lease_ms: int = 250

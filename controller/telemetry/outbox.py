@@ -22,10 +22,11 @@ to the caller) only when nothing droppable is left.
 from __future__ import annotations
 
 import enum
-import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..sqlite_wal import open_wal
 
 
 class OverflowPolicy(enum.Enum):
@@ -92,14 +93,11 @@ class Outbox:
     ) -> None:
         if max_messages < 1 or max_bytes < 1:
             raise ValueError("outbox bounds must be positive")
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         self.policy = policy
-        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute(f"PRAGMA synchronous={'FULL' if durable_power_loss else 'NORMAL'}")
+        self._db = open_wal(path, "FULL" if durable_power_loss else "NORMAL")
         self._db.executescript(_SCHEMA)
         depth, size = self._db.execute(
             "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM outbox"
