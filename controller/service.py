@@ -39,6 +39,7 @@ from .safety.gate import Refused
 from .sessions import (
     Action,
     CreateSession,
+    EventKind,
     LeaseAction,
     Outcome,
     SessionEvent,
@@ -51,6 +52,20 @@ from .telemetry.publisher import TelemetryPublisher
 log = structlog.get_logger(__name__)
 
 REGISTRY_DOC = ("registry", "main")
+# Session events worth a line in the service log (telemetry-rate ones are not).
+_LOGGED_EVENTS = frozenset(
+    {
+        EventKind.SESSION_CREATED,
+        EventKind.STATE_CHANGED,
+        EventKind.PASS_ENDED,
+        EventKind.ZONE_COMPLETED,
+        EventKind.OVERRIDE_APPLIED,
+        EventKind.STOP_SENT,
+        EventKind.REFUSED,
+        EventKind.FAULT,
+        EventKind.SESSION_REPORT,
+    }
+)
 
 
 class ActionRefused(Exception):  # noqa: N818 - it is an answer, not a bug
@@ -285,8 +300,16 @@ class ControllerService:
             return
         if isinstance(event, LinkUp):
             pen.serial = event.identity.serial_text
+            log.info(
+                "pen connected",
+                port=port,
+                serial=pen.serial,
+                firmware=event.identity.firmware_version,
+                boot_id=event.identity.boot_id,
+            )
             outcome = self.registry.pen_connected(port, event.identity, now)
         elif isinstance(event, LinkDown):
+            log.warning("pen link down", port=port, serial=pen.serial, reason=event.reason)
             outcome = self.registry.link_down(port, event.reason, now)
         elif isinstance(event, LinkFailed):
             return  # LinkDown follows from the link shell with the same reason
@@ -435,6 +458,13 @@ class ControllerService:
         return meta
 
     def _publish_event(self, event: SessionEvent) -> None:
+        if event.kind in _LOGGED_EVENTS:
+            log.info(
+                event.kind.value,
+                port=event.port,
+                session=event.session_id,
+                **{k: v for k, v in event.detail.items() if isinstance(v, str | int | float)},
+            )
         for sub in self._subscribers:
             sub.offer(event)
         for until, future in list(self._waiters):

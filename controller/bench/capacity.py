@@ -13,7 +13,7 @@ from .fleet import run_fleet
 from .framework import BenchContext, Row
 
 DESCRIPTION = "capacity: pens at 100 Hz with zero frame loss and reaction p99 < 5 ms"
-STEPS = (16, 32, 64, 96, 128)
+STEPS = (16, 32, 64, 96, 128, 192, 256)
 QUICK_STEPS = (32, 64)
 BREACHERS = 4
 P99_LIMIT_MS = 5.0

@@ -15,7 +15,7 @@ from .framework import BenchContext, Row
 
 DESCRIPTION = "safety reaction: breaching frame written by the pen to Stop read by the pen"
 PENS = 32
-BREACHERS = 8
+BREACHERS = 4
 TARGET_P99_MS = 2.0
 
 

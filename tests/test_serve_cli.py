@@ -1,0 +1,79 @@
+"""`penctl serve` as a process: bad configuration refused by name; pens served until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from controller.journal import Journal
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_bad_configuration_is_refused_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text('[[pens]]\nurl = "/dev/null"\n[link]\nlease_ms = 5000\nbaud = 9600\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "controller.cli", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "link.lease_ms: Input should be less than or equal to 2000" in proc.stderr
+    assert "link.baud: unknown key" in proc.stderr
+    assert not (tmp_path / "var").exists()  # nothing was started or written
+
+
+async def test_serve_connects_simulated_pens_and_stops_cleanly(tmp_path: Path) -> None:
+    sim = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "controller.cli",
+        "simulate",
+        "--pens",
+        "2",
+        stdout=asyncio.subprocess.PIPE,
+        cwd=REPO,
+    )
+    assert sim.stdout is not None
+    try:
+        paths = [(await sim.stdout.readline()).decode().split()[1] for _ in range(2)]
+        state = tmp_path / "state"
+        config = tmp_path / "controller.toml"
+        config.write_text(
+            f'state_dir = "{state}"\n[mqtt]\nenabled = false\n'
+            + "".join(f'[[pens]]\nurl = "{p}"\nname = "room{i}"\n' for i, p in enumerate(paths))
+        )
+        serve = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "controller.cli",
+            "serve",
+            "--config",
+            str(config),
+            stderr=asyncio.subprocess.STDOUT,
+            stdout=asyncio.subprocess.PIPE,
+            cwd=REPO,
+        )
+        assert serve.stdout is not None
+        log = b""
+        async with asyncio.timeout(20):
+            while log.count(b"pen connected") < 2:
+                line = await serve.stdout.readline()
+                assert line, log.decode()
+                log += line
+        serve.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(serve.wait(), 20) == 0
+        journal = Journal(state / "journal.db")
+        pens = journal.load_all("pen")
+        assert sorted(pens) == ["room0", "room1"]
+        assert {p["serial"] for p in pens.values()} == {"SIM-0001", "SIM-0002"}
+    finally:
+        sim.send_signal(signal.SIGTERM)
+        await sim.wait()
