@@ -1,0 +1,310 @@
+"""MQTT payloads -> InfluxDB line protocol: the one place the database schema lives.
+
+docs/INFLUX_SCHEMA.md describes the result for dashboard authors; this module is
+the implementation, and the two must change together.
+
+Rules that keep the database healthy for years of a clinic chain:
+
+* Tags only for small, bounded sets that dashboards group by: clinic, device,
+  event kind, zone (the clinic's zone table), therapist (the clinic's staff) and
+  reason code. Unbounded ids (session, client, cartridge, plan revision, ...)
+  are fields, so the number of series does not grow with every session.
+* Every timestamp comes from the payload, so a redelivered message rewrites the
+  very same points (same measurement, tag set and time): writes are idempotent.
+* A field keeps one type forever (InfluxDB rejects a conflicting type for the
+  life of a shard): event values that are numbers are always floats, values
+  that name things (``cartridge``, ``*_id``) are always strings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from pydantic import ValidationError
+
+from firmware_protocol.messages import TelemetryFlag
+
+from ..influx import FieldValue, format_line
+from ..telemetry.schema import (
+    DEFAULT_ROOT,
+    SAMPLE_FIELDS,
+    DeviceStatus,
+    EventRecord,
+    TelemetryBatch,
+    parse_device_topic,
+)
+
+# Measurements (see docs/INFLUX_SCHEMA.md).
+TELEMETRY: Final = "telemetry"
+TELEMETRY_BATCHES: Final = "telemetry_batches"
+EVENTS: Final = "events"
+SESSIONS: Final = "sessions"
+ZONES: Final = "zones"
+SAFETY: Final = "safety"
+CARTRIDGES: Final = "cartridges"
+DEVICE_STATUS: Final = "device_status"
+
+MEASUREMENTS: Final = (
+    TELEMETRY,
+    TELEMETRY_BATCHES,
+    EVENTS,
+    SESSIONS,
+    ZONES,
+    SAFETY,
+    CARTRIDGES,
+    DEVICE_STATUS,
+)
+
+SESSION_KINDS: Final = frozenset({"session_started", "session_ended", "interrupted"})
+SAFETY_KINDS: Final = frozenset({"refusal", "stop", "override", "fault", "interrupted"})
+# The fixed fields of an event point; a value with one of these names gets a prefix.
+_EVENT_FIELDS: Final = frozenset(
+    {"seq", "session", "therapist", "plan", "zone", "code", "message", "depth_ratio"}
+)
+
+MalformedReason = Literal["bad_json", "schema", "unknown_topic", "topic_mismatch"]
+
+
+class MalformedMessage(ValueError):  # noqa: N818 - a verdict on data, not a bug
+    """A message that can never become points; it goes to the dead letters."""
+
+    def __init__(self, reason: MalformedReason, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason: MalformedReason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Points:
+    """The line-protocol lines of one MQTT message and its newest timestamp."""
+
+    lines: list[str]
+    newest_ts_ns: int
+
+
+def message_points(topic: str, payload: bytes, root: str = DEFAULT_ROOT) -> Points:
+    """Points of one device message; MalformedMessage if it cannot be ingested."""
+    parsed = parse_device_topic(topic, root)
+    if parsed is None:
+        raise MalformedMessage("unknown_topic", f"not a device topic under {root}/: {topic!r}")
+    clinic, device, stream = parsed
+    model: type[TelemetryBatch] | type[EventRecord] | type[DeviceStatus]
+    if stream == "telemetry":
+        model = TelemetryBatch
+    elif stream == "events":
+        model = EventRecord
+    elif stream == "status":
+        model = DeviceStatus
+    else:
+        raise MalformedMessage("unknown_topic", f"unknown stream {stream!r} in {topic!r}")
+    try:
+        record = model.model_validate_json(payload)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_input=False)
+        if errors and errors[0]["type"] == "json_invalid":
+            raise MalformedMessage("bad_json", str(errors[0]["msg"])) from None
+        detail = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(payload)'}: {e['msg']}" for e in errors[:5]
+        )
+        raise MalformedMessage("schema", detail) from None
+    # Tags come from the payload; a topic that disagrees is a producer bug (or a
+    # forged message) and must not file points under someone else's device.
+    if (record.clinic, record.device) != (clinic, device):
+        raise MalformedMessage(
+            "topic_mismatch",
+            f"payload is {record.clinic}/{record.device}, topic says {clinic}/{device}",
+        )
+    if isinstance(record, TelemetryBatch):
+        return Points(telemetry_lines(record), max(row[0] for row in record.samples))
+    if isinstance(record, EventRecord):
+        return Points(event_lines(record), record.ts_ns)
+    return Points(status_lines(record), record.ts_ns)
+
+
+# --- telemetry ---------------------------------------------------------------------
+
+_TS, _DEVICE_MS, _DEPTH_SET, _DEPTH, _SPEED, _CURRENT, _TEMP, _BATTERY, _STROKES, _FLAGS = range(
+    len(SAMPLE_FIELDS)
+)
+_ARMED = int(TelemetryFlag.ARMED)
+_RUNNING = int(TelemetryFlag.MOTOR_RUNNING)
+_CONTACT = int(TelemetryFlag.SKIN_CONTACT)
+
+
+def _bool(value: int) -> str:
+    return "true" if value else "false"
+
+
+def telemetry_lines(batch: TelemetryBatch) -> list[str]:
+    """One ``telemetry`` point per sample plus one ``telemetry_batches`` point.
+
+    This is the hot path (100 samples/s per pen), so the line is assembled
+    directly; tests prove it equal to :func:`controller.influx.format_line`.
+    """
+    head = f"{TELEMETRY},{_tags({'clinic': batch.clinic, 'device': batch.device})} "
+    context = ""
+    if batch.session is not None:
+        context += f",session={_string(batch.session)}"
+    if batch.zone is not None:
+        context += f",zone={_string(batch.zone)}"
+    lines = []
+    for row in batch.samples:
+        flags = row[_FLAGS]
+        lines.append(
+            f"{head}device_ms={row[_DEVICE_MS]}i,depth_set_um={row[_DEPTH_SET]}i,"
+            f"depth_um={row[_DEPTH]}i,speed_hz={row[_SPEED]}i,current_ma={row[_CURRENT]}i,"
+            f"temperature_c={row[_TEMP] / 100!r},battery_v={row[_BATTERY] / 1000!r},"
+            f"strokes={row[_STROKES]}i,flags={flags}i,armed={_bool(flags & _ARMED)},"
+            f"motor_running={_bool(flags & _RUNNING)},skin_contact={_bool(flags & _CONTACT)}"
+            f"{context} {row[_TS]}"
+        )
+    first, last = batch.samples[0], batch.samples[-1]
+    batch_fields: dict[str, FieldValue] = {
+        "seq": batch.seq,
+        "samples": len(batch.samples),
+        "last_ts_ns": last[_TS],
+    }
+    _put(batch_fields, "session", batch.session)
+    _put(batch_fields, "zone", batch.zone)
+    lines.append(
+        format_line(
+            TELEMETRY_BATCHES,
+            {"clinic": batch.clinic, "device": batch.device},
+            batch_fields,
+            first[_TS],
+        )
+    )
+    return lines
+
+
+def telemetry_fields(row: list[int]) -> dict[str, FieldValue]:
+    """The fields of one sample row, in the order :func:`telemetry_lines` writes them."""
+    flags = row[_FLAGS]
+    return {
+        "device_ms": row[_DEVICE_MS],
+        "depth_set_um": row[_DEPTH_SET],
+        "depth_um": row[_DEPTH],
+        "speed_hz": row[_SPEED],
+        "current_ma": row[_CURRENT],
+        "temperature_c": row[_TEMP] / 100,
+        "battery_v": row[_BATTERY] / 1000,
+        "strokes": row[_STROKES],
+        "flags": flags,
+        "armed": bool(flags & _ARMED),
+        "motor_running": bool(flags & _RUNNING),
+        "skin_contact": bool(flags & _CONTACT),
+    }
+
+
+# --- events ------------------------------------------------------------------------
+
+
+def event_lines(event: EventRecord) -> list[str]:
+    """The ``events`` point of every event and the dashboard measurements it feeds."""
+    base = {"clinic": event.clinic, "device": event.device}
+    values = event_values(event.values)
+    context: dict[str, FieldValue] = {}
+    for name in ("session", "therapist", "plan", "zone", "code", "message"):
+        _put(context, name, getattr(event, name))
+    ratio = _depth_ratio(values)
+    if ratio is not None:
+        values["depth_ratio"] = ratio
+
+    ts = event.ts_ns
+    event_fields: dict[str, FieldValue] = {"seq": event.seq, **context, **values}
+    lines = [format_line(EVENTS, {**base, "kind": event.kind}, event_fields, ts)]
+    if event.kind in SESSION_KINDS:
+        lines.append(
+            format_line(
+                SESSIONS,
+                {**base, "kind": event.kind, "therapist": event.therapist or ""},
+                {"seq": event.seq, **_without(context, "therapist"), **values},
+                ts,
+            )
+        )
+    if event.zone is not None:
+        lines.append(
+            format_line(
+                ZONES,
+                {**base, "kind": event.kind, "zone": event.zone},
+                {"seq": event.seq, **_without(context, "zone"), **values},
+                ts,
+            )
+        )
+    if event.kind in SAFETY_KINDS:
+        lines.append(
+            format_line(
+                SAFETY,
+                {**base, "kind": event.kind, "code": event.code or ""},
+                {"seq": event.seq, **_without(context, "code"), **values},
+                ts,
+            )
+        )
+    if "cartridge" in values:
+        fields: dict[str, FieldValue] = {"seq": event.seq, **values}
+        _put(fields, "session", event.session)
+        lines.append(format_line(CARTRIDGES, {**base, "kind": event.kind}, fields, ts))
+    return lines
+
+
+def event_values(values: Mapping[str, int | float | bool | str]) -> dict[str, FieldValue]:
+    """An event's ``values`` as fields of stable type (see the module docstring)."""
+    out: dict[str, FieldValue] = {}
+    for key, value in values.items():
+        name = f"v_{key}" if key in _EVENT_FIELDS else key
+        if key == "cartridge" or key.endswith("_id"):
+            out[name] = value if isinstance(value, str) else str(value)
+        elif isinstance(value, bool | str):
+            out[name] = value
+        else:
+            out[name] = float(value)
+    return out
+
+
+def _depth_ratio(values: Mapping[str, FieldValue]) -> float | None:
+    """depth_um / limit_um when an event carries both: 'depth used against the limit'."""
+    depth, limit = values.get("depth_um"), values.get("limit_um")
+    if isinstance(depth, float) and isinstance(limit, float) and limit > 0:
+        return depth / limit
+    return None
+
+
+# --- status ------------------------------------------------------------------------
+
+
+def status_lines(status: DeviceStatus) -> list[str]:
+    """A ``device_status`` point per retained status message (online, state, link)."""
+    fields: dict[str, FieldValue] = {"online": status.online, "state": status.state}
+    _put(fields, "firmware", status.firmware)
+    _put(fields, "session", status.session)
+    for key, value in status.link.items():
+        fields[f"link_{key}"] = float(value)
+    return [
+        format_line(
+            DEVICE_STATUS, {"clinic": status.clinic, "device": status.device}, fields, status.ts_ns
+        )
+    ]
+
+
+# --- helpers -----------------------------------------------------------------------
+
+_TAG_ESCAPES = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ "})
+
+
+def _tags(tags: Mapping[str, str]) -> str:
+    return ",".join(f"{k}={v.translate(_TAG_ESCAPES)}" for k, v in sorted(tags.items()))
+
+
+def _string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _put(fields: dict[str, FieldValue], name: str, value: FieldValue | None) -> None:
+    if value is not None:
+        fields[name] = value
+
+
+def _without(fields: Mapping[str, FieldValue], *names: str) -> dict[str, FieldValue]:
+    return {k: v for k, v in fields.items() if k not in names}
