@@ -18,6 +18,7 @@ from typing import Any
 import structlog
 
 from .config import ConfigError, load_settings
+from .logs import configure_logging
 from .policy import PolicyError
 from .service import ControllerService
 
@@ -29,10 +30,14 @@ def register(subparsers: Any) -> None:
         "serve", help="run the controller for the configured pens", description=__doc__
     )
     p.add_argument("--config", type=Path, metavar="FILE.toml", help="service configuration")
+    p.add_argument(
+        "--log-format", choices=("json", "console"), default="console", help="log lines on stderr"
+    )
     p.set_defaults(handler=_main)
 
 
 def _main(args: argparse.Namespace) -> int:
+    configure_logging(args.log_format)
     try:
         settings = load_settings(args.config)
         service = ControllerService(settings)

@@ -62,14 +62,21 @@ async def test_serve_connects_simulated_pens_and_stops_cleanly(tmp_path: Path) -
             cwd=REPO,
         )
         assert serve.stdout is not None
-        log = b""
-        async with asyncio.timeout(20):
-            while log.count(b"pen connected") < 2:
-                line = await serve.stdout.readline()
-                assert line, log.decode()
-                log += line
-        serve.send_signal(signal.SIGTERM)
-        assert await asyncio.wait_for(serve.wait(), 20) == 0
+        try:
+            log = b""
+            async with asyncio.timeout(20):
+                while log.count(b"pen connected") < 2:
+                    line = await serve.stdout.readline()
+                    assert line, log.decode()
+                    log += line
+            serve.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(serve.wait(), 20) == 0
+        finally:
+            # A controller left running would keep reopening these pty paths, which
+            # the next test's pens may get.
+            if serve.returncode is None:
+                serve.kill()
+                await serve.wait()
         journal = Journal(state / "journal.db")
         pens = journal.load_all("pen")
         assert sorted(pens) == ["room0", "room1"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from ..logs import configure_logging
 from .framework import (
     BENCHMARKS,
     Advance,
@@ -91,6 +93,9 @@ def _table(results: list[BenchResult]) -> Table:
 
 
 def main(args: argparse.Namespace) -> int:
+    # The controller under test logs each session event; at benchmark rates that
+    # would measure the terminal. Warnings still show.
+    configure_logging("console", logging.WARNING)
     names: list[str] = args.names or list(BENCHMARKS)
     unknown = [n for n in names if n not in BENCHMARKS]
     if unknown:

@@ -31,6 +31,7 @@ from controller.sessions import (
     Actor,
     ArmPen,
     CreateSession,
+    EndSession,
     EventKind,
     ResumeSession,
     Role,
@@ -42,6 +43,7 @@ from controller.sessions import (
 
 THERAPIST = Actor("bench-therapist", Role.THERAPIST)
 ZONES = [f"bench_{i:02d}" for i in range(1, 41)]
+SESSION_PASSES = 20
 DEPTH_UM = 1000
 
 
@@ -217,22 +219,39 @@ async def _arm(service: ControllerService, sid: str) -> None:
 async def _keep_treating(
     service: ControllerService, queue: asyncio.Queue[Any], sessions: dict[str, str]
 ) -> None:
-    """Play the therapist: re-arm a breaching pen as soon as it has been stopped."""
-    watched = set(sessions.values())
+    """Play the therapist: re-arm a breaching pen as soon as it has been stopped, and
+    after SESSION_PASSES passes end the session and start the next client's with the
+    fresh cartridge the farm puts in (so sessions stay the size they have in a clinic)."""
     busy: dict[str, asyncio.Task[None]] = {}
+    passes: dict[str, int] = dict.fromkeys(sessions, 0)
 
-    async def rearm(sid: str) -> None:
+    async def rearm(port: str) -> None:
         with contextlib.suppress(ActionRefused, TimeoutError):
-            await _arm(service, sid)
+            await _arm(service, sessions[port])
+
+    async def next_client(port: str) -> None:
+        with contextlib.suppress(ActionRefused, TimeoutError):
+            sessions[port] = await _start_session(service, port)
+            passes[port] = 0
 
     try:
         while True:
             item = await queue.get()
-            if not isinstance(item, SessionEvent) or item.session_id not in watched:
+            if not isinstance(item, SessionEvent) or item.port not in sessions:
                 continue
-            sid = item.session_id
-            if item.kind is EventKind.DISARMED and (sid not in busy or busy[sid].done()):
-                busy[sid] = asyncio.create_task(rearm(sid))
+            port = item.port
+            if port in busy and not busy[port].done():
+                continue
+            if item.kind is EventKind.PASS_ENDED and item.session_id == sessions[port]:
+                passes[port] += 1
+            elif item.kind is EventKind.CARTRIDGE_INSERTED and passes[port] >= SESSION_PASSES:
+                busy[port] = asyncio.create_task(next_client(port))
+            elif item.kind is EventKind.DISARMED and item.session_id == sessions[port]:
+                if passes[port] >= SESSION_PASSES:
+                    with contextlib.suppress(ActionRefused):
+                        service.act(EndSession(sessions[port], THERAPIST))
+                else:
+                    busy[port] = asyncio.create_task(rearm(port))
     finally:
         for task in busy.values():
             task.cancel()

@@ -35,6 +35,8 @@ BREACH_EXTRA_UM = 400
 #: A pass runs this long before its breach, so the controller has finished with
 #: its start (journal, events): the figure is the reaction under streaming load.
 SETTLE_S = 0.1
+#: A pen left disarmed this long is between clients: it gets a new cartridge.
+IDLE_SWAP_S = 0.3
 GAP_S = 0.05
 #: Fast passes so that a breaching pen measures often.
 FAST_HAND = HandConfig(
@@ -50,6 +52,7 @@ class Breacher:
         self.pen = pen
         self.sent_at: float | None = None
         self.running_since: float | None = None
+        self.idle_since: float | None = None
         self.samples: list[float] = []
         original = pen.firmware.handle
 
@@ -68,10 +71,21 @@ class Breacher:
         """Breach now if this pen's pass has settled and ``quiet`` (no other breach
         outstanding or just answered). True if it breached."""
         pen = self.pen
+        now = time.perf_counter()
+        if pen.armed or pen.running:
+            self.idle_since = None
+        elif self.idle_since is None:
+            self.idle_since = now
+        elif now - self.idle_since > IDLE_SWAP_S:
+            # Left disarmed: the session has ended. Put in a fresh cartridge for the
+            # next client, as the therapist would.
+            self.idle_since = None
+            self.runner.apply(pen, lambda p, t: p.remove_cartridge(t))
+            self.runner.apply(pen, lambda p, t: p.insert_cartridge(t))
+            return False
         if self.sent_at is not None or not pen.running:
             self.running_since = None
             return False
-        now = time.perf_counter()
         if self.running_since is None:
             self.running_since = now
         if now - self.running_since < SETTLE_S or not quiet:

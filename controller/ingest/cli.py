@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import signal
 import sys
 from pathlib import Path
 from typing import Any
 
-import structlog
 from pydantic import ValidationError
 
 from ..config import ConfigError, describe_validation_error
+from ..logs import configure_logging
 from .settings import IngestSection, load_ingest_settings
 from .worker import IngestError, IngestWorker
 
@@ -78,22 +77,3 @@ def run_ingest(args: argparse.Namespace) -> int:
         print(f"penctl ingest: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-def configure_logging(fmt: str = "json") -> None:
-    """structlog to stderr: JSON lines for services, colourless console for people."""
-    renderer: Any = (
-        structlog.processors.JSONRenderer()
-        if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=False)
-    )
-    structlog.configure(
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
-        cache_logger_on_first_use=False,
-    )

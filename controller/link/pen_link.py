@@ -170,6 +170,12 @@ class PenLink:
                 lambda: _SerialProtocol(self),
                 self.config.url,
                 baudrate=self.config.baudrate,
+                # With pyserial's default VMIN=0 a tty answers a read that finds no
+                # data with 0 bytes, which pyserial reports as a hang-up; with VMIN=1
+                # (set through inter_byte_timeout) it answers EAGAIN, which it ignores.
+                # Seen when a second process read the same port: it stole the bytes
+                # poll() had announced and the link dropped.
+                inter_byte_timeout=0.1,
             )
         except (serial.SerialException, OSError, ValueError) as exc:
             return f"cannot open {self.config.url}: {exc}"
