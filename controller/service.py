@@ -479,7 +479,7 @@ class ControllerService:
         detail = dict(event.detail)
         values: dict[str, int | float | bool | str] = {}
         for key, value in detail.items():
-            if key in ("zone_id", "message", "code", "reason"):
+            if key in ("zone_id", "message", "code", "reason", "kind"):
                 continue
             if isinstance(value, bool | int | float | str):
                 values[key] = value
@@ -493,7 +493,7 @@ class ControllerService:
             therapist=therapist,
             plan=plan,
             zone=detail.get("zone_id") or (pen.zone if pen else None),
-            code=_str_or_none(detail.get("code") or detail.get("reason")),
+            code=_str_or_none(detail.get("code") or detail.get("reason") or detail.get("kind")),
             message=_str_or_none(detail.get("message"), 500),
             values=dict(list(values.items())[:32]),
         )

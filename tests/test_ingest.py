@@ -159,7 +159,7 @@ def telemetry_stream(
 def session_events(clinic: str, device: str, t0: int, therapist: str) -> list[Message]:
     common = {"session": f"S-{device}", "therapist": therapist, "plan": "P-1"}
     return [
-        event(clinic, device, 0, t0, "session_started", **common),
+        event(clinic, device, 0, t0, "session_created", **common),
         event(clinic, device, 1, t0, "zone_selected", zone="cheeks", **common),
         event(
             clinic,
@@ -192,14 +192,14 @@ def session_events(clinic: str, device: str, t0: int, therapist: str) -> list[Me
             device,
             4,
             t0,
-            "refusal",
+            "refused",
             zone="cheeks",
             code="depth_over_limit",
             message="1.8 mm is deeper than the zone allows (1.5 mm)",
             values={"depth_um": 1800, "limit_um": 1500},
             **common,
         ),
-        event(clinic, device, 5, t0, "session_ended", values={"duration_s": 600}, **common),
+        event(clinic, device, 5, t0, "session_report", values={"duration_s": 600}, **common),
     ]
 
 
@@ -292,7 +292,7 @@ async def test_exact_counts_land_and_dashboards_can_query(
     async with influx(influxd) as client:
         # The clinic-dashboard questions of product.md §1, answered in InfluxQL.
         per_therapist = await client.query(
-            "SELECT COUNT(\"session\") FROM sessions WHERE kind = 'session_started' "
+            "SELECT COUNT(\"session\") FROM sessions WHERE kind = 'session_created' "
             "GROUP BY therapist"
         )
         assert {s["tags"]["therapist"]: s["values"][0][1] for s in per_therapist} == {

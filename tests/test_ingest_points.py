@@ -100,17 +100,17 @@ def test_event_feeds_the_dashboard_measurements() -> None:
     assert "v_seq=1.0" in by_measurement["events"]
     assert all(line.endswith(f" {T0}") for line in lines)
 
-    session = event_lines(_event("session_started", session="S-1", therapist="T-3"))
+    session = event_lines(_event("session_created", session="S-1", therapist="T-3"))
     assert session[1].startswith(
-        "sessions,clinic=north-1,device=PEN-7,kind=session_started,therapist=T-3 "
+        "sessions,clinic=north-1,device=PEN-7,kind=session_created,therapist=T-3 "
     )
-    refusal = event_lines(_event("refusal", code="depth_over_limit", message="too deep"))
+    refusal = event_lines(_event("refused", code="depth_over_limit", message="too deep"))
     assert refusal[1].startswith(
-        "safety,clinic=north-1,code=depth_over_limit,device=PEN-7,kind=refusal "
+        "safety,clinic=north-1,code=depth_over_limit,device=PEN-7,kind=refused "
     )
     # No session: the therapist tag is left out rather than written empty.
-    assert event_lines(_event("session_ended"))[1].startswith(
-        "sessions,clinic=north-1,device=PEN-7,kind=session_ended seq=9i"
+    assert event_lines(_event("session_report"))[1].startswith(
+        "sessions,clinic=north-1,device=PEN-7,kind=session_report seq=9i"
     )
 
 

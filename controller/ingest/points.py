@@ -57,8 +57,11 @@ MEASUREMENTS: Final = (
     DEVICE_STATUS,
 )
 
-SESSION_KINDS: Final = frozenset({"session_started", "session_ended", "interrupted"})
-SAFETY_KINDS: Final = frozenset({"refusal", "stop", "override", "fault", "interrupted"})
+# The session registry's event kinds (controller.sessions.EventKind) that feed the
+# session and safety measurements. A state change carries ``state`` (e.g.
+# "interrupted", "faulted") among its values.
+SESSION_KINDS: Final = frozenset({"session_created", "session_report", "state_changed"})
+SAFETY_KINDS: Final = frozenset({"refused", "stop_sent", "override_applied", "fault"})
 # The fixed fields of an event point; a value with one of these names gets a prefix.
 _EVENT_FIELDS: Final = frozenset(
     {"seq", "session", "therapist", "plan", "zone", "code", "message", "depth_ratio"}

@@ -69,15 +69,6 @@ EventKind = Literal[
     "pen_connected",
     "pen_disconnected",
     "session_report",
-    # Earlier names, still accepted while ingest moves to the registry's names.
-    "session_started",
-    "session_ended",
-    "refusal",
-    "stop",
-    "override",
-    "interrupted",
-    "link_up",
-    "link_down",
 ]
 
 
