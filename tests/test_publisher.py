@@ -130,3 +130,33 @@ async def test_publish_survives_broker_crash(
     assert sorted(r[1] for r in unique) == list(range(600))
     assert _seqs(collector.messages, "events") == [0, 1]
     assert pub.counters.connects >= 2
+
+
+async def test_messages_nobody_subscribed_to_stay_in_the_outbox(
+    mosquitto: ServerProcess, tmp_path: Path
+) -> None:
+    """Mosquitto answers 0x10 "no matching subscribers" when no consumer holds a
+    subscription (as right after a broker restart): such messages are kept and sent
+    again once someone subscribes."""
+    outbox = Outbox(tmp_path / "outbox.db")
+    pub = TelemetryPublisher(
+        MqttSettings(port=mosquitto.port),
+        outbox,
+        clinic_id="c1",
+        controller_id="ctl",
+        batch_interval=0.02,
+    )
+    collector = Collector(mosquitto.port)
+    async with _running(pub.run()):
+        for i in range(3):
+            pub.add_event("SIM-0001", "pass_ended", session="s1", values={"number": i})
+        async with asyncio.timeout(10):
+            while pub.counters.undelivered == 0:  # noqa: ASYNC110 - a counter, no event
+                await asyncio.sleep(0.01)
+        assert outbox.counters.depth == 3  # nothing acknowledged away
+        async with _running(collector.run()):
+            await collector.wait_for(lambda m: _seqs(m, "events") == [0, 1, 2])
+            async with asyncio.timeout(10):
+                while outbox.counters.depth:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+    assert pub.counters.published >= 3

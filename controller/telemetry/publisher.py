@@ -34,7 +34,7 @@ from paho.mqtt.properties import Properties
 from firmware_protocol.messages import Telemetry
 
 from ..config import MqttSettings
-from .outbox import NewMessage, Outbox
+from .outbox import NewMessage, Outbox, OutboxMessage
 from .schema import (
     ControllerStatus,
     DeviceStatus,
@@ -50,6 +50,9 @@ from .schema import (
 log = structlog.get_logger(__name__)
 
 SESSION_EXPIRY_S = 3600
+NO_MATCHING_SUBSCRIBERS = 0x10
+RETRY_INITIAL_S = 0.5
+RETRY_MAX_S = 5.0
 
 
 @dataclass
@@ -60,6 +63,7 @@ class PublisherCounters:
     published: int = 0
     connects: int = 0
     connect_failures: int = 0
+    undelivered: int = 0  # PUBACKs saying "no matching subscribers" or refusing
     last_error: str = ""
 
 
@@ -245,17 +249,36 @@ class TelemetryPublisher:
                 delay = min(delay * 2, self.reconnect_max)
 
     async def _drain(self, client: aiomqtt.Client) -> None:
+        confirmations = _PublishConfirmations(client)
+        retry_in = RETRY_INITIAL_S
         while True:
             batch = self.outbox.pending(self.inflight)
             if not batch:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            await asyncio.gather(
-                *(client.publish(m.topic, m.payload, qos=m.qos, retain=m.retain) for m in batch)
+            codes = await asyncio.gather(
+                *(confirmations.publish(m.topic, m.payload, m.qos, m.retain) for m in batch)
             )
-            self.outbox.acknowledge([m.id for m in batch])
-            self.counters.published += len(batch)
+            delivered = [m.id for m, code in zip(batch, codes, strict=True) if _delivered(code, m)]
+            self.outbox.acknowledge(delivered)
+            self.counters.published += len(delivered)
+            refused = len(batch) - len(delivered)
+            if not refused:
+                retry_in = RETRY_INITIAL_S
+                continue
+            # The broker took the messages but has nobody to give them to (or refused
+            # them): they stay in the outbox and go again, without spinning.
+            self.counters.undelivered += refused
+            self.counters.last_error = f"PUBACK reason codes {sorted(set(codes) - {0})}"
+            log.warning(
+                "broker did not deliver; keeping messages",
+                refused=refused,
+                retry_in=retry_in,
+                codes=sorted(set(codes)),
+            )
+            await asyncio.sleep(retry_in)
+            retry_in = min(retry_in * 2, RETRY_MAX_S)
 
     # -- internals -------------------------------------------------------------------
 
@@ -315,3 +338,53 @@ async def _until_disconnected(client: aiomqtt.Client, work: Coroutine[Any, Any, 
         for task in (watcher, worker):
             task.cancel()
         await asyncio.gather(watcher, worker, return_exceptions=True)
+
+
+def _delivered(reason_code: int, message: OutboxMessage) -> bool:
+    """Whether a PUBACK means the broker has the message for someone.
+
+    Mosquitto 2.0.x answers 0x10 "no matching subscribers" when no ingest worker
+    holds a subscription, for instance right after a broker restart before the
+    workers have subscribed again: the message would be dropped, so it is kept.
+    A retained message is kept by the broker itself, subscribers or not.
+    """
+    if reason_code >= 0x80:
+        return False
+    return reason_code != NO_MATCHING_SUBSCRIBERS or message.retain
+
+
+class _PublishConfirmations:
+    """QoS 1 publishes that return the PUBACK's reason code.
+
+    aiomqtt waits for the PUBACK but drops its reason code (MQTT 5), and the
+    code is what says whether anyone will receive the message. This wraps
+    paho's on_publish (chaining aiomqtt's own) and paho's publish.
+    """
+
+    def __init__(self, client: aiomqtt.Client) -> None:
+        self._paho = client._client
+        self._waiting: dict[int, asyncio.Future[int]] = {}
+        chained: Any = self._paho.on_publish  # aiomqtt's own, a v2 (5-argument) callback
+
+        def on_publish(
+            paho: Any, userdata: Any, mid: int, reason_code: Any, properties: Any
+        ) -> None:
+            future = self._waiting.pop(mid, None)
+            if future is not None and not future.done():
+                future.set_result(int(getattr(reason_code, "value", reason_code)))
+            if chained is not None:
+                chained(paho, userdata, mid, reason_code, properties)
+
+        self._paho.on_publish = on_publish
+
+    async def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> int:
+        info = self._paho.publish(topic, payload, qos, retain)
+        if info.rc != 0:
+            raise aiomqtt.MqttError(f"could not publish to {topic}: paho rc {info.rc}")
+        if qos == 0:
+            return 0
+        # paho calls on_publish from the event loop's socket callbacks, never
+        # inside publish() for QoS 1, so registering now cannot miss it.
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiting[info.mid] = future
+        return await future
