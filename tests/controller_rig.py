@@ -144,6 +144,7 @@ async def start_rig(
     urls: list[str] | None = None,
     runner: PenRunner | None = None,
     slots: list[PenSlot] | None = None,
+    mqtt_port: int | None = None,
 ) -> tuple[Rig, asyncio.Task[None]]:
     """A controller on fresh simulated pens, or on given pens/urls (pens elsewhere)."""
     if urls is None:
@@ -156,7 +157,7 @@ async def start_rig(
         None,
         state_dir=state_dir or tmp_path / "state",
         pens=[{"url": url, "name": f"room{i + 1}"} for i, url in enumerate(urls)],
-        mqtt={"enabled": False},
+        mqtt={"enabled": mqtt_port is not None, "port": mqtt_port or 1883},
     )
     service = ControllerService(settings, policy=policy)
     rig = Rig(runner, service, slots or [])
