@@ -31,6 +31,7 @@ BENCHMARKS: dict[str, str] = {
     "codec": "controller.bench.codec",
     "reaction": "controller.bench.reaction",
     "capacity": "controller.bench.capacity",
+    "ingest": "controller.bench.ingest",
 }
 
 
