@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, str] = {
     "audit": "controller.audit_cli",
     "serve": "controller.serve_cli",
     "ingest": "controller.ingest.cli",
+    "demo": "controller.demo",
 }
 
 
