@@ -60,8 +60,17 @@ class InfluxSection(_Section):
 
 
 class ApiSettings(_Section):
+    enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    users_file: Path | None = Field(
+        default=None, description="TOML/JSON users with Argon2 hashes (controller.api.auth)"
+    )
+    demo_users: bool = Field(
+        default=False, description="also accept the documented demo users (never in a clinic)"
+    )
+    token_lifetime_s: float = Field(default=8 * 3600.0, gt=0, le=7 * 86400)
+    login_attempts_per_minute: int = Field(default=5, ge=1, le=1000)
 
 
 class ServiceSettings(BaseSettings):

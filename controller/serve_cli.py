@@ -1,8 +1,10 @@
 """``penctl serve``: run the controller for the configured pens until SIGINT/SIGTERM.
 
-Configuration comes from ``--config FILE.toml`` and ``PENCTL_*`` environment
-variables (see controller.config). A bad configuration stops the start with a
-message naming every bad key, and exit status 2.
+The tablet API (controller.api) is served on ``api.host``:``api.port`` in the same
+event loop unless ``api.enabled = false``. Configuration comes from ``--config
+FILE.toml`` and ``PENCTL_*`` environment variables (see controller.config). A bad
+configuration stops the start with a message naming every bad key, and exit
+status 2.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from typing import Any
 
 import structlog
 
-from .config import ConfigError, load_settings
+from .api import UserStore, create_app
+from .api.auth import UsersFileError
+from .api.server import ApiServer
+from .config import ConfigError, ServiceSettings, load_settings
 from .logs import configure_logging
 from .policy import PolicyError
 from .service import ControllerService
@@ -40,25 +45,61 @@ def _main(args: argparse.Namespace) -> int:
     configure_logging(args.log_format)
     try:
         settings = load_settings(args.config)
+        users = load_users(settings)
         service = ControllerService(settings)
-    except (ConfigError, PolicyError) as exc:
+    except (ConfigError, PolicyError, UsersFileError) as exc:
         print(f"penctl serve: {exc}", file=sys.stderr)
         return 2
-    asyncio.run(run_until_signalled(service))
+    try:
+        asyncio.run(run_until_signalled(service, users))
+    except OSError as exc:  # the API port is taken
+        print(f"penctl serve: cannot serve the API: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
-async def run_until_signalled(service: ControllerService) -> None:
+def load_users(settings: ServiceSettings) -> UserStore:
+    """The API's users: the users file, plus the demo users in demo mode."""
+    api = settings.api
+    users = UserStore.load(api.users_file) if api.users_file else UserStore()
+    if api.demo_users:
+        users.add_demo_users()
+    return users
+
+
+async def run_until_signalled(service: ControllerService, users: UserStore | None = None) -> None:
+    """Run the service (and the tablet API, if enabled) until SIGINT or SIGTERM."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    api = service.settings.api
+    server = None
+    if api.enabled:
+        if users is None:
+            users = load_users(service.settings)
+        if not users.users:
+            log.warning("no API users: set api.users_file (or api.demo_users for a demo)")
+        app = create_app(
+            service,
+            users,
+            token_lifetime_s=api.token_lifetime_s,
+            login_attempts=api.login_attempts_per_minute,
+        )
+        # Bound before the pens connect: a taken port stops the start, not a session.
+        server = ApiServer(app, api.host, api.port)
     await service.start()
     log.info(
         "controller running", pens=list(service.pens), state_dir=str(service.settings.state_dir)
     )
     try:
+        if server is not None:
+            await server.start()
+            log.info("tablet API listening", url=server.url)
         await stop.wait()
     finally:
+        if server is not None:
+            with contextlib.suppress(Exception):
+                await server.stop()
         with contextlib.suppress(Exception):
             await service.stop()

@@ -1,0 +1,115 @@
+"""Request and response bodies of the tablet API (pydantic v2, strict bounds).
+
+Bounds here turn malformed or absurd input into a 422 naming the field before
+anything reaches the session registry; the registry and the safety gate still
+decide everything clinical (a depth within these bounds may still be refused).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from controller.sessions import Role
+
+#: Session ids, client references, zone and plan ids: what the registry accepts.
+ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+DEVICE_CEILING_UM = 2500  # product.md §3: the pen's mechanical range
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+class LoginRequest(_Request):
+    username: str = Field(min_length=1, max_length=64)
+    password: str = Field(min_length=1, max_length=256)
+
+
+class LoginResponse(BaseModel):
+    token: str
+    token_type: str = "bearer"
+    expires_in: float
+    username: str
+    role: Role
+    actor_id: str
+
+
+class Me(BaseModel):
+    username: str
+    role: Role
+    actor_id: str
+
+
+class CreateSessionRequest(_Request):
+    port: str = Field(min_length=1, max_length=200, description="the pen (see /api/devices)")
+    client_ref: str = Field(
+        pattern=ID_PATTERN, description="a pseudonymous client reference, never a name"
+    )
+    plan_id: str = Field(pattern=ID_PATTERN)
+
+
+class SelectZoneRequest(_Request):
+    zone_id: str = Field(pattern=ID_PATTERN)
+
+
+class SetDepthRequest(_Request):
+    depth_um: int = Field(ge=0, le=DEVICE_CEILING_UM, description="needle depth in µm")
+
+
+class SetStrokeRateRequest(_Request):
+    rate_hz: int = Field(ge=1, le=1000, description="strokes per second (policy sets the range)")
+
+
+class OverrideRequest(_Request):
+    zone_id: str = Field(pattern=ID_PATTERN)
+    reason: str = Field(min_length=3, max_length=500, description="why, in plain words")
+    max_depth_um: int | None = Field(default=None, ge=1, le=DEVICE_CEILING_UM)
+    max_passes: int | None = Field(default=None, ge=1, le=100)
+
+
+class Problem(BaseModel):
+    """Every error: a stable code, what is wrong, and what to do next."""
+
+    code: str
+    message: str
+    remediation: str
+    errors: list[dict[str, Any]] | None = None
+
+
+class ZoneInfo(BaseModel):
+    zone_id: str
+    label: str
+    max_depth_um: int
+    max_passes: int
+    puncture_budget: int | None
+
+
+class PlanInfo(BaseModel):
+    plan_id: str
+    label: str
+    zones: list[ZoneInfo]
+
+
+class DeviceInfo(BaseModel):
+    port: str
+    url: str
+    name: str
+    serial: str | None
+    firmware: str | None
+    link: str
+    armed: str
+    motor_running: bool
+    cartridge_id: int | None
+    session_id: str | None
+    link_stats: dict[str, Any]
+
+
+class SessionSummary(BaseModel):
+    session_id: str
+    port: str
+    client_ref: str
+    plan_id: str
+    state: str
+    created_at: float
