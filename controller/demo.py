@@ -21,7 +21,8 @@ starts, in this order:
 A scripted therapist per pen then treats clients one after another (plan
 ``full_face``, zones in turn at allowed depths; passes by the automatic hand).
 The first pen's first client also sees a refusal (a depth above the zone's
-limit) and a depth overshoot that the monitor stops (a fault, acknowledged).
+limit) and a depth overshoot that the monitor stops (a fault, acknowledged);
+on the second pen a manager allows one extra pass (an override).
 
 Every child is killed on exit, whatever the reason (Ctrl-C, SIGTERM, SIGHUP,
 ``--duration``, an error). The ingest subprocess also dies with this process if
@@ -64,6 +65,7 @@ from .sessions import (
     DisarmPen,
     EndSession,
     EventKind,
+    OverrideZone,
     ResumeSession,
     Role,
     SelectZone,
@@ -88,7 +90,7 @@ TABLET_USERS = (
     ("admin", "demo-admin"),
 )
 THERAPISTS = ("t-0001", "t-0002", "t-0003")
-PLAN = "full_face"
+MANAGER = Actor("m-0001", Role.MANAGER)
 PIDFILE = "children.pids"
 
 
@@ -104,6 +106,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--pens", type=int, default=4, metavar="N", help="simulated pens (default 4)")
     p.add_argument("--duration", type=float, metavar="S", help="run S seconds, then stop")
     p.add_argument("--seed", default="0", help="seed for the pens and the script (default 0)")
+    p.add_argument(
+        "--plan", default="full_face", help="treatment plan of every session (default full_face)"
+    )
     p.add_argument(
         "--mqtt-port", type=int, default=1883, help="broker port, 0 = any free (default 1883)"
     )
@@ -131,6 +136,7 @@ def run_demo(args: argparse.Namespace) -> int:
         state_dir=args.state_dir.resolve(),
         pens=args.pens,
         seed=args.seed,
+        plan=args.plan,
         mqtt_port=args.mqtt_port,
         influx_port=args.influx_port,
         duration=args.duration,
@@ -185,9 +191,13 @@ class Demo:
     state_dir: Path
     pens: int = 4
     seed: str = "0"
+    plan: str = "full_face"
     mqtt_port: int = 1883
     influx_port: int = 8086
     duration: float | None = None
+    #: Use running servers instead of starting them: (broker port, InfluxDB URL).
+    #: Tests pass their own; the broker must accept the demo's users (or anyone).
+    external_servers: tuple[int, str] | None = None
     started: float = field(default_factory=time.monotonic)
     first_data_s: float | None = None
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
@@ -210,7 +220,7 @@ class Demo:
         service: ControllerService | None = None
         tasks: list[asyncio.Task[None]] = []
         try:
-            mqtt_port, influx_url = self._start_servers()
+            mqtt_port, influx_url = self.external_servers or self._start_servers()
             self._start_ingest(mqtt_port, influx_url)
             # Imported here: the simulator is a development tool, not a controller dependency.
             from simulated_pen.runner import PenRunner
@@ -226,12 +236,16 @@ class Demo:
                 influx={"url": influx_url},
             )
             service = ControllerService(settings)
+            if service.policy is None or service.policy.plan(self.plan) is None:
+                raise ValueError(f"no plan {self.plan!r} in the treatment policy")
             await service.start()
             self._banner(mqtt_port, influx_url, [(s.serial, s.address) for s in slots])
             tasks.append(asyncio.create_task(self._watch_first_data(influx_url)))
             tasks.append(asyncio.create_task(self._watch_ingest()))
             for i, slot in enumerate(slots):
-                therapist = _Therapist(service, runner, slot.pen, f"room{i + 1}", i, self.seed)
+                therapist = _Therapist(
+                    service, runner, slot.pen, f"room{i + 1}", i, self.seed, self.plan
+                )
                 tasks.append(asyncio.create_task(therapist.run(), name=f"therapist-room{i + 1}"))
             if self.duration is not None:
                 loop.call_later(self.duration, self.stop)
@@ -377,12 +391,14 @@ class _Therapist:
         port: str,
         index: int,
         seed: str,
+        plan: str,
     ) -> None:
         self.service = service
         self.runner = runner
         self.pen = pen
         self.port = port
         self.index = index
+        self.plan = plan
         self.rng = random.Random(f"{seed}/{port}")
         policy = service.policy
         assert policy is not None
@@ -391,6 +407,7 @@ class _Therapist:
         # the dashboards show them within the first minute.
         self.refusal_due = index == 0
         self.overshoot_due = index == 0
+        self.override_due = index == 1
         self.queue: asyncio.Queue[Any] = asyncio.Queue()
         self.therapist = THERAPISTS[index % len(THERAPISTS)]
 
@@ -424,9 +441,9 @@ class _Therapist:
         self.therapist = self.rng.choice(THERAPISTS)
         svc, actor = self.service, self._actor()
         sid = svc.new_session_id()
-        svc.act(CreateSession(sid, self.port, client_ref, PLAN, actor))
+        svc.act(CreateSession(sid, self.port, client_ref, self.plan, actor))
         svc.act(StartSession(sid, actor))
-        plan = self.policy.plan(PLAN)
+        plan = self.policy.plan(self.plan)
         assert plan is not None
         for zone_id in plan.zone_ids:
             await self._treat_zone(sid, zone_id)
@@ -437,6 +454,10 @@ class _Therapist:
         zone = self.policy.zone(zone_id)
         assert zone is not None
         svc.act(SelectZone(sid, zone_id, actor))
+        if self.override_due and zone.max_passes < self.policy.max_passes_ceiling:
+            self.override_due = False
+            reason = "client tolerates well; one extra pass agreed with the client"
+            svc.act(OverrideZone(sid, zone_id, MANAGER, reason, max_passes=zone.max_passes + 1))
         if self.refusal_due:
             self.refusal_due = False
             with contextlib.suppress(ActionRefused):
