@@ -18,6 +18,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,10 +93,20 @@ async def _read_until(stream: asyncio.StreamReader, marker: str) -> list[str]:
         lines.append(line)
 
 
+Observer = Callable[[], Coroutine[Any, Any, None]]
+
+
 async def run_fleet(
-    pens: int, breachers: int, duration: float, mqtt_port: int | None = None
+    pens: int,
+    breachers: int,
+    duration: float,
+    mqtt_port: int | None = None,
+    observer: Observer | None = None,
 ) -> FleetResult:
-    """Run the rig for ``duration`` seconds of measurement and return what it saw."""
+    """Run the rig for ``duration`` seconds of measurement and return what it saw.
+
+    ``observer()``, if given, runs beside the measurement and is cancelled after it.
+    """
     farm = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -122,7 +133,7 @@ async def run_fleet(
             service = ControllerService(settings, policy=bench_policy(Path(tmp)))
             await service.start()
             try:
-                return await _measure(service, farm.stdout, pens, breachers, duration)
+                return await _measure(service, farm.stdout, pens, breachers, duration, observer)
             finally:
                 await service.stop()
         finally:
@@ -137,6 +148,7 @@ async def _measure(
     pens: int,
     breachers: int,
     duration: float,
+    observer: Observer | None = None,
 ) -> FleetResult:
     async with asyncio.timeout(60):
         for pen in service.pens.values():
@@ -150,14 +162,15 @@ async def _measure(
     keeper = asyncio.create_task(_keep_treating(service, sub.queue, sessions))
     lag = asyncio.create_task(_loop_lag(result))
     reader = asyncio.create_task(_read_reactions(farm_out, result))
+    watcher = asyncio.create_task(observer() if observer else asyncio.sleep(0))
     baseline = _link_totals(service)
     started = time.perf_counter()
     try:
         await asyncio.sleep(duration)
     finally:
-        for task in (keeper, lag, reader):
+        for task in (keeper, lag, reader, watcher):
             task.cancel()
-        await asyncio.gather(keeper, lag, reader, return_exceptions=True)
+        await asyncio.gather(keeper, lag, reader, watcher, return_exceptions=True)
         service.unsubscribe(sub)
     result.seconds = time.perf_counter() - started
     totals = _link_totals(service)

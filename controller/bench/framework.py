@@ -32,6 +32,7 @@ BENCHMARKS: dict[str, str] = {
     "reaction": "controller.bench.reaction",
     "capacity": "controller.bench.capacity",
     "ingest": "controller.bench.ingest",
+    "e2e": "controller.bench.e2e",
 }
 
 
