@@ -5,8 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Debian packages the tests and the local stack need, and a binary that proves each is there.
-APT_PACKAGES := mosquitto influxdb socat chromium
-APT_BINARIES := /usr/sbin/mosquitto /usr/bin/influxd /usr/bin/socat /usr/bin/chromium
+APT_PACKAGES := mosquitto influxdb socat chromium docker-compose
+APT_BINARIES := /usr/sbin/mosquitto /usr/bin/influxd /usr/bin/socat /usr/bin/chromium /usr/bin/docker-compose
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: all deps system-deps python-deps run test lint bench clean
