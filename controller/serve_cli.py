@@ -87,7 +87,11 @@ async def run_until_signalled(service: ControllerService, users: UserStore | Non
             login_attempts=api.login_attempts_per_minute,
         )
         # Bound before the pens connect: a taken port stops the start, not a session.
-        server = ApiServer(app, api.host, api.port)
+        try:
+            server = ApiServer(app, api.host, api.port)
+        except OSError:
+            await service.stop()  # closes the journal and audit log it opened
+            raise
     await service.start()
     log.info(
         "controller running", pens=list(service.pens), state_dir=str(service.settings.state_dir)
