@@ -108,3 +108,47 @@ def test_demo_fills_influxdb_and_sigterm_leaves_no_child(tmp_path: Path) -> None
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         out.close()
+
+
+def test_a_killed_demo_leaves_nothing_once_started_again(tmp_path: Path) -> None:
+    """SIGKILL gives the demo no chance to clean up: the ingest worker dies with it
+    (PDEATHSIG) and the next start on the same state directory kills the servers."""
+    state = tmp_path / "demo"
+    argv = [
+        *(sys.executable, "-m", "controller.cli", "demo", "--state-dir", str(state)),
+        *("--pens", "1", "--mqtt-port", "0", "--influx-port", "0", "--log-format", "json"),
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PENCTL_")}
+    log = (tmp_path / "demo.out").open("wb")
+    demo = subprocess.Popen([*argv, "--duration", "300"], stdout=log, stderr=log, env=env)
+    children: set[int] = set()
+    try:
+        deadline = time.monotonic() + 60
+        while len(children) < 3 and time.monotonic() < deadline:
+            assert demo.poll() is None, (tmp_path / "demo.out").read_text()[-3000:]
+            children = {pid for pid in descendants(demo.pid) if alive(pid)}
+            time.sleep(0.1)
+        assert len(children) >= 3, children
+        pids = {int(p) for p in (state / "children.pids").read_text().split()}
+        assert pids == children, (pids, children)
+        demo.kill()
+        demo.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len({p for p in children if alive(p)}) > 2:
+            time.sleep(0.05)
+        assert len({p for p in children if alive(p)}) == 2, "the ingest worker outlived the demo"
+
+        again = subprocess.run(
+            [*argv, "--duration", "1"], stdout=log, stderr=log, env=env, timeout=120, check=False
+        )
+        assert again.returncode == 0, (tmp_path / "demo.out").read_text()[-3000:]
+        assert not {p for p in children if alive(p)}, "left over after the second start"
+        assert not processes_naming(str(state))
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+        for pid in children | processes_naming(str(state)):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        log.close()
