@@ -14,11 +14,12 @@ from typing import Any
 import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
 
 from controller.api import UserStore, create_app
 from controller.api.server import ApiServer
 
-from .controller_rig import Rig, start_rig, stop_rig
+from .controller_rig import Rig, eventually, start_rig, stop_rig
 
 USERS = UserStore.demo()  # hashing is slow on purpose: once per module
 
@@ -147,15 +148,42 @@ async def test_websocket_takes_the_token_as_first_message_and_refuses_without(ap
         await api.http.post(f"/api/sessions/{sid}/zone", json={"zone_id": "chin"}, headers=auth)
         selected = await next_message(ws, {"type": "event", "kind": "zone_selected"})
         assert selected["session_id"] == sid
-    for url in (api.ws_url(sid, "not-a-token"), api.ws_url("s-nope", token)):
+    for url, close_code in (
+        (api.ws_url(sid, "not-a-token"), 4401),
+        (api.ws_url("s-no", token), 4404),
+    ):
         async with connect(url) as ws:
             error = await next_message(ws, {"type": "error"})
             assert error["message"] and error["remediation"]
-            with pytest.raises(Exception, match=r"440[14]"):
+            with pytest.raises(ConnectionClosed) as closed:
                 await ws.recv()
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == close_code
     admin = (await api.login("admin"))["Authorization"].removeprefix("Bearer ")
     async with connect(api.ws_url(sid, admin)) as ws:
         assert (await next_message(ws, {"type": "error"}))["code"] == "role_not_permitted"
+
+
+async def test_anyone_signed_in_stops_the_needle_mid_pass(api: Api) -> None:
+    therapist = await api.login("therapist")
+    admin = await api.login("admin")
+    sid = await open_session(api, therapist, "cheeks", 1000)
+    token = therapist["Authorization"].removeprefix("Bearer ")
+    rig = api.rig
+    async with connect(api.ws_url(sid, token)) as ws:
+        assert (await api.http.post(f"/api/sessions/{sid}/arm", headers=therapist)).is_success
+        rig.physical(0, lambda p, now: p.set_contact(True, now))
+        rig.physical(0, lambda p, now: p.press_button(now))
+        await next_message(ws, {"type": "event", "kind": "pass_started"})
+        await eventually(lambda: rig.pen().running, within=2.0)
+        # The admin may not treat, but may always stop.
+        r = await api.http.post(f"/api/sessions/{sid}/stop", headers=admin)
+        assert r.status_code == 200, r.text
+        await eventually(lambda: not rig.pen().running, within=1.0)
+        await next_message(ws, {"type": "event", "kind": "pass_ended"})
+        assert not rig.pen().armed
+    r = await api.http.post(f"/api/sessions/{sid}/arm", headers=admin)
+    assert r.status_code == 403 and r.json()["code"] == "role_not_permitted"
+    rig.physical(0, lambda p, now: p.release_button(now))
 
 
 async def test_manager_override_with_reason(api: Api) -> None:
