@@ -420,19 +420,28 @@ class _Therapist:
             client = 0
             while True:
                 client += 1
-                await self._treat_client(f"c-{self.index + 1:02d}{client:04d}")
+                try:
+                    await self._treat_client(f"c-{self.index + 1:02d}{client:04d}")
+                except (ActionRefused, TimeoutError) as exc:
+                    # A pen that went away or an answer that never came: the therapist
+                    # ends the session and carries on with the next client, and so
+                    # does the demo, so data keeps flowing.
+                    log.warning("session abandoned", port=self.port, error=repr(exc))
+                    self._close_leftover_session()
                 await asyncio.sleep(self.rng.uniform(2.0, 5.0))  # the next client sits down
-                await self._fresh_cartridge()
+                with contextlib.suppress(TimeoutError):
+                    await self._fresh_cartridge()
         finally:
             self.service.unsubscribe(sub)
 
     def _close_leftover_session(self) -> None:
-        # A demo restarted on the same state directory recovers sessions as interrupted.
+        # A session left open: from an abandoned client, or recovered as interrupted
+        # when the demo restarts on the same state directory.
         sid = self.service.registry.live_session_id(self.port)
         if sid is not None:
             with contextlib.suppress(ActionRefused):
                 self.service.act(EndSession(sid, self._actor()))
-            log.info("ended a session left from a previous run", port=self.port, session=sid)
+            log.info("ended an open session", port=self.port, session=sid)
 
     def _actor(self) -> Actor:
         return Actor(self.therapist, Role.THERAPIST)
