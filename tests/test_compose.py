@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
+from controller.cli import build_parser
 from controller.config import load_settings
 from controller.ingest.settings import load_ingest_settings
 
@@ -46,6 +47,16 @@ def test_the_stack_has_every_service() -> None:
     assert services["mosquitto"]["image"].startswith("eclipse-mosquitto:2")
     assert services["influxdb"]["image"] == "influxdb:1.8"
     assert services["influxdb"]["environment"]["INFLUXDB_DB"] == "pen"
+
+
+def test_penctl_services_run_commands_penctl_accepts() -> None:
+    services = compose()["services"]
+    parser = build_parser()
+    for name in ("ingest", "pens", "controller"):
+        service = services[name]
+        assert service["build"] == "." and service["image"] == "pen-session-controller:latest"
+        args = parser.parse_args(service["command"])  # SystemExit if penctl would refuse it
+        assert callable(args.handler), name
 
 
 def test_every_mounted_host_path_is_in_the_repository() -> None:
