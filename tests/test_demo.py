@@ -14,6 +14,9 @@ from pathlib import Path
 from controller.influx import InfluxClient, InfluxError, InfluxSettings
 from controller.stack.processes import free_port
 
+# The installed console script, as `make run` starts it.
+PENCTL = str(Path(sys.executable).with_name("penctl"))
+
 
 def descendants(pid: int) -> set[int]:
     """Every live process below ``pid`` (Linux /proc children lists)."""
@@ -67,7 +70,7 @@ def test_demo_fills_influxdb_and_sigterm_leaves_no_child(tmp_path: Path) -> None
     started = time.monotonic()
     demo = subprocess.Popen(
         [
-            *(sys.executable, "-m", "controller.cli", "demo", "--state-dir", str(state)),
+            *(PENCTL, "demo", "--state-dir", str(state)),
             *("--pens", "2", "--duration", "300", "--log-format", "json"),
             *("--mqtt-port", str(mqtt_port), "--influx-port", str(influx_port)),
         ],
@@ -115,7 +118,7 @@ def test_a_killed_demo_leaves_nothing_once_started_again(tmp_path: Path) -> None
     (PDEATHSIG) and the next start on the same state directory kills the servers."""
     state = tmp_path / "demo"
     argv = [
-        *(sys.executable, "-m", "controller.cli", "demo", "--state-dir", str(state)),
+        *(PENCTL, "demo", "--state-dir", str(state)),
         *("--pens", "1", "--mqtt-port", "0", "--influx-port", "0", "--log-format", "json"),
     ]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PENCTL_")}
