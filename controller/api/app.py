@@ -437,7 +437,9 @@ def create_app(
         """Arm the pen; answers once the pen has confirmed (or refused)."""
 
         def answered(e: SessionEvent) -> bool:
-            return e.session_id == session_id and e.kind in _ARM_ANSWERS
+            # "already": armed or being armed by an earlier request; arming is idempotent.
+            already = e.kind is EventKind.ARMING and bool(e.detail.get("already"))
+            return e.session_id == session_id and (e.kind in _ARM_ANSWERS or already)
 
         try:
             event = await service.act_and_wait(ArmPen(session_id, user.actor), answered)
@@ -450,7 +452,7 @@ def create_app(
                 "The pen did not confirm arming in time.",
                 "Check that the pen is on and connected, then tap Arm again.",
             ) from exc
-        if event.kind is not EventKind.ARMED:
+        if event.kind not in (EventKind.ARMED, EventKind.ARMING):
             raise ApiError(
                 409,
                 str(event.detail.get("code") or event.kind.value),
