@@ -110,6 +110,9 @@ async def test_the_therapists_whole_session(api: Api) -> None:
         sample = await next_message(ws, {"type": "telemetry"})
         assert sample["port"] == "room1" and sample["depth_set_um"] == 400
         assert {"depth_um", "speed_hz"} <= sample.keys()
+        # Tablet rate: ten samples a second, whatever the pen's own rate (100 Hz).
+        stamps = [(await next_message(ws, {"type": "telemetry"}))["at"] for _ in range(11)]
+        assert 0.8 <= stamps[-1] - stamps[0] <= 1.5
 
         # The zone's passes are used up: arming again is refused, with the reason.
         r = await api.http.post(f"/api/sessions/{sid}/arm", headers=auth)

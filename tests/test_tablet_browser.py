@@ -87,6 +87,17 @@ async def test_therapist_treats_a_zone_to_its_limit_in_the_browser(
         await tile.click()
         await expect(tile).to_have_class(re.compile(r"\bselected\b"))
 
+        # Deeper than the zone allows: refused in plain words, never clamped.
+        await page.fill("#depth-mm", "0.60")
+        await page.click("#depth-set")
+        await expect(page.locator("#problem")).to_be_visible()
+        await expect(page.locator("#problem-message")).to_contain_text("0.60 mm")
+        await expect(page.locator("#problem-message")).to_contain_text("0.50 mm")
+        await expect(page.locator("#problem-remediation")).not_to_be_empty()
+        assert _setpoint(rig, sid) is None
+        await page.click("#problem-close")
+        await expect(page.locator("#problem")).to_be_hidden()
+
         await page.fill("#depth-mm", "0.35")
         await page.click("#depth-up")  # 0.40 mm
         await page.click("#depth-set")
