@@ -264,6 +264,8 @@ class Demo:
             if runner is not None:
                 runner.close()
             self._stop_children()
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                loop.remove_signal_handler(sig)  # an embedding program (a test) keeps its own
             log.info("demo stopped", first_data_s=self.first_data_s)
         return self._status
 
