@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic_settings import (
@@ -73,8 +73,8 @@ class ApiSettings(_Section):
     login_attempts_per_minute: int = Field(default=5, ge=1, le=1000)
 
 
-class ServiceSettings(BaseSettings):
-    """Everything `penctl serve` needs; see the module docstring for sources."""
+class PenctlSettings(BaseSettings):
+    """Base of every penctl command's settings: ``PENCTL_`` environment over TOML file."""
 
     model_config = SettingsConfigDict(
         env_prefix="PENCTL_",
@@ -82,15 +82,6 @@ class ServiceSettings(BaseSettings):
         extra="forbid",
         frozen=True,
     )
-
-    clinic_id: str = Field(default="clinic-0001", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
-    state_dir: Path = Path("var/controller")
-    policy_file: Path | None = None
-    pens: list[PenEndpoint] = Field(default_factory=list)
-    link: LinkSettings = Field(default_factory=LinkSettings)
-    mqtt: MqttSettings = Field(default_factory=MqttSettings)
-    influx: InfluxSection = Field(default_factory=InfluxSection)
-    api: ApiSettings = Field(default_factory=ApiSettings)
 
     @classmethod
     def settings_customise_sources(
@@ -101,12 +92,22 @@ class ServiceSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Environment beats the file (passed as init values by load_settings).
+        # Environment beats the file (passed as init values by load_toml_settings).
         return (env_settings, init_settings)
 
 
-def load_settings(path: Path | None = None, **overrides: Any) -> ServiceSettings:
-    """Read the TOML file (if any), apply the environment, validate. ConfigError if bad."""
+SettingsT = TypeVar("SettingsT", bound=PenctlSettings)
+
+
+def load_toml_settings(
+    cls: type[SettingsT], path: Path | None = None, **overrides: Any
+) -> SettingsT:
+    """Read the TOML file (if any), apply overrides and the environment, validate.
+
+    ``overrides`` are top-level keys (``state_dir=...``) or whole sections given as
+    dicts, merged into the file's section (``mqtt={"port": 1884}``).
+    Raises ConfigError naming every bad key.
+    """
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -115,11 +116,33 @@ def load_settings(path: Path | None = None, **overrides: Any) -> ServiceSettings
             raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
-    data.update(overrides)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
     try:
-        return ServiceSettings(**data)
+        return cls(**data)
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc, source=str(path or "settings"))) from exc
+
+
+class ServiceSettings(PenctlSettings):
+    """Everything `penctl serve` needs; see the module docstring for sources."""
+
+    clinic_id: str = Field(default="clinic-0001", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    state_dir: Path = Path("var/controller")
+    policy_file: Path | None = None
+    pens: list[PenEndpoint] = Field(default_factory=list)
+    link: LinkSettings = Field(default_factory=LinkSettings)
+    mqtt: MqttSettings = Field(default_factory=MqttSettings)
+    influx: InfluxSection = Field(default_factory=InfluxSection)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+
+
+def load_settings(path: Path | None = None, **overrides: Any) -> ServiceSettings:
+    """The controller's settings (see load_toml_settings). ConfigError if bad."""
+    return load_toml_settings(ServiceSettings, path, **overrides)
 
 
 def describe_validation_error(exc: ValidationError, source: str) -> str:

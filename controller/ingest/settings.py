@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import re
 import socket
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..config import ConfigError, InfluxSection, MqttSettings, describe_validation_error
+from ..config import InfluxSection, MqttSettings, PenctlSettings, load_toml_settings
 from ..influx import InfluxSettings
 
 Stream = Literal["telemetry", "events", "status"]
@@ -87,32 +85,13 @@ class IngestSection(BaseModel):
         return self
 
 
-class IngestSettings(BaseSettings):
+class IngestSettings(PenctlSettings):
     """Everything ``penctl ingest`` needs; see the module docstring for sources."""
-
-    model_config = SettingsConfigDict(
-        env_prefix="PENCTL_",
-        env_nested_delimiter="__",
-        extra="forbid",
-        frozen=True,
-    )
 
     state_dir: Path = Path("var/ingest")
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     influx: InfluxSection = Field(default_factory=InfluxSection)
     ingest: IngestSection = Field(default_factory=IngestSection)
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Environment beats the file (passed as init values by load_ingest_settings).
-        return (env_settings, init_settings)
 
     def influx_settings(self) -> InfluxSettings:
         """The client settings of :mod:`controller.influx` for this worker."""
@@ -128,26 +107,5 @@ class IngestSettings(BaseSettings):
 
 
 def load_ingest_settings(path: Path | None = None, **overrides: Any) -> IngestSettings:
-    """Read the TOML file (if any), apply overrides and the environment, validate.
-
-    ``overrides`` are top-level keys (``state_dir=...``) or whole sections given as
-    dicts, merged into the file's section (``ingest={"group": "g2"}``).
-    Raises ConfigError naming every bad key.
-    """
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            data = tomllib.loads(path.read_text())
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{path} is not valid TOML: {exc}") from exc
-    for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(data.get(key), dict):
-            data[key] = {**data[key], **value}
-        else:
-            data[key] = value
-    try:
-        return IngestSettings(**data)
-    except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc, source=str(path or "settings"))) from exc
+    """The worker's settings (see controller.config.load_toml_settings)."""
+    return load_toml_settings(IngestSettings, path, **overrides)
