@@ -110,17 +110,19 @@ class FirmwareConfig:
             raise ValueError("control_rate_hz must be > 0")
 
 
-def _grid_after(now: float, rate: int) -> tuple[int, float]:
-    """The first point of the 1/rate grid strictly after now, as (index, time).
+def _grid_after(now: float, rate: int, phase: float = 0.0) -> tuple[int, float]:
+    """The first point of the grid (k + phase) / rate strictly after now, as (k, time).
 
-    Aligning every pen's samples to one absolute grid lets a runner serve all pens
-    with a single timer wake-up per period.
+    Each pen keeps its samples on a grid of its own phase, as real pens with
+    independent clocks do: pens on one common grid would all send at the same
+    instant, a burst no clinic produces, which made every host handle N frames
+    at once every period.
     """
-    k = math.floor(now * rate) + 1
-    t = k / rate
+    k = math.floor(now * rate - phase) + 1
+    t = (k + phase) / rate
     if t <= now:  # float rounding at a grid point
         k += 1
-        t = k / rate
+        t = (k + phase) / rate
     return k, t
 
 
@@ -139,6 +141,7 @@ class PenFirmware:
     ) -> None:
         self.config = cfg = config or FirmwareConfig()
         self.physics = PenPhysics(rng, now, cfg.physics)
+        self._phase = rng.random()  # where in each period this pen's clock ticks
         # Physical state: survives a reboot.
         self.button = False
         self.contact = False
@@ -186,7 +189,7 @@ class PenFirmware:
         ph.motor_rate_hz = float(self.speed_hz)
         ph.stalled = False
         ph.surge_ma = 0.0
-        self._ctl_k, self._next_control = _grid_after(now, cfg.control_rate_hz)
+        self._ctl_k, self._next_control = _grid_after(now, cfg.control_rate_hz, self._phase)
         self._schedule_telemetry(now)
 
     # -- public API -------------------------------------------------------------------
@@ -215,14 +218,16 @@ class PenFirmware:
         out: list[Message] = []
         self._advance(now, out)
         if now >= self._next_control:
-            self._ctl_k, self._next_control = _grid_after(now, self.config.control_rate_hz)
+            self._ctl_k, self._next_control = _grid_after(
+                now, self.config.control_rate_hz, self._phase
+            )
         if now >= self._next_telemetry:
             out.append(self._telemetry(now))
             rate = self.telemetry_rate_hz
             k = self._tel_k + 1
-            t = k / rate
+            t = (k + self._phase) / rate
             if t <= now:  # the caller is more than a period late: skip, never burst
-                k, t = _grid_after(now, rate)
+                k, t = _grid_after(now, rate, self._phase)
                 self.telemetry_skipped += k - self._tel_k - 1
             self._tel_k, self._next_telemetry = k, t
         return out
@@ -468,7 +473,9 @@ class PenFirmware:
 
     def _schedule_telemetry(self, now: float) -> None:
         if self.telemetry_rate_hz:
-            self._tel_k, self._next_telemetry = _grid_after(now, self.telemetry_rate_hz)
+            self._tel_k, self._next_telemetry = _grid_after(
+                now, self.telemetry_rate_hz, self._phase
+            )
         else:
             self._tel_k, self._next_telemetry = 0, _INF
 

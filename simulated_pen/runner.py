@@ -1,8 +1,9 @@
 """Many simulated pens in one process and one event loop, driven by one timer.
 
-Every pen's periodic work (control loop, telemetry) falls on one absolute time
-grid, so a single ``call_at`` wake-up serves all pens that are due; the timer is
-re-armed at the earliest next deadline of any pen. Bytes from a host are handled
+Every pen's periodic work (control loop, telemetry) falls on a grid of its own
+phase, as with real pens whose clocks are independent. A single ``call_at``
+timer serves all pens: it wakes at the earliest next deadline of any pen, but
+at most once per millisecond, and ticks every pen that is due. Bytes from a host are handled
 as soon as they arrive (a Stop takes effect on the pen at once) and the pen's
 answer is written in the same callback.
 
@@ -28,6 +29,8 @@ from .hand import HandConfig
 from .transports import MemoryTransport, PtyTransport, TcpTransport, Transport
 
 TransportKind = Literal["pty", "tcp", "memory"]
+#: Least time between two timer wake-ups; a pen's periodic work is at most this late.
+COALESCE_S = 0.001
 T = TypeVar("T")
 
 
@@ -255,8 +258,11 @@ class PenRunner:
             stats.lateness_sum += late
             if late > stats.lateness_max:
                 stats.lateness_max = late
-        # Never re-arm in the past: a pen whose deadline failed to move would spin the loop.
-        self._schedule(max(earliest, now + 1e-4))
+        # At most one wake-up per COALESCE_S: pens tick on grids of their own phase
+        # (as real pens do), so without this the runner would wake once per pen per
+        # period and scan every pen each time. Also never re-arms in the past, where
+        # a pen whose deadline failed to move would spin the loop.
+        self._schedule(max(earliest, now + COALESCE_S))
         busy = time.perf_counter() - began
         stats.busy_s += busy
         if busy > stats.busy_max:

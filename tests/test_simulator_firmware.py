@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 from typing import TypeVar
 
@@ -158,8 +159,9 @@ def test_telemetry_rate_is_configurable_and_bounded() -> None:
 def test_telemetry_never_bursts_when_stepped_late() -> None:
     fw = make()
     assert len(fw.step(0.5)) == 1  # half a second late: one sample, the rest skipped
-    assert fw.telemetry_skipped == 49
-    assert fw.next_deadline() == pytest.approx(0.51)
+    # 48 or 49 skipped, depending on where in the 10 ms period this pen's clock ticks.
+    assert fw.telemetry_skipped in (48, 49)
+    assert 0.5 < fw.next_deadline() <= 0.51 + 1e-9
 
 
 def test_lift_off_grace_is_bounded() -> None:
@@ -428,9 +430,12 @@ def test_depth_actuator_lags_the_setpoint() -> None:
     fw = make()
     fw.handle(SetDepth(1000), 0.0)
     tel = [m for m in run(fw, 0.0, 0.2) if isinstance(m, Telemetry)]
-    by_ms = {m.device_ms: m.depth_um for m in tel}
-    assert 600 <= by_ms[20] <= 665  # one time constant: 1 - 1/e of the way
-    assert by_ms[100] >= 990
+    # The pen's samples fall where its own clock ticks; take the first after 20 ms
+    # and compare with a 20 ms first-order lag (one time constant: 1 - 1/e of the way).
+    first = next(m for m in tel if m.device_ms >= 20)
+    expected = 1000 * (1 - math.exp(-first.device_ms / 20))
+    assert abs(first.depth_um - expected) <= 35
+    assert all(m.depth_um >= 990 for m in tel if m.device_ms >= 100)
     assert all(m.depth_set_um == 1000 for m in tel)
 
 

@@ -211,6 +211,7 @@ async def test_runner_serves_many_pens_from_one_timer_without_loss() -> None:
             await asyncio.gather(*(h.connect(nonce=i + 1) for i, h in enumerate(hosts)))
             marks = [len(h.received) for h in hosts]
             wakeups, ticks = runner.stats.wakeups, runner.stats.ticks
+            started = runner.now()
             await asyncio.gather(
                 *(
                     h.wait_for(Telemetry, within=5.0, start=m + 30)
@@ -220,9 +221,13 @@ async def test_runner_serves_many_pens_from_one_timer_without_loss() -> None:
             for h in hosts:
                 assert h.conn.stats.unreliable_lost == 0
                 assert h.conn.state is LinkState.READY
-            # One wake-up serves every pen that is due: the grid keeps them in step.
-            per_wake = (runner.stats.ticks - ticks) / (runner.stats.wakeups - wakeups)
-            assert per_wake > pens / 2
+            # Pens tick at phases of their own, yet the timer wakes at most once a
+            # millisecond: a wake-up serves several pens, and far fewer wake-ups than
+            # pen ticks happen.
+            woke = runner.stats.wakeups - wakeups
+            elapsed_ms = (runner.now() - started) * 1000
+            assert woke <= elapsed_ms + 1
+            assert (runner.stats.ticks - ticks) / woke > 2
         finally:
             for h in hosts:
                 h.close()
