@@ -150,6 +150,9 @@ class ControllerService:
         else:
             self.registry = SessionRegistry.from_dict(self.policy, saved, lease_ms=lease_ms)
         self._journaled_live: dict[str, str] = {}  # port -> live session last journaled
+        # A Stop leaves the moment the registry decides it, not after the outcome
+        # (events, audit entries) is built: that is the safety reaction.
+        self.registry.urgent_sink = lambda command: self._send((command,))
         self.pens: dict[str, _PenRuntime] = {}
         for index, endpoint in enumerate(self.settings.pens):
             port = endpoint.name or f"pen{index + 1}"

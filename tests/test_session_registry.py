@@ -223,6 +223,22 @@ def test_overshoot_stops_at_once_on_every_sample_and_is_recorded_once() -> None:
     assert bench.act(ArmPen(SID, THERAPIST)).refusal is None
 
 
+def test_the_urgent_sink_gets_the_stop_before_the_outcome_is_built() -> None:
+    """The runtime's sink sees the Stop while the registry still has bookkeeping to do;
+    the outcome records it as sent early, so nobody sends it a second time."""
+    bench = treating(zone="cheeks", depth=1000)
+    pen = bench.pens[PORT]
+    bench.pen_says(pen.press())
+    early: list[object] = []
+    bench.registry.urgent_sink = lambda command: early.append(command.message)
+    outcome = bench.registry.pen_message(PORT, pen.sample(1100), bench.tick())
+    assert early == [Stop(HostStopReason.DEPTH_OVERSHOOT)]
+    assert outcome.sent_early == tuple(c for c in outcome.commands if c.urgent)
+    assert outcome.urgent_commands == ()
+    assert Stop(HostStopReason.DEPTH_OVERSHOOT) in [c.message for c in outcome.commands]
+    assert [a.kind for a in outcome.audit] == [AuditKind.STOP, AuditKind.FAULT]
+
+
 def test_a_peak_depth_overshoot_between_samples_is_a_fault() -> None:
     bench = treating(zone="cheeks", depth=1000)
     pen = bench.pens[PORT]

@@ -21,7 +21,7 @@ journal does not know about.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,9 +90,17 @@ class SessionEvent:
     detail: Mapping[str, Any] = field(default_factory=dict)
 
 
+UrgentSink = Callable[[PenCommand], None]
+
+
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """The result of one input. Empty when nothing happened (most telemetry samples)."""
+    """The result of one input. Empty when nothing happened (most telemetry samples).
+
+    ``sent_early``: urgent commands already handed to the registry's urgent sink
+    while the outcome was being built (see SessionRegistry.urgent_sink); they are
+    in ``commands`` too, but not in ``urgent_commands``, so nobody sends them twice.
+    """
 
     commands: tuple[PenCommand, ...] = ()
     leases: tuple[LeaseDirective, ...] = ()
@@ -100,10 +108,11 @@ class Outcome:
     audit: tuple[AuditEntry, ...] = ()
     refusal: Refused | None = None
     state_changed: bool = False
+    sent_early: tuple[PenCommand, ...] = ()
 
     @property
     def urgent_commands(self) -> tuple[PenCommand, ...]:
-        return tuple(c for c in self.commands if c.urgent)
+        return tuple(c for c in self.commands if c.urgent and c not in self.sent_early)
 
     @property
     def other_commands(self) -> tuple[PenCommand, ...]:
@@ -120,6 +129,15 @@ class OutcomeBuilder:
     audit: list[AuditEntry] = field(default_factory=list)
     refusal: Refused | None = None
     state_changed: bool = False
+    urgent_sink: UrgentSink | None = None
+    sent_early: list[PenCommand] = field(default_factory=list)
+
+    def command(self, command: PenCommand) -> None:
+        """Add a command; an urgent one goes to the sink at once, if there is one."""
+        self.commands.append(command)
+        if command.urgent and self.urgent_sink is not None:
+            self.urgent_sink(command)
+            self.sent_early.append(command)
 
     def build(self) -> Outcome:
         return Outcome(
@@ -129,6 +147,7 @@ class OutcomeBuilder:
             audit=tuple(self.audit),
             refusal=self.refusal,
             state_changed=self.state_changed,
+            sent_early=tuple(self.sent_early),
         )
 
 

@@ -128,6 +128,7 @@ from .outcome import (
     OutcomeBuilder,
     PenCommand,
     SessionEvent,
+    UrgentSink,
 )
 from .records import FaultRecord, PassRecord, PenState, Session, ZoneOverride, ZoneProgress
 from .states import (
@@ -216,6 +217,11 @@ class SessionRegistry:
         self._ledger = CartridgeLedger()
         self._live_by_port: dict[str, str] = {}
         self._next_token = 1
+        #: Called with each Stop or Disarm the moment it is decided, before the rest
+        #: of the outcome (events, audit entries, state) is built: the runtime sends
+        #: it at once, so the safety reaction does not wait for the bookkeeping.
+        #: None (pure use, tests): urgent commands are only in the outcome.
+        self.urgent_sink: UrgentSink | None = None
 
     # === queries ==========================================================================
 
@@ -320,7 +326,7 @@ class SessionRegistry:
         was running (if any) is closed and counted. The pen stopped by itself
         within its lease. Only a therapist resumes, and arms again.
         """
-        out = OutcomeBuilder()
+        out = OutcomeBuilder(urgent_sink=self.urgent_sink)
         for pen in self._pens.values():
             pen.link = "down"
             pen.arm = ArmState.DISARMED
@@ -363,7 +369,7 @@ class SessionRegistry:
 
     def handle(self, action: Action, now: float) -> Outcome:
         """Apply one therapist or manager action. A refusal is in ``Outcome.refusal``."""
-        out = OutcomeBuilder()
+        out = OutcomeBuilder(urgent_sink=self.urgent_sink)
         if isinstance(action, CreateSession):
             self._create(out, action, now)
         else:
@@ -674,7 +680,7 @@ class SessionRegistry:
     def _disarm(self, out: OutcomeBuilder, session: Session, now: float) -> None:
         pen = self._pen(session.port)
         if pen.link == "up":
-            out.commands.append(PenCommand(session.port, Disarm()))
+            out.command(PenCommand(session.port, Disarm()))
             if pen.arm is not ArmState.DISARMED or pen.motor_running:
                 pen.stopping = True  # until the pen confirms with Disarmed
                 out.state_changed = True
@@ -907,7 +913,7 @@ class SessionRegistry:
 
     def pen_connected(self, port: str, identity: Identity, now: float) -> Outcome:
         """The handshake succeeded (``Connected``/``LinkUp``): the pen is identified."""
-        out = OutcomeBuilder()
+        out = OutcomeBuilder(urgent_sink=self.urgent_sink)
         pen = self._pen(port)
         serial = identity.serial_text
         known = (pen.serial, pen.boot_id)
@@ -936,13 +942,13 @@ class SessionRegistry:
 
     def link_down(self, port: str, reason: str, now: float) -> Outcome:
         """The link is gone (``LinkFailed``, ``LinkDown``). The pen stops within its lease."""
-        out = OutcomeBuilder()
+        out = OutcomeBuilder(urgent_sink=self.urgent_sink)
         self._lose_link(out, port, now, reason, "down")
         return out.build()
 
     def handshake_refused(self, port: str, reason: str, identity: Identity, now: float) -> Outcome:
         """The pen failed the handshake (protocol/schema mismatch): it must never be armed."""
-        out = OutcomeBuilder()
+        out = OutcomeBuilder(urgent_sink=self.urgent_sink)
         pen = self._pen(port)
         news = pen.link != "refused"
         self._lose_link(out, port, now, reason, "refused", audit=False)
@@ -967,7 +973,7 @@ class SessionRegistry:
 
     def pen_rebooted(self, port: str, previous: Identity, current: Identity, now: float) -> Outcome:
         """``PeerRebooted``: the pen announced a new boot id. Treatment never resumes by itself."""
-        out = OutcomeBuilder()
+        out = OutcomeBuilder(urgent_sink=self.urgent_sink)
         pen = self._pen(port)
         self._lose_link(out, port, now, "the pen restarted", "down", audit=False)
         pen.serial, pen.boot_id = current.serial_text, current.boot_id
@@ -981,7 +987,7 @@ class SessionRegistry:
         """A message from the pen (``MessageReceived.message``)."""
         if isinstance(message, Telemetry):
             return self._on_telemetry(port, message, now)
-        out = OutcomeBuilder()
+        out = OutcomeBuilder(urgent_sink=self.urgent_sink)
         session = self._live(port)
         match message:
             case MotorStarted():
@@ -1036,7 +1042,7 @@ class SessionRegistry:
         decision = check_telemetry(self._context(port, session), sample)
         if decision is None:
             return EMPTY  # the common case: nothing changes, nothing to journal
-        out = OutcomeBuilder()
+        out = OutcomeBuilder(urgent_sink=self.urgent_sink)
         self._stop_for(out, port, session, decision, now)
         return out.build()
 
@@ -1236,7 +1242,7 @@ class SessionRegistry:
                 return  # answers an older Arm; ours is still in flight (the link keeps order)
             # Armed under a lease we are not keeping: believe it, and take it back.
             pen.arm = arm_transition(pen.arm, ArmInput.PEN_ARMED)
-            out.commands.append(PenCommand(port, Disarm()))
+            out.command(PenCommand(port, Disarm()))
             pen.stopping = True
             return
         pen.arm = arm_transition(pen.arm, ArmInput.PEN_ARMED)
@@ -1388,7 +1394,7 @@ class SessionRegistry:
         decision = check_command(self._context(port, session), message)
         if isinstance(decision, Refused):
             return decision
-        out.commands.append(PenCommand(port, message))
+        out.command(PenCommand(port, message))
         return None
 
     def _stop(
@@ -1410,7 +1416,7 @@ class SessionRegistry:
         if pen.link == "up" and (
             always_send or force_record or pen.arm is not ArmState.DISARMED or pen.motor_running
         ):
-            out.commands.append(PenCommand(port, Stop(int(reason))))
+            out.command(PenCommand(port, Stop(int(reason))))
         out.leases.append(LeaseDirective(port, LeaseAction.STOP_RENEWING))
         if pen.stopping and not force_record:
             return
