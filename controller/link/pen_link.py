@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -179,6 +180,7 @@ class PenLink:
             )
         except (serial.SerialException, OSError, ValueError) as exc:
             return f"cannot open {self.config.url}: {exc}"
+        _read_without_select(transport.serial)
         self._transport = transport
         self._handshaken = False
         self._closed_future = loop.create_future()
@@ -291,3 +293,48 @@ class PenLink:
 
 def _nonce() -> int:
     return secrets.randbits(32) or 1
+
+
+def _read_without_select(port: Any) -> None:
+    """Make the port's read a single non-blocking read(2) or recv(2).
+
+    pyserial's read() calls select() before reading, although the event loop has
+    just said the descriptor is readable: a system call per frame wasted, and
+    select() cannot take descriptors numbered 1024 or more, which a controller
+    serving a few hundred pens reaches (three descriptors per port). A read that
+    finds the device gone raises SerialException, which the transport turns into
+    connection_lost, as pyserial's own read does.
+    """
+    sock = getattr(port, "_socket", None)
+    if sock is not None:  # socket:// (pyserial's socket port is non-blocking)
+
+        def read_socket(size: int = 1) -> bytes:
+            try:
+                data: bytes = sock.recv(size)
+            except BlockingIOError:
+                return b""
+            except OSError as exc:
+                raise serial.SerialException(f"read failed: {exc}") from exc
+            if not data:
+                raise serial.SerialException("the peer closed the connection")
+            return data
+
+        port.read = read_socket
+        return
+    fd = getattr(port, "fd", None)
+    if fd is None:
+        return  # another kind of port: keep pyserial's read
+
+    def read_fd(size: int = 1) -> bytes:
+        try:
+            data = os.read(fd, size)
+        except BlockingIOError:
+            return b""
+        except OSError as exc:
+            raise serial.SerialException(f"read failed: {exc}") from exc
+        if not data:
+            # With VMIN=1 (see _connect_once) "no data" is EAGAIN; 0 bytes is a hang-up.
+            raise serial.SerialException("the device hung up")
+        return data
+
+    port.read = read_fd
