@@ -51,6 +51,8 @@ from typing import Any
 
 import structlog
 
+from .api import UserStore, create_app
+from .api.server import ApiServer
 from .config import load_settings
 from .influx import InfluxClient, InfluxError, InfluxSettings
 from .logs import configure_logging
@@ -82,8 +84,7 @@ MQTT_USERS = {
     "controller": ("controller", "controller-demo-password"),
     "ingest": ("ingest", "ingest-demo-password"),
 }
-# Placeholders until the tablet API lands (controller/api/): what the tablet will use.
-TABLET_URL = "http://127.0.0.1:8080/"
+# The tablet API's demo users (api.demo_users); never enabled in a clinic.
 TABLET_USERS = (
     ("therapist", "demo-therapist"),
     ("manager", "demo-manager"),
@@ -116,6 +117,12 @@ def register(subparsers: Any) -> None:
         "--influx-port", type=int, default=8086, help="InfluxDB port, 0 = any free (default 8086)"
     )
     p.add_argument(
+        "--api-port",
+        type=int,
+        default=8080,
+        help="tablet API port; a taken port falls back to a free one (default 8080)",
+    )
+    p.add_argument(
         "--log-format",
         choices=("console", "json"),
         default="console" if sys.stderr.isatty() else "json",
@@ -139,6 +146,7 @@ def run_demo(args: argparse.Namespace) -> int:
         plan=args.plan,
         mqtt_port=args.mqtt_port,
         influx_port=args.influx_port,
+        api_port=args.api_port,
         duration=args.duration,
     )
     return asyncio.run(demo.run())
@@ -194,7 +202,9 @@ class Demo:
     plan: str = "full_face"
     mqtt_port: int = 1883
     influx_port: int = 8086
+    api_port: int = 8080
     duration: float | None = None
+    tablet_url: str = ""
     #: Use running servers instead of starting them: (broker port, InfluxDB URL).
     #: Tests pass their own; the broker must accept the demo's users (or anyone).
     external_servers: tuple[int, str] | None = None
@@ -238,7 +248,11 @@ class Demo:
             service = ControllerService(settings)
             if service.policy is None or service.policy.plan(self.plan) is None:
                 raise ValueError(f"no plan {self.plan!r} in the treatment policy")
+            api = _tablet_api(service, self.api_port)
             await service.start()
+            await api.start()
+            self.tablet_url = api.url + "/"
+            tasks.append(asyncio.create_task(_stop_api_when_cancelled(api)))
             self._banner(mqtt_port, influx_url, [(s.serial, s.address) for s in slots])
             tasks.append(asyncio.create_task(self._watch_first_data(influx_url)))
             tasks.append(asyncio.create_task(self._watch_ingest()))
@@ -367,7 +381,7 @@ class Demo:
             f"  MQTT broker      mqtt://127.0.0.1:{mqtt_port}  "
             f"(users {user}/{password}, {ingest_user}/{ingest_password})",
             f"  InfluxDB         {influx_url}  (database pen, InfluxQL on /query)",
-            f"  tablet           {TABLET_URL}  (API in progress; users "
+            f"  tablet           {self.tablet_url}  (users "
             + ", ".join(f"{u}/{p}" for u, p in TABLET_USERS)
             + ")",
         ]
@@ -377,9 +391,26 @@ class Demo:
             "stack up",
             mqtt=f"127.0.0.1:{mqtt_port}",
             influx=influx_url,
-            tablet=TABLET_URL,
+            tablet=self.tablet_url,
             pens=dict(pens),
         )
+
+
+def _tablet_api(service: ControllerService, port: int) -> ApiServer:
+    """The tablet API with the demo users, on ``port`` or, if that is taken, any free one."""
+    app = create_app(service, UserStore.demo())
+    try:
+        return ApiServer(app, "127.0.0.1", port)
+    except OSError:
+        log.warning("tablet port taken; using a free one", port=port)
+        return ApiServer(app, "127.0.0.1", 0)
+
+
+async def _stop_api_when_cancelled(api: ApiServer) -> None:
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await api.stop()
 
 
 class _Therapist:

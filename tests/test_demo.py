@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
+
 from controller.influx import InfluxClient, InfluxError, InfluxSettings
 from controller.stack.processes import free_port
 
@@ -65,7 +67,7 @@ async def influx_counts(url: str) -> dict[str, int]:
 
 def test_demo_fills_influxdb_and_sigterm_leaves_no_child(tmp_path: Path) -> None:
     state = tmp_path / "demo"
-    mqtt_port, influx_port = free_port(), free_port()
+    mqtt_port, influx_port, api_port = free_port(), free_port(), free_port()
     out = (tmp_path / "demo.out").open("wb")
     started = time.monotonic()
     demo = subprocess.Popen(
@@ -73,6 +75,7 @@ def test_demo_fills_influxdb_and_sigterm_leaves_no_child(tmp_path: Path) -> None
             *(PENCTL, "demo", "--state-dir", str(state)),
             *("--pens", "2", "--duration", "300", "--log-format", "json"),
             *("--mqtt-port", str(mqtt_port), "--influx-port", str(influx_port)),
+            *("--api-port", str(api_port)),
         ],
         stdout=out,
         stderr=subprocess.STDOUT,
@@ -102,6 +105,17 @@ def test_demo_fills_influxdb_and_sigterm_leaves_no_child(tmp_path: Path) -> None
         while b"first data in InfluxDB" not in (tmp_path / "demo.out").read_bytes():
             assert time.monotonic() < deadline, "the demo never reported its first data"
             time.sleep(0.05)
+
+        # The tablet is up, with the demo users it prints.
+        tablet = f"http://127.0.0.1:{api_port}"
+        assert f"{tablet}/".encode() in (tmp_path / "demo.out").read_bytes()
+        assert "<html" in httpx.get(f"{tablet}/", timeout=10).text.lower()
+        login = httpx.post(
+            f"{tablet}/api/login",
+            json={"username": "therapist", "password": "demo-therapist"},
+            timeout=10,
+        )
+        assert login.status_code == 200, login.text
 
         demo.send_signal(signal.SIGTERM)
         assert demo.wait(60) == 0, (tmp_path / "demo.out").read_text()[-3000:]
