@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, str] = {
     "bench": "controller.bench.cli",
     "audit": "controller.audit_cli",
     "serve": "controller.serve_cli",
+    "users": "controller.api.users",
     "ingest": "controller.ingest.cli",
     "demo": "controller.demo",
 }

@@ -1,4 +1,4 @@
-"""Manage the API users file: ``python -m controller.api.users add NAME --role R --file F``.
+"""Manage the API users file: ``penctl users add NAME --role R --file F``.
 
 The password is read from the terminal (or ``--password-stdin``), hashed with
 Argon2id and written with the rest of the file; no plain password is stored.
@@ -12,6 +12,7 @@ import getpass
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from controller.sessions import Role
 
@@ -27,8 +28,7 @@ def _password(args: argparse.Namespace) -> str:
     return first
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m controller.api.users", description=__doc__)
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     add = sub.add_parser("add", help="add or replace a user")
     add.add_argument("name")
@@ -38,7 +38,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     add.add_argument("--password-stdin", action="store_true")
     hsh = sub.add_parser("hash", help="print an Argon2id hash of a password")
     hsh.add_argument("--password-stdin", action="store_true")
-    args = parser.parse_args(argv)
+
+
+def register(subparsers: Any) -> None:
+    """Add ``penctl users`` to penctl's subparsers."""
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "users", help="manage the tablet API's users file", description=__doc__
+    )
+    _add_arguments(p)
+    p.set_defaults(handler=run)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m controller.api.users", description=__doc__)
+    _add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     password = _password(args)
     if not password:
         print("an empty password is not allowed", file=sys.stderr)
