@@ -9,7 +9,7 @@ Documents are JSON, keyed by (kind, id). ``synchronous=FULL``: a treatment
 record is worth an fsync, and the write rate is that of therapist actions and
 passes, not of telemetry.
 
-Backups: ``sqlite3 journal.db ".backup copy.db"`` (or ``penctl journal backup``)
+Backups: ``sqlite3 journal.db ".backup copy.db"`` (or :meth:`Journal.backup`)
 takes a consistent copy while the controller runs.
 """
 

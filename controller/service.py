@@ -25,9 +25,9 @@ from typing import Any
 
 import structlog
 
-from firmware_protocol import LinkConfig, LinkFailed, MessageReceived, NotReadyError
+from firmware_protocol import LinkFailed, MessageReceived, NotReadyError
 from firmware_protocol.connection import LinkBusyError
-from firmware_protocol.messages import Message, Telemetry
+from firmware_protocol.messages import Telemetry
 
 from .audit import AuditLog
 from .config import PenEndpoint, ServiceSettings
@@ -42,6 +42,7 @@ from .sessions import (
     EventKind,
     LeaseAction,
     Outcome,
+    PenCommand,
     SessionEvent,
     SessionRegistry,
 )
@@ -162,7 +163,6 @@ class ControllerService:
                 PenLinkConfig(
                     url=endpoint.url,
                     baudrate=self.settings.link.baudrate,
-                    protocol=LinkConfig(peer_silence_timeout=0.3),
                     reconnect_max=self.settings.link.reconnect_max_s,
                 ),
                 self._link_callback(port),
@@ -375,10 +375,10 @@ class ControllerService:
         for event in outcome.events:
             self._publish_event(event)
 
-    def _send(self, commands: Iterable[Any]) -> None:
+    def _send(self, commands: Iterable[PenCommand]) -> None:
         for command in commands:
             pen = self.pens.get(command.port)
-            message: Message = command.message
+            message = command.message
             if pen is None:
                 continue
             try:

@@ -46,6 +46,7 @@ class Rig:
     service: ControllerService
     slots: list[PenSlot]
     events: list[SessionEvent] = field(default_factory=list)
+    _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def pen(self, index: int = 0) -> SimulatedPen:
         return self.slots[index].pen
@@ -109,8 +110,6 @@ class Rig:
                     return found[n - 1]
                 await self._changed.wait()
                 self._changed.clear()
-
-    _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def _collect(self) -> None:
         sub = self.service.subscribe(maxsize=100_000)
