@@ -1,10 +1,13 @@
-"""Schemathesis against the tablet API's own OpenAPI document: no request gets a 5xx.
+"""Scenario: fuzzed tablet API requests. Schemathesis against the API's own OpenAPI
+document: no request gets a 5xx, and no rejected request changes any state.
 
 The cases come from schemathesis (positive and negative data, ``EXAMPLES`` per
 operation); they are sent to the app of a real controller whose simulated pen is
 connected over a pty, half of them aimed at a live session (so they get past
-"unknown session" to the registry and the safety gate) and most signed in. The
-counts are printed (``pytest -s``) and asserted.
+"unknown session" to the registry and the safety gate) and most signed in. Around
+every request the registry (sessions, pens, cartridges) and the journal are
+compared: a 4xx must leave both exactly as they were. The counts are recorded in
+reliability.json and asserted.
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ from controller.sessions import (
     StartSession,
 )
 
-from .controller_rig import eventually, start_rig, stop_rig
+from ..controller_rig import eventually, start_rig, stop_rig
+from .conftest import Record
+from .figures import Figures
 
 EXAMPLES = 25
 USERS = UserStore.demo()
@@ -89,7 +94,7 @@ async def live_session(service: ControllerService, sid: str | None) -> str:
     return sid
 
 
-async def test_no_request_gets_a_server_error(tmp_path: Path) -> None:
+async def test_no_request_gets_a_server_error(tmp_path: Path, record: Record) -> None:
     # Generate first, from the same document served by an idle controller: generation
     # is CPU-bound and would starve the pens' links if it ran beside them.
     idle = ControllerService(
@@ -108,6 +113,7 @@ async def test_no_request_gets_a_server_error(tmp_path: Path) -> None:
         sid: str | None = None
         statuses: dict[int, int] = {}
         failures: list[str] = []
+        changed_by_rejected: list[str] = []
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://tablet") as http:
             for index, case in enumerate(cases):
@@ -126,16 +132,61 @@ async def test_no_request_gets_a_server_error(tmp_path: Path) -> None:
                     kwargs["headers"] = {**headers, "Authorization": f"Bearer {token}"}
                 if "data" in kwargs:
                     kwargs["content"] = kwargs.pop("data")
+                # Let the pen confirm what earlier requests asked (a Stop, an Arm), so
+                # that only this request can change what is compared.
+                await eventually(lambda: _settled(service), within=2.0)
+                before = _state(service)
                 response = await http.request(**kwargs)
+                if 400 <= response.status_code < 500 and _state(service) != before:
+                    changed_by_rejected.append(f"{kwargs['method']} {kwargs['url']}")
                 statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
                 if response.status_code >= 500:
                     failures.append(f"{kwargs['method']} {kwargs['url']} -> {response.text}")
         total = sum(statuses.values())
         five_xx = sum(n for code, n in statuses.items() if code >= 500)
-        print(f"\nschemathesis: {total} requests, {five_xx} answered 5xx; by status {statuses}")
+        rejected = sum(n for code, n in statuses.items() if 400 <= code < 500)
+        figures = record(
+            Figures(
+                scenario="fuzzed API requests",
+                injected="schemathesis cases (positive and negative) for every operation, "
+                "a quarter with made-up credentials",
+                faults=total,
+                unit="requests",
+                sent=total,
+                received=total - five_xx,
+                detail={
+                    "by_status": dict(sorted(statuses.items())),
+                    "answered_5xx": five_xx,
+                    "rejected_4xx": rejected,
+                    "rejected_that_changed_state": len(changed_by_rejected),
+                    "examples_per_operation": EXAMPLES,
+                },
+            )
+        )
         assert total >= 20 * EXAMPLES
         assert failures == [], failures
+        assert figures.detail["answered_5xx"] == 0
+        assert changed_by_rejected == [], changed_by_rejected
         # The fuzz reached past authentication and validation to the controller itself.
         assert statuses.get(200, 0) > 50 and statuses.get(409, 0) > 10
     finally:
         await stop_rig(rig, collector)
+
+
+def _state(service: ControllerService) -> tuple[Any, Any]:
+    """Registry and journal, less each session's refusal count: a refused action is
+    recorded (product.md §4.8), which is the one change a rejected request may make."""
+
+    def strip(doc: dict[str, Any] | None) -> Any:
+        if doc is None:
+            return None
+        sessions = {k: {**v, "refusals": None} for k, v in doc["sessions"].items()}
+        return {**doc, "sessions": sessions}
+
+    return strip(service.registry.to_dict()), strip(service.journaled_registry())
+
+
+def _settled(service: ControllerService) -> bool:
+    pen = service.registry.pen("room1")
+    # A Stop to an armed pen is pending until it says Disarmed (a disarmed pen says nothing).
+    return pen.arm is ArmState.DISARMED or (pen.arm is ArmState.ARMED and not pen.stopping)
