@@ -24,6 +24,7 @@ from controller.telemetry.schema import (
     DeviceStatus,
     EventRecord,
     TelemetryBatch,
+    bundle_payload,
     device_topic,
     dump,
 )
@@ -39,6 +40,10 @@ def _batch(**kw: object) -> TelemetryBatch:
     fields: dict[str, object] = {"clinic": "north-1", "device": "PEN-7", "seq": 4, "samples": rows}
     fields.update(kw)
     return TelemetryBatch.model_validate(fields)
+
+
+def _bundle(controller: str) -> bytes:
+    return bundle_payload("north-1", controller, [dump(_batch())])
 
 
 def _event(kind: str = "pass_ended", **kw: object) -> EventRecord:
@@ -154,12 +159,29 @@ def test_status_point() -> None:
         ("pen/v1/c/device/d/firmware", b"{}", "unknown_topic"),
         ("pen/v2/c/device/d/telemetry", b"{}", "unknown_topic"),
         ("pen/v1/c/controller/x/status", b"{}", "unknown_topic"),
+        ("pen/v1/c/clinic/x/telemetry", b"{}", "unknown_topic"),
+        ("pen/v1/c/controller/x/telemetry", b'{"clinic":"c","controller":"x"}', "schema"),
+        ("pen/v1/north-1/controller/x/telemetry", _bundle("y"), "topic_mismatch"),
+        ("pen/v1/south/controller/x/telemetry", _bundle("x"), "topic_mismatch"),
+        (
+            "pen/v1/north-1/controller/x/telemetry",
+            bundle_payload("north-1", "x", [dump(_batch()), dump(_batch(clinic="south"))]),
+            "schema",
+        ),
     ],
 )
 def test_malformed_messages_are_classified(topic: str, payload: bytes, reason: str) -> None:
     with pytest.raises(MalformedMessage) as info:
         message_points(topic, payload)
     assert info.value.reason == reason
+
+
+def test_a_bundle_gives_the_points_of_its_batches() -> None:
+    one, two = _batch(), _batch(device="PEN-8", seq=9)
+    topic = "pen/v1/north-1/controller/ctl-1/telemetry"
+    points = message_points(topic, bundle_payload("north-1", "ctl-1", [dump(one), dump(two)]))
+    assert points.lines == telemetry_lines(one) + telemetry_lines(two)
+    assert points.newest_ts_ns == max(one.samples[-1][0], two.samples[-1][0])
 
 
 def test_message_points_newest_timestamp() -> None:

@@ -16,8 +16,9 @@ from paho.mqtt.properties import Properties
 
 from controller.config import MqttSettings
 from controller.stack.processes import ServerProcess
-from controller.telemetry.outbox import Outbox
-from controller.telemetry.publisher import TelemetryPublisher
+from controller.telemetry.outbox import NewMessage, Outbox
+from controller.telemetry.publisher import MAX_BUNDLE_BYTES, TelemetryPublisher
+from controller.telemetry.schema import TelemetryBatch, TelemetryBundle, device_topic, dump
 from firmware_protocol.messages import Telemetry
 
 
@@ -74,12 +75,24 @@ async def _running(*coros: Any) -> AsyncIterator[None]:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def _batches(messages: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The telemetry batches received, taken out of the controller's bundles."""
+    out = []
+    for topic, payload in messages:
+        if topic.endswith("/telemetry"):
+            assert "/controller/ctl/" in topic, "telemetry is published in bundles"
+            out.extend(payload["batches"])
+    return out
+
+
 def _unique_samples(messages: list[tuple[str, dict[str, Any]]]) -> set[tuple[int, ...]]:
     """Every sample once: a redelivered batch repeats rows, never adds new ones."""
-    return {tuple(r) for t, p in messages if t.endswith("/telemetry") for r in p["samples"]}
+    return {tuple(r) for b in _batches(messages) for r in b["samples"]}
 
 
 def _seqs(messages: list[tuple[str, dict[str, Any]]], stream: str) -> list[int]:
+    if stream == "telemetry":
+        return sorted({b["seq"] for b in _batches(messages)})
     return sorted({m["seq"] for t, m in messages if t.endswith("/" + stream)})
 
 
@@ -160,3 +173,44 @@ async def test_messages_nobody_subscribed_to_stay_in_the_outbox(
                 while outbox.counters.depth:  # noqa: ASYNC110
                     await asyncio.sleep(0.01)
     assert pub.counters.published >= 3
+
+
+def test_telemetry_rows_go_out_as_one_bundle_per_clinic(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "outbox.db")
+    pub = TelemetryPublisher(MqttSettings(), outbox, clinic_id="c1", controller_id="ctl")
+    for device in ("SIM-0001", "SIM-0002"):
+        pub.add_sample(device, _telemetry(1))
+    pub.flush()
+    pub.add_event("SIM-0001", "pass_started")
+    pub.add_sample("SIM-0001", _telemetry(2))
+    pub.flush()
+    # A batch another clinic's controller left in this outbox (a clinic id changed).
+    other = TelemetryBatch(clinic="c2", device="SIM-0009", seq=0, samples=[[1] * 10])
+    outbox.put(NewMessage(device_topic("pen/v1", "c2", "SIM-0009", "telemetry"), dump(other)))
+    rows = outbox.pending(100)
+    publications = pub._publications(rows)
+    assert [p.topic for p in publications] == [
+        "pen/v1/c1/controller/ctl/telemetry",
+        "pen/v1/c1/device/SIM-0001/events",
+        "pen/v1/c2/controller/ctl/telemetry",
+    ]
+    first = TelemetryBundle.model_validate_json(publications[0].payload)
+    assert [(b.device, b.seq) for b in first.batches] == [
+        ("SIM-0001", 0),
+        ("SIM-0002", 0),
+        ("SIM-0001", 1),
+    ]
+    assert sorted(r.id for p in publications for r in p.rows) == [r.id for r in rows]
+    assert TelemetryBundle.model_validate_json(publications[2].payload).batches == [other]
+
+
+def test_a_bundle_is_split_at_its_size_limit(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "outbox.db")
+    pub = TelemetryPublisher(
+        MqttSettings(), outbox, clinic_id="c1", controller_id="ctl", max_batch=3000
+    )
+    for i in range(6000):  # two batches of 3000 samples, ~180 KiB each
+        pub.add_sample("SIM-0001", _telemetry(i))
+    publications = pub._publications(outbox.pending(100))
+    assert [len(p.rows) for p in publications] == [1, 1]
+    assert all(len(p.payload) <= MAX_BUNDLE_BYTES for p in publications)

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Final, Literal, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from firmware_protocol.messages import TelemetryFlag
 
@@ -33,7 +33,8 @@ from ..telemetry.schema import (
     DeviceStatus,
     EventRecord,
     TelemetryBatch,
-    parse_device_topic,
+    TelemetryBundle,
+    parse_topic,
 )
 
 # Measurements (see docs/INFLUX_SCHEMA.md).
@@ -67,6 +68,8 @@ _EVENT_FIELDS: Final = frozenset(
     {"seq", "session", "therapist", "plan", "zone", "code", "message", "depth_ratio"}
 )
 
+_M = TypeVar("_M", bound=BaseModel)
+
 MalformedReason = Literal["bad_json", "schema", "unknown_topic", "topic_mismatch"]
 
 
@@ -88,13 +91,19 @@ class Points:
 
 
 def message_points(topic: str, payload: bytes, root: str = DEFAULT_ROOT) -> Points:
-    """Points of one device message; MalformedMessage if it cannot be ingested."""
-    parsed = parse_device_topic(topic, root)
+    """Points of one device or bundle message; MalformedMessage if it cannot be ingested."""
+    parsed = parse_topic(topic, root)
     if parsed is None:
-        raise MalformedMessage("unknown_topic", f"not a device topic under {root}/: {topic!r}")
-    clinic, device, stream = parsed
-    model: type[TelemetryBatch] | type[EventRecord] | type[DeviceStatus]
-    if stream == "telemetry":
+        raise MalformedMessage(
+            "unknown_topic", f"not a device or controller topic under {root}/: {topic!r}"
+        )
+    clinic, kind, ident, stream = parsed
+    model: type[TelemetryBatch] | type[EventRecord] | type[DeviceStatus] | type[TelemetryBundle]
+    if kind == "controller" and stream == "telemetry":
+        model = TelemetryBundle
+    elif kind == "controller":
+        raise MalformedMessage("unknown_topic", f"unknown controller stream in {topic!r}")
+    elif stream == "telemetry":
         model = TelemetryBatch
     elif stream == "events":
         model = EventRecord
@@ -102,8 +111,35 @@ def message_points(topic: str, payload: bytes, root: str = DEFAULT_ROOT) -> Poin
         model = DeviceStatus
     else:
         raise MalformedMessage("unknown_topic", f"unknown stream {stream!r} in {topic!r}")
+    record = _validate(model, payload)
+    # Tags come from the payload; a topic that disagrees is a producer bug (or a
+    # forged message) and must not file points under someone else's device.
+    if isinstance(record, TelemetryBundle):
+        if (record.clinic, record.controller) != (clinic, ident) or any(
+            b.clinic != clinic for b in record.batches
+        ):
+            raise MalformedMessage(
+                "topic_mismatch",
+                f"bundle is {record.clinic}/{record.controller}, topic says {clinic}/{ident}",
+            )
+        lines = [line for batch in record.batches for line in telemetry_lines(batch)]
+        newest = max(batch.samples[-1][0] for batch in record.batches)
+        return Points(lines, newest)
+    if (record.clinic, record.device) != (clinic, ident):
+        raise MalformedMessage(
+            "topic_mismatch",
+            f"payload is {record.clinic}/{record.device}, topic says {clinic}/{ident}",
+        )
+    if isinstance(record, TelemetryBatch):
+        return Points(telemetry_lines(record), max(row[0] for row in record.samples))
+    if isinstance(record, EventRecord):
+        return Points(event_lines(record), record.ts_ns)
+    return Points(status_lines(record), record.ts_ns)
+
+
+def _validate(model: type[_M], payload: bytes) -> _M:
     try:
-        record = model.model_validate_json(payload)
+        return model.model_validate_json(payload)
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_input=False)
         if errors and errors[0]["type"] == "json_invalid":
@@ -112,18 +148,6 @@ def message_points(topic: str, payload: bytes, root: str = DEFAULT_ROOT) -> Poin
             f"{'.'.join(str(p) for p in e['loc']) or '(payload)'}: {e['msg']}" for e in errors[:5]
         )
         raise MalformedMessage("schema", detail) from None
-    # Tags come from the payload; a topic that disagrees is a producer bug (or a
-    # forged message) and must not file points under someone else's device.
-    if (record.clinic, record.device) != (clinic, device):
-        raise MalformedMessage(
-            "topic_mismatch",
-            f"payload is {record.clinic}/{record.device}, topic says {clinic}/{device}",
-        )
-    if isinstance(record, TelemetryBatch):
-        return Points(telemetry_lines(record), max(row[0] for row in record.samples))
-    if isinstance(record, EventRecord):
-        return Points(event_lines(record), record.ts_ns)
-    return Points(status_lines(record), record.ts_ns)
 
 
 # --- telemetry ---------------------------------------------------------------------
@@ -136,48 +160,34 @@ _RUNNING = int(TelemetryFlag.MOTOR_RUNNING)
 _CONTACT = int(TelemetryFlag.SKIN_CONTACT)
 
 
-def _bool(value: int) -> str:
-    return "true" if value else "false"
-
-
 def telemetry_lines(batch: TelemetryBatch) -> list[str]:
     """One ``telemetry`` point per sample plus one ``telemetry_batches`` point.
 
-    This is the hot path (100 samples/s per pen), so the line is assembled
-    directly; tests prove it equal to :func:`controller.influx.format_line`.
+    This is the hot path (100 samples/s per pen), so the lines are assembled
+    directly; tests prove them equal to :func:`controller.influx.format_line`.
     """
-    head = f"{TELEMETRY},{_tags({'clinic': batch.clinic, 'device': batch.device})} "
+    tags = _tags({"clinic": batch.clinic, "device": batch.device})
+    head = f"{TELEMETRY},{tags} "
     context = ""
     if batch.session is not None:
         context += f",session={_string(batch.session)}"
     if batch.zone is not None:
         context += f",zone={_string(batch.zone)}"
-    lines = []
-    for row in batch.samples:
-        flags = row[_FLAGS]
-        lines.append(
-            f"{head}device_ms={row[_DEVICE_MS]}i,depth_set_um={row[_DEPTH_SET]}i,"
-            f"depth_um={row[_DEPTH]}i,speed_hz={row[_SPEED]}i,current_ma={row[_CURRENT]}i,"
-            f"temperature_c={row[_TEMP] / 100!r},battery_v={row[_BATTERY] / 1000!r},"
-            f"strokes={row[_STROKES]}i,flags={flags}i,armed={_bool(flags & _ARMED)},"
-            f"motor_running={_bool(flags & _RUNNING)},skin_contact={_bool(flags & _CONTACT)}"
-            f"{context} {row[_TS]}"
-        )
+    lines = [
+        f"{head}device_ms={row[_DEVICE_MS]}i,depth_set_um={row[_DEPTH_SET]}i,"
+        f"depth_um={row[_DEPTH]}i,speed_hz={row[_SPEED]}i,current_ma={row[_CURRENT]}i,"
+        f"temperature_c={row[_TEMP] / 100!r},battery_v={row[_BATTERY] / 1000!r},"
+        f"strokes={row[_STROKES]}i,flags={row[_FLAGS]}i,"
+        f"armed={'true' if row[_FLAGS] & _ARMED else 'false'},"
+        f"motor_running={'true' if row[_FLAGS] & _RUNNING else 'false'},"
+        f"skin_contact={'true' if row[_FLAGS] & _CONTACT else 'false'}"
+        f"{context} {row[_TS]}"
+        for row in batch.samples
+    ]
     first, last = batch.samples[0], batch.samples[-1]
-    batch_fields: dict[str, FieldValue] = {
-        "seq": batch.seq,
-        "samples": len(batch.samples),
-        "last_ts_ns": last[_TS],
-    }
-    _put(batch_fields, "session", batch.session)
-    _put(batch_fields, "zone", batch.zone)
     lines.append(
-        format_line(
-            TELEMETRY_BATCHES,
-            {"clinic": batch.clinic, "device": batch.device},
-            batch_fields,
-            first[_TS],
-        )
+        f"{TELEMETRY_BATCHES},{tags} seq={batch.seq}i,samples={len(batch.samples)}i,"
+        f"last_ts_ns={last[_TS]}i{context} {first[_TS]}"
     )
     return lines
 

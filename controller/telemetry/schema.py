@@ -9,6 +9,17 @@ v2 can run beside v1 on the same broker)::
     {root}/{clinic}/controller/{controller}/status
                                                  retained, JSON ControllerStatus;
                                                  the controller's last will says offline
+    {root}/{clinic}/controller/{controller}/telemetry
+                                                 JSON TelemetryBundle, QoS 1: the
+                                                 batches of several of its pens
+
+The controller publishes telemetry as bundles: a Python MQTT client spends
+~85-125 µs on every message however small (paho's packet and MQTT 5 property
+decoding, one event-loop turn each), which at 10 samples per pen-batch capped
+ingest at ~35 k samples/s; a bundle of a controller's pens for one 100 ms
+flush carries hundreds of samples for the same fixed cost. Each batch inside
+keeps its own device and ``seq``, so the per-device stream contract is
+unchanged; per-device telemetry topics are still accepted by ingest.
 
 Ids in topics and payloads are pseudonymous (pen serials, clinic and session
 ids, client references); never a name. Every telemetry and event stream carries
@@ -24,12 +35,14 @@ same InfluxDB points: writes are idempotent.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 SCHEMA_VERSION = 1
 DEFAULT_ROOT = "pen/v1"
+MAX_BUNDLE_BATCHES = 1000
 
 Identifier = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$")]
 
@@ -100,6 +113,25 @@ class TelemetryBatch(_Payload):
         return rows
 
 
+class TelemetryBundle(BaseModel):
+    """Telemetry batches of several pens of one controller, in one MQTT message."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    v: Literal[1] = 1
+    clinic: Identifier
+    controller: Identifier
+    batches: list[TelemetryBatch] = Field(min_length=1, max_length=MAX_BUNDLE_BATCHES)
+
+    @field_validator("batches")
+    @classmethod
+    def _one_clinic(cls, batches: list[TelemetryBatch]) -> list[TelemetryBatch]:
+        clinics = {b.clinic for b in batches}
+        if len(clinics) > 1:
+            raise ValueError(f"batches of several clinics: {sorted(clinics)}")
+        return batches
+
+
 class EventRecord(_Payload):
     """A session or safety event: passes, refusals, stops, overrides, faults."""
 
@@ -154,15 +186,39 @@ def controller_status_topic(root: str, clinic: str, controller: str) -> str:
     return f"{root}/{clinic}/controller/{controller}/status"
 
 
-def parse_device_topic(topic: str, root: str = DEFAULT_ROOT) -> tuple[str, str, str] | None:
-    """(clinic, device, stream) of a device topic, or None if it is not one."""
+def controller_telemetry_topic(root: str, clinic: str, controller: str) -> str:
+    return f"{root}/{clinic}/controller/{controller}/telemetry"
+
+
+TopicKind = Literal["device", "controller"]
+
+
+def parse_topic(topic: str, root: str = DEFAULT_ROOT) -> tuple[str, TopicKind, str, str] | None:
+    """(clinic, "device" or "controller", its id, stream) of a topic, or None."""
     prefix = root + "/"
     if not topic.startswith(prefix):
         return None
     parts = topic[len(prefix) :].split("/")
-    if len(parts) != 4 or parts[1] != "device":
+    if len(parts) != 4:
         return None
-    return parts[0], parts[2], parts[3]
+    clinic, kind, ident, stream = parts
+    if kind == "device":
+        return clinic, "device", ident, stream
+    if kind == "controller":
+        return clinic, "controller", ident, stream
+    return None
+
+
+def bundle_payload(clinic: str, controller: str, batches: Sequence[bytes]) -> bytes:
+    """A TelemetryBundle's JSON from already serialised TelemetryBatch payloads.
+
+    The outbox holds each batch as the JSON ``dump`` made of a validated model, so
+    splicing those bytes avoids parsing and serialising every sample again on the
+    controller's loop; tests prove the result a valid TelemetryBundle.
+    """
+    head = TelemetryBundle.model_construct(clinic=clinic, controller=controller, batches=[])
+    # '...,"batches":[]}' -> '...,"batches":[' + b1,b2,... + ']}'
+    return dump(head)[:-2] + b",".join(batches) + b"]}"
 
 
 def dump(model: BaseModel) -> bytes:
