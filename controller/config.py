@@ -49,6 +49,13 @@ class MqttSettings(_Section):
     username: str | None = None
     password: str | None = None
     topic_root: str = Field(default="pen/v1", min_length=1)
+    replay_s: float = Field(
+        default=5.0,
+        ge=0,
+        le=3600,
+        description="on reconnect, re-send what the broker acknowledged in its last seconds; "
+        "must exceed the broker's autosave_interval",
+    )
 
 
 class InfluxSection(_Section):

@@ -170,7 +170,7 @@ class ControllerService:
             self.pens[port] = _PenRuntime(port, endpoint, link)
         self.publisher: TelemetryPublisher | None = None
         if self.settings.mqtt.enabled:
-            self.outbox = Outbox(state / "outbox.db")
+            self.outbox = Outbox(state / "outbox.db", replay_s=self.settings.mqtt.replay_s)
             self.publisher = TelemetryPublisher(
                 self.settings.mqtt,
                 self.outbox,

@@ -102,3 +102,32 @@ def test_stream_numbers_are_gapless_and_survive_reopen(tmp_path: Path) -> None:
     assert box.next_seq("a") == 2
     box.put_sequenced([("a", build)])
     assert [m.payload for m in box.pending(10)] == [b"0", b"1", b"0", b"2"]
+
+
+def test_requeue_recent_puts_back_the_last_acknowledged_seconds(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db", replay_s=2.0)
+    box.put_many(_msg(i) for i in range(6))
+    ids = [m.id for m in box.pending(10)]
+    box.acknowledge(ids[:2], now=100.0)  # older than the window once the rest is acked
+    box.acknowledge(ids[2:4], now=105.0)
+    box.acknowledge(ids[4:5], now=106.5)
+    assert box.counters.depth == 1
+    box.close()
+    # Reopened much later (the broker was down a long time): the window is measured
+    # from the last acknowledgement, not from now.
+    box = Outbox(tmp_path / "o.db", replay_s=2.0)
+    assert box.requeue_recent() == 3
+    assert [m.topic for m in box.pending(10)] == ["t/2", "t/3", "t/4", "t/5"]
+    assert (box.counters.depth, box.counters.requeued) == (4, 3)
+    assert box.counters.bytes == 4 * len(b"payload-0000")
+    assert box.requeue_recent() == 0  # nothing acknowledged since
+    box.acknowledge([m.id for m in box.pending(10)], now=200.0)
+    assert box.counters.depth == 0
+
+
+def test_without_a_replay_window_acknowledged_means_gone(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db", replay_s=0)
+    box.put_many(_msg(i) for i in range(3))
+    box.acknowledge([m.id for m in box.pending(10)])
+    assert box.requeue_recent() == 0
+    assert box.pending(10) == []

@@ -17,11 +17,20 @@ counted: telemetry is *droppable*, events and session records are not. When full
 ``REJECT_NEW`` refuses new droppable messages instead. A non-droppable message
 always evicts droppable ones if it must, and is refused (counted, and reported
 to the caller) only when nothing droppable is left.
+
+A PUBACK is not the end of the story: Mosquitto acknowledges a message before it
+is on disk (it saves every ``autosave_interval``), so a broker killed right after
+acknowledging loses what it held for subscribers. Acknowledged messages are
+therefore kept for ``replay_s`` in a ``sent`` table, and ``requeue_recent()``
+(the publisher calls it on every connect) puts those acknowledged within
+``replay_s`` of the last acknowledgement back in the queue. Re-sending is
+harmless downstream, for the same reason as above.
 """
 
 from __future__ import annotations
 
 import enum
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +67,7 @@ class OutboxCounters:
     acknowledged: int = 0
     dropped_oldest: int = 0  # evicted by DROP_OLDEST or by a non-droppable message
     rejected: int = 0  # refused at put()
+    requeued: int = 0  # acknowledged messages put back by requeue_recent()
     depth: int = 0  # messages waiting now
     bytes: int = 0  # payload bytes waiting now
 
@@ -72,6 +82,16 @@ CREATE TABLE IF NOT EXISTS outbox (
     droppable INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS outbox_droppable ON outbox (droppable, id);
+CREATE TABLE IF NOT EXISTS sent (
+    id        INTEGER PRIMARY KEY,
+    topic     TEXT    NOT NULL,
+    payload   BLOB    NOT NULL,
+    qos       INTEGER NOT NULL,
+    retain    INTEGER NOT NULL,
+    droppable INTEGER NOT NULL,
+    acked_at  REAL    NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sent_acked_at ON sent (acked_at);
 CREATE TABLE IF NOT EXISTS stream_seq (
     stream TEXT PRIMARY KEY,
     next   INTEGER NOT NULL
@@ -90,10 +110,14 @@ class Outbox:
         max_bytes: int = 512 * 1024 * 1024,
         policy: OverflowPolicy = OverflowPolicy.DROP_OLDEST,
         durable_power_loss: bool = False,
+        replay_s: float = 5.0,
     ) -> None:
         if max_messages < 1 or max_bytes < 1:
             raise ValueError("outbox bounds must be positive")
+        if replay_s < 0:
+            raise ValueError("replay_s must not be negative")
         self.path = path
+        self.replay_s = replay_s
         self.max_messages = max_messages
         self.max_bytes = max_bytes
         self.policy = policy
@@ -182,10 +206,11 @@ class Outbox:
         ).fetchall()
         return [OutboxMessage(r[0], r[1], bytes(r[2]), r[3], bool(r[4])) for r in rows]
 
-    def acknowledge(self, ids: Sequence[int]) -> None:
-        """The broker has these: forget them."""
+    def acknowledge(self, ids: Sequence[int], now: float | None = None) -> None:
+        """The broker has these: move them to the replay window (or forget them)."""
         if not ids:
             return
+        now = time.time() if now is None else now
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         removed = 0
@@ -196,12 +221,54 @@ class Outbox:
                 f"SELECT COALESCE(SUM(LENGTH(payload)), 0) FROM outbox WHERE id IN ({marks})",
                 chunk,
             ).fetchone()[0]
+            if self.replay_s:
+                db.execute(
+                    "INSERT OR REPLACE INTO sent "
+                    "SELECT id, topic, payload, qos, retain, droppable, ? FROM outbox "
+                    f"WHERE id IN ({marks})",
+                    [now, *chunk],
+                )
             cur = db.execute(f"DELETE FROM outbox WHERE id IN ({marks})", chunk)
             removed += cur.rowcount
             self.counters.bytes -= int(size)
+        db.execute("DELETE FROM sent WHERE acked_at < ?", (now - self.replay_s,))
         db.execute("COMMIT")
         self.counters.depth -= removed
         self.counters.acknowledged += removed
+
+    def requeue_recent(self) -> int:
+        """Queue again what was acknowledged within ``replay_s`` of the last acknowledgement.
+
+        Measured from the last acknowledgement, not from now, so that a broker that
+        was down for longer than ``replay_s`` still gets the messages it acknowledged
+        just before it died. Returns how many messages were put back.
+        """
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            newest = db.execute("SELECT MAX(acked_at) FROM sent").fetchone()[0]
+            if newest is None:
+                db.execute("COMMIT")
+                return 0
+            since = float(newest) - self.replay_s
+            count, size = db.execute(
+                "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM sent WHERE acked_at >= ?",
+                (since,),
+            ).fetchone()
+            db.execute(
+                "INSERT INTO outbox (id, topic, payload, qos, retain, droppable) "
+                "SELECT id, topic, payload, qos, retain, droppable FROM sent WHERE acked_at >= ?",
+                (since,),
+            )
+            db.execute("DELETE FROM sent")  # older ones are past their window anyway
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self.counters.depth += int(count)
+        self.counters.bytes += int(size)
+        self.counters.requeued += int(count)
+        return int(count)
 
     # -- internals ----------------------------------------------------------------
 

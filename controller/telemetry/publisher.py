@@ -260,8 +260,16 @@ class TelemetryPublisher:
                         ts_ns=time.time_ns(),
                     )
                     await client.publish(status_topic, dump(online), qos=1, retain=True)
+                    # The broker may have died holding what it had acknowledged but
+                    # not saved yet (see outbox.py): send the last moments again.
+                    replayed = self.outbox.requeue_recent()
                     self.connected.set()
-                    log.info("mqtt connected", host=self.settings.host, port=self.settings.port)
+                    log.info(
+                        "mqtt connected",
+                        host=self.settings.host,
+                        port=self.settings.port,
+                        replayed=replayed,
+                    )
                     await _until_disconnected(client, self._drain(client))
             except aiomqtt.MqttError as exc:
                 self.connected.clear()

@@ -74,6 +74,7 @@ async def stream_through_outages(
                 # A pass while it is down: its events and samples must wait, not vanish.
                 await rig.one_pass(index=n % pens, hold=outage_s)
                 await bring_up()
+                await eventually(publisher.connected.is_set, 30, "publisher connected")
                 await eventually(_more_acked(worker, 20), 30, "flowing again")
             window = time.monotonic() - began
             for sid in sids:
