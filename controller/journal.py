@@ -1,9 +1,11 @@
 """The session journal: the controller's durable memory, in SQLite (WAL).
 
 Every state change of a session (zone selected, arming, a pass counted, a
-cartridge used, an override) is written here in the same turn that makes it,
-before the matching command goes to the pen. A controller killed at any moment
-therefore restarts knowing every session, pass count and cartridge exactly.
+cartridge used, an override) is written here, in the order the registry made
+them, and before any command that depends on it goes to the pen (an Arm waits
+for its cartridge record). A controller killed at any moment therefore restarts
+knowing every session, pass count and cartridge, up to the commits still queued
+on the writer thread when it died (a millisecond or so; see durable_writer.py).
 
 Documents are JSON, keyed by (kind, id). ``synchronous=FULL``: a treatment
 record is worth an fsync, and the write rate is that of therapist actions and
@@ -35,8 +37,12 @@ CREATE TABLE IF NOT EXISTS documents (
 """
 
 
+JournalRow = tuple[str, str, str, int]  # kind, id, JSON body, version
+
+
 class Journal:
-    """Durable JSON documents by kind and id. One owner; not thread-safe."""
+    """Durable JSON documents by kind and id. One owner; not thread-safe (the
+    service encodes on its event loop and writes on its DurableWriter thread)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -53,12 +59,21 @@ class Journal:
 
     def save_many(self, docs: list[tuple[str, str, Mapping[str, Any]]]) -> None:
         """Write several documents atomically (all or none survive a crash)."""
-        if not docs:
-            return
+        self.write(self.encode(docs))
+
+    def encode(self, docs: list[tuple[str, str, Mapping[str, Any]]]) -> list[JournalRow]:
+        """The rows ``write`` stores for ``docs``: serialised now, so the caller may
+        change its objects while another thread writes the rows."""
         rows = []
         for kind, doc_id, body in docs:
             self._version += 1
             rows.append((kind, doc_id, json.dumps(body, sort_keys=True), self._version))
+        return rows
+
+    def write(self, rows: list[JournalRow]) -> None:
+        """Store encoded rows in one transaction. Rows must be written in encode order."""
+        if not rows:
+            return
         with self._transaction():
             self._db.executemany(
                 "INSERT INTO documents (kind, id, body, updated) VALUES (?, ?, ?, ?) "

@@ -4,7 +4,9 @@ A thin asyncio shell around :class:`controller.sessions.SessionRegistry`, which
 makes every decision. This module only moves things: link events into the
 registry, and each resulting :class:`Outcome` out, in the order its contract
 demands (urgent Stop/Disarm first, then the journal and audit log, then other
-commands, leases and events).
+commands, leases and events). Journal and audit commits run on a DurableWriter
+thread, in order; an outcome whose commands depend on its record (an Arm on its
+cartridge being marked used) waits for the commit before sending them.
 
 The in-process interface the tablet API calls is the ``act`` family below:
 build an action, hand it over, get the session back or a ``ActionRefused``
@@ -14,6 +16,8 @@ carrying the therapist-readable reason.
 from __future__ import annotations
 
 import asyncio
+import collections
+import concurrent.futures
 import contextlib
 import gc
 import json
@@ -31,6 +35,7 @@ from firmware_protocol.messages import Telemetry
 
 from .audit import AuditLog
 from .config import PenEndpoint, ServiceSettings
+from .durable_writer import DurableWriter
 from .journal import Journal
 from .link import LinkDown, LinkUp, PenLink, PenLinkConfig
 from .link.pen_link import LinkEvent
@@ -113,6 +118,7 @@ class ServiceCounters:
     commands_unsent: int = 0
     journal_writes: int = 0
     audit_records: int = 0
+    durable_waits: int = 0  # outcomes whose commands waited for their commit
 
 
 class _Subscriber:
@@ -144,6 +150,12 @@ class ControllerService:
         state.mkdir(parents=True, exist_ok=True)
         self.journal = Journal(state / "journal.db")
         self.audit = AuditLog(state / "audit.db")
+        self.writer = DurableWriter()
+        # Events wait here for their outcome's commit; they leave in decision order.
+        self._pending_events: collections.deque[
+            tuple[concurrent.futures.Future[Any] | None, Callable[[], None]]
+        ] = collections.deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
         lease_ms = self.settings.link.lease_ms
         saved = self.journaled_registry()
         if saved is None:
@@ -188,6 +200,7 @@ class ControllerService:
 
     async def start(self) -> None:
         """Recover from the journal, then connect every pen (and the broker)."""
+        self._loop = asyncio.get_running_loop()
         self._execute(self.registry.recover(time.time()), None)
         # Everything built so far (modules, policy, registry) lives as long as the
         # process: take it out of the collector's sight, so a full collection walks
@@ -206,6 +219,8 @@ class ControllerService:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        self.writer.close()  # every queued record lands, then its events go out
+        self._publish_ready_events()
         if self.publisher is not None:
             self.publisher.flush()
             self.outbox.close()
@@ -238,12 +253,21 @@ class ControllerService:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[SessionEvent] = loop.create_future()
         waiter = (until, future)
-        self._waiters.append(waiter)
+
+        def listen() -> None:
+            if not future.done():
+                self._waiters.append(waiter)
+
+        # Events of earlier outcomes may still wait for their commit: start listening
+        # where this action's events begin, or an earlier answer would be taken for its.
+        self._pending_events.append((None, listen))
+        self._publish_ready_events()
         try:
             self.act(action)
             async with asyncio.timeout(within):
                 return await future
         finally:
+            future.cancel()
             with contextlib.suppress(ValueError):
                 self._waiters.remove(waiter)
 
@@ -358,11 +382,19 @@ class ControllerService:
         """
         self.counters.outcomes += 1
         self._send(outcome.urgent_commands)
+        commits: list[concurrent.futures.Future[Any]] = []
         if outcome.state_changed:
-            self._save_registry(port)
+            commits.append(self._save_registry(port))
         if outcome.audit:
-            self.audit.extend(outcome.audit)
-            self.counters.audit_records += len(outcome.audit)
+            entries = list(outcome.audit)
+            commits.append(self.writer.submit(lambda: self.audit.extend(entries), "audit"))
+            self.counters.audit_records += len(entries)
+        if commits and _depends_on_its_record(outcome):
+            # Blocking here keeps the order simple: nothing later can overtake these
+            # commands. A failed commit raises, and the commands are not sent.
+            self.counters.durable_waits += 1
+            for commit in commits:
+                commit.result()
         self._send(outcome.other_commands)
         for lease in outcome.leases:
             link = self.pens[lease.port].link if lease.port in self.pens else None
@@ -372,7 +404,29 @@ class ControllerService:
                 link.keep_armed(lease.token, lease.lease_ms or self.settings.link.lease_ms)
             else:
                 link.stop_renewing()
-        for event in outcome.events:
+        if outcome.events:
+            # Announced only once on disk: what a tablet has seen survives a crash.
+            last = commits[-1] if commits else None
+            events = tuple(outcome.events)
+            self._pending_events.append((last, lambda: self._publish_events(events)))
+            if last is not None and not last.done():
+                loop = self._loop
+                if loop is None:
+                    last.result()
+                else:
+                    last.add_done_callback(
+                        lambda _: loop.call_soon_threadsafe(self._publish_ready_events)
+                    )
+            self._publish_ready_events()
+
+    def _publish_ready_events(self) -> None:
+        """Publish queued events in decision order, up to the first not yet committed."""
+        queue = self._pending_events
+        while queue and (queue[0][0] is None or queue[0][0].done()):
+            queue.popleft()[1]()
+
+    def _publish_events(self, events: tuple[SessionEvent, ...]) -> None:
+        for event in events:
             self._publish_event(event)
 
     def _send(self, commands: Iterable[PenCommand]) -> None:
@@ -395,8 +449,16 @@ class ControllerService:
                     error=str(exc),
                 )
 
+    def sync_records(self) -> None:
+        """Wait until every journal and audit record decided so far is on disk."""
+        self.writer.call(lambda: None, "sync")
+
     def journaled_registry(self) -> dict[str, Any] | None:
-        """Reassemble what _save_registry stored piecewise (see SessionRegistry.to_parts)."""
+        """Reassemble what _save_registry stored piecewise (see SessionRegistry.to_parts),
+        once every record queued before the call has landed."""
+        return self.writer.call(self._read_journal, "journal read")
+
+    def _read_journal(self) -> dict[str, Any] | None:
         meta = self.journal.load(*REGISTRY_DOC)
         if meta is None:
             return None
@@ -407,7 +469,7 @@ class ControllerService:
             "ledger": self.journal.load_all("cartridge"),
         }
 
-    def _save_registry(self, port: str | None) -> None:
+    def _save_registry(self, port: str | None) -> concurrent.futures.Future[None]:
         """Journal what the input on ``port`` can have changed (None: everything live).
 
         Whole-registry snapshots grew with the clinic's history and stalled every
@@ -429,7 +491,8 @@ class ControllerService:
         docs += [("pen", p, body) for p, body in parts["pens"].items()]
         docs += [("session", sid, body) for sid, body in parts["sessions"].items()]
         docs += [("cartridge", cid, body) for cid, body in parts["ledger"].items()]
-        self.journal.save_many(docs)
+        rows = self.journal.encode(docs)
+        commit = self.writer.submit(lambda: self.journal.write(rows), "journal")
         for p in ports:
             live = registry.live_session_id(p)
             if live is None:
@@ -438,6 +501,7 @@ class ControllerService:
                 self._journaled_live[p] = live
         self.counters.journal_writes += 1
         self._refresh_tags(ports)
+        return commit
 
     def _refresh_tags(self, ports: Iterable[str]) -> None:
         for port in ports:
@@ -510,3 +574,16 @@ def _numeric(stats: dict[str, Any]) -> dict[str, int | float]:
     return {
         k: v for k, v in stats.items() if isinstance(v, int | float) and not isinstance(v, bool)
     }
+
+
+def _depends_on_its_record(outcome: Outcome) -> bool:
+    """Whether the outcome's commands may only leave once its records are durable.
+
+    An Arm (and the lease renewals that keep a pen armed) must never outrun the
+    record that the cartridge is used and the session armed: a crash in between
+    would let a restarted controller arm the same cartridge again. Urgent
+    Stop/Disarm never wait, and nor do outcomes with nothing to send.
+    """
+    return bool(outcome.other_commands) or any(
+        lease.action is LeaseAction.KEEP_RENEWING for lease in outcome.leases
+    )

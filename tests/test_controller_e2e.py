@@ -121,4 +121,5 @@ async def test_a_used_cartridge_never_arms_again(rig: Rig) -> None:
 
 
 def _audit(rig: Rig) -> list[AuditRecord]:
+    rig.service.sync_records()
     return read_records(rig.service.settings.state_dir / "audit.db")
