@@ -58,6 +58,7 @@ from .settings import IngestSettings
 log = structlog.get_logger(__name__)
 
 STATS_SCHEMA_VERSION = 1
+_PARSE_SLICE_LINES = 2_000  # lines parsed between yields to the event loop (~2 ms)
 
 
 class IngestError(RuntimeError):
@@ -96,6 +97,7 @@ class IngestCounters:
     messages: int = 0  # received from the broker
     acked: int = 0  # PUBACKs sent (each after its points were written or dead-lettered)
     points_written: int = 0  # lines InfluxDB accepted (a rewrite counts again)
+    written_at_ns: int = 0  # wall time InfluxDB accepted the last write (with points_written)
     batches: int = 0  # flushed batches
     write_retries: int = 0  # writes retried after InfluxUnavailable
     write_rejections: int = 0  # InfluxRejected answers (bisection steps included)
@@ -408,14 +410,23 @@ class IngestWorker:
                 await flushes.put(batch)
                 batch, points = [], 0
                 continue
+            unyielded = 0
             while True:  # take everything already waiting, up to the batch limits
                 received = self._parse(message)
                 if not batch:
                     deadline = loop.time() + cfg.batch_seconds
                 batch.append(received)
-                points += len(received.points.lines) if received.points else 0
+                lines = len(received.points.lines) if received.points else 0
+                points += lines
                 if len(batch) >= cfg.batch_messages or points >= cfg.batch_points:
                     break
+                unyielded += lines + 10
+                if unyielded >= _PARSE_SLICE_LINES:
+                    # Let the writer send the next batch the moment InfluxDB answers
+                    # the last one: parsing a whole batch in one go idled InfluxDB
+                    # for up to ~70 ms per write (ingest ratio 0.75 -> 0.9).
+                    await asyncio.sleep(0)
+                    unyielded = 0
                 try:
                     message = inbox.get_nowait()
                 except asyncio.QueueEmpty:
@@ -535,6 +546,7 @@ class IngestWorker:
         while True:
             try:
                 self.counters.points_written += await self._influx.write(lines)
+                self.counters.written_at_ns = time.time_ns()
                 return
             except InfluxUnavailable as exc:
                 problem = str(exc)
