@@ -42,8 +42,11 @@ lint: python-deps
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-bench: python-deps
-	$(VENV)/bin/penctl bench
+# Every figure of product.md section 10; the JSON also names the machine.
+# `make bench BENCH_ARGS=--quick` for the two-minute version.
+bench: deps
+	@mkdir -p var
+	$(VENV)/bin/penctl bench --json var/bench.json $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .hypothesis
