@@ -117,17 +117,18 @@ async def test_line_noise_both_ways_loses_nothing(tmp_path: Path, record: Record
                 },
             )
         )
+        why = f"figures: {figures}"  # a failing run says what it saw
         # The line really was damaged, both ways, enough to matter.
-        assert all(v > 0 for v in _faults(to_host).values())
-        assert sum(_faults(to_pen).values()) > 0  # commands and renews are few bytes
-        assert figures.detail["host_crc_errors"] > 0
+        assert all(v > 0 for v in _faults(to_host).values()), why
+        assert sum(_faults(to_pen).values()) > 0, why  # commands and renews are few bytes
+        assert figures.detail["host_crc_errors"] > 0, why
         # Nothing reliable was lost or doubled: passes, strokes, commands.
-        assert (figures.lost, figures.duplicated) == (0, 0)
-        assert figures.received == figures.sent == PASSES
-        assert [int(e.detail["strokes"]) for e in ended] == seen.pass_strokes()
-        assert commands_once, "a command was lost or applied twice"
-        assert telemetry_accounted, "a telemetry frame was lost uncounted or delivered twice"
-        assert figures.detail["telemetry_lost_counted"] > 0  # the loss was seen and counted
-        assert link.connects == 1  # the link rode through the noise
+        assert (figures.lost, figures.duplicated) == (0, 0), why
+        assert figures.received == figures.sent == PASSES, why
+        assert [int(e.detail["strokes"]) for e in ended] == seen.pass_strokes(), why
+        assert commands_once, f"a command was lost or applied twice; {why}"
+        assert telemetry_accounted, f"a telemetry frame lost uncounted or delivered twice; {why}"
+        assert figures.detail["telemetry_lost_counted"] > 0, why  # the loss was counted
+        assert link.connects == 1, why  # the link rode through the noise
     finally:
         await stop_rig(rig, collector)
