@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import logging
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -92,7 +93,14 @@ def _table(results: list[BenchResult]) -> Table:
     return table
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    # Unwinds like Ctrl-C, so each benchmark's finally stops the servers it started
+    # (they run in their own sessions and would outlive a plain SIGTERM).
+    raise SystemExit(128 + signum)
+
+
 def main(args: argparse.Namespace) -> int:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     # The controller under test logs each session event; at benchmark rates that
     # would measure the terminal. Warnings still show.
     configure_logging("console", logging.WARNING)
