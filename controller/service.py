@@ -450,8 +450,10 @@ class ControllerService:
                 )
 
     def sync_records(self) -> None:
-        """Wait until every journal and audit record decided so far is on disk."""
+        """Wait until every journal and audit record decided so far is on disk, and
+        publish the events that were waiting for them."""
         self.writer.call(lambda: None, "sync")
+        self._publish_ready_events()
 
     def journaled_registry(self) -> dict[str, Any] | None:
         """Reassemble what _save_registry stored piecewise (see SessionRegistry.to_parts),

@@ -28,6 +28,7 @@ async def test_every_sample_and_event_lands_once(
             rig.runner.close()  # the pens go away: no more telemetry after this point
             for pen in rig.service.pens.values():
                 await pen.link.close()
+            rig.service.sync_records()  # the last events (links down) are published
             publisher = rig.service.publisher
             assert publisher is not None
             publisher.flush()

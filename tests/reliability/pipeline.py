@@ -83,6 +83,7 @@ async def stream_through_outages(
             rig.runner.close()  # the pens go away: no more telemetry after this point
             for pen in rig.service.pens.values():
                 await pen.link.close()
+            rig.service.sync_records()  # the last events (links down) are published
             publisher.flush()
             await eventually(lambda: outbox.counters.depth == 0, within=30)
             samples, events = rig.service.counters.telemetry, publisher.counters.events
