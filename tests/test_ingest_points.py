@@ -168,6 +168,11 @@ def test_status_point() -> None:
             bundle_payload("north-1", "x", [dump(_batch()), dump(_batch(clinic="south"))]),
             "schema",
         ),
+        (
+            "pen/v1/north-1/controller/x/telemetry",
+            bundle_payload("north-1", "x", [dump(_batch(clinic="south"))]),
+            "schema",
+        ),
     ],
 )
 def test_malformed_messages_are_classified(topic: str, payload: bytes, reason: str) -> None:

@@ -59,6 +59,7 @@ log = structlog.get_logger(__name__)
 
 STATS_SCHEMA_VERSION = 1
 _PARSE_SLICE_LINES = 2_000  # lines parsed between yields to the event loop (~2 ms)
+_PARSE_MESSAGE_LINES = 10  # what parsing one message costs besides its lines, in lines
 
 
 class IngestError(RuntimeError):
@@ -420,7 +421,7 @@ class IngestWorker:
                 points += lines
                 if len(batch) >= cfg.batch_messages or points >= cfg.batch_points:
                     break
-                unyielded += lines + 10
+                unyielded += lines + _PARSE_MESSAGE_LINES
                 if unyielded >= _PARSE_SLICE_LINES:
                     # Let the writer send the next batch the moment InfluxDB answers
                     # the last one: parsing a whole batch in one go idled InfluxDB

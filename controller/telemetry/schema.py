@@ -38,7 +38,7 @@ import re
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 SCHEMA_VERSION = 1
 DEFAULT_ROOT = "pen/v1"
@@ -123,13 +123,12 @@ class TelemetryBundle(BaseModel):
     controller: Identifier
     batches: list[TelemetryBatch] = Field(min_length=1, max_length=MAX_BUNDLE_BATCHES)
 
-    @field_validator("batches")
-    @classmethod
-    def _one_clinic(cls, batches: list[TelemetryBatch]) -> list[TelemetryBatch]:
-        clinics = {b.clinic for b in batches}
-        if len(clinics) > 1:
-            raise ValueError(f"batches of several clinics: {sorted(clinics)}")
-        return batches
+    @model_validator(mode="after")
+    def _batches_of_its_clinic(self) -> TelemetryBundle:
+        others = sorted({b.clinic for b in self.batches} - {self.clinic})
+        if others:
+            raise ValueError(f"a bundle of clinic {self.clinic} holds batches of {others}")
+        return self
 
 
 class EventRecord(_Payload):
