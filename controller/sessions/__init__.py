@@ -28,6 +28,20 @@ How a runtime drives it (``controller/service.py`` does exactly this):
 
 The registry is not thread-safe: call it from one thread (the event loop).
 State tables: ``states.py``. Contract and safety properties: ``registry.py``.
+
+The parts, each one responsibility:
+
+=================  ==================================================================
+``registry.py``    the facade: one method per input, each builds a Step and returns
+                   its Outcome
+``store.py``       sessions, pens, the cartridge ledger; persistence
+``step.py``        one input being processed: gate context, send, audit, event, refuse
+``therapist.py``   therapist and manager actions, dispatched from a table by type
+``pen_events.py``  link events and pen messages, dispatched from a table by type
+``enforcement.py`` stop, fault, the life-cycle table, re-checks, link loss, passes
+``wording.py``     every sentence the therapist reads that the registry writes
+``report.py``      the end-of-session report
+=================  ==================================================================
 """
 
 from .actions import (

@@ -1,0 +1,298 @@
+"""The enforcement rules: stop, fault, fire a life-cycle input, re-check, lose a link, close a pass.
+
+Shared by therapist actions (``therapist.py``) and pen events
+(``pen_events.py``); each is a function of the :class:`~.step.Step` being
+processed. The safety properties they keep are listed in ``registry.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from controller.audit import AuditKind
+from controller.safety.context import SessionState
+from controller.safety.gate import RefusalReason, arming_refusal
+from controller.safety.monitor import StopDecision
+from firmware_protocol.messages import HostStopReason, Stop
+
+from .outcome import EventKind, LeaseAction, LeaseDirective, PenCommand
+from .records import FaultRecord, Session
+from .states import ArmInput, ArmState, SessionInput, arm_transition, session_transition
+from .step import Step
+
+#: Why the controller stops a pen that left ACTIVE, by the state it went to.
+STOP_ON_LEAVING: Final = {
+    SessionState.PAUSED: HostStopReason.THERAPIST,
+    SessionState.INTERRUPTED: HostStopReason.LINK_LOSS,
+    SessionState.FAULTED: HostStopReason.FAULT,
+    SessionState.ENDED: HostStopReason.SESSION_END,
+}
+
+
+def stop(
+    step: Step,
+    port: str,
+    session: Session | None,
+    reason: HostStopReason,
+    message: str,
+    remediation: str,
+    details: dict[str, Any],
+    *,
+    always_send: bool = False,
+    force_record: bool = False,
+) -> None:
+    """Send Stop(reason), stop renewing, and record the stop once per stopping."""
+    pen = step.pen(port)
+    out = step.out
+    if pen.link == "up" and (
+        always_send or force_record or pen.arm is not ArmState.DISARMED or pen.motor_running
+    ):
+        out.command(PenCommand(port, Stop(int(reason))))
+    out.leases.append(LeaseDirective(port, LeaseAction.STOP_RENEWING))
+    if pen.stopping and not force_record:
+        return
+    pen.stopping = True
+    out.state_changed = True
+    step.event(
+        EventKind.STOP_SENT,
+        session,
+        port=port,
+        reason=reason.name.lower(),
+        message=message,
+    )
+    step.audit(
+        AuditKind.STOP,
+        session,
+        port,
+        message,
+        remediation,
+        {"reason": reason.name.lower(), **details},
+    )
+
+
+def stop_for(step: Step, port: str, session: Session | None, decision: StopDecision) -> None:
+    """Carry out the monitor's decision: stop now, and fault the session if it is a fault."""
+    stop(
+        step,
+        port,
+        session,
+        decision.reason,
+        decision.message,
+        decision.remediation,
+        dict(decision.details),
+        always_send=True,
+    )
+    if decision.is_fault and session is not None:
+        fault(
+            step,
+            session,
+            decision.reason.name.lower(),
+            decision.message,
+            decision.remediation,
+        )
+
+
+def fault(
+    step: Step,
+    session: Session,
+    kind: str,
+    detail: str,
+    remediation: str,
+    *,
+    event: SessionInput = SessionInput.SAFETY_FAULT,
+) -> None:
+    """Move the session to FAULTED (if the table allows) and record the fault once."""
+    # The same fault reported twice (MotorStopped then Disarmed) is recorded once.
+    is_new = session.fault is None or session.fault.kind != kind
+    transitioned = fire(step, session, event, detail)
+    if session.state is SessionState.FAULTED and session.fault is None:
+        session.fault = FaultRecord(kind=kind, detail=detail, at=step.now)
+        step.out.state_changed = True
+    if transitioned or is_new:
+        step.audit(
+            AuditKind.FAULT,
+            session,
+            session.port,
+            detail,
+            remediation,
+            {"fault_kind": kind, "state": str(session.state)},
+        )
+        step.event(
+            EventKind.FAULT,
+            session,
+            kind=kind,
+            message=detail,
+            remediation=remediation,
+        )
+
+
+def fire(step: Step, session: Session, event: SessionInput, why: str) -> bool:
+    """Apply the life-cycle table; stop the pen when leaving ACTIVE (Rule 4)."""
+    new = session_transition(session.state, event)
+    if new is None or new is session.state:
+        return False
+    old, session.state = session.state, new
+    step.out.state_changed = True
+    step.event(
+        EventKind.STATE_CHANGED,
+        session,
+        previous=str(old),
+        state=str(new),
+        input=str(event),
+        why=why,
+    )
+    if new is not SessionState.ACTIVE:
+        pen = step.pen(session.port)
+        if not pen.stopping and (pen.arm is not ArmState.DISARMED or pen.motor_running):
+            stop(
+                step,
+                session.port,
+                session,
+                STOP_ON_LEAVING.get(new, HostStopReason.OTHER),
+                f"The needle was stopped because the session is now {new}.",
+                "",
+                {"state": str(new)},
+            )
+    return True
+
+
+def enforce(step: Step, port: str) -> None:
+    """Stop a pen that may be armed or running but would no longer be allowed to arm."""
+    pen = step.pen(port)
+    if pen.link != "up" or pen.stopping:
+        return
+    if pen.arm is ArmState.DISARMED and not pen.motor_running:
+        return
+    session = step.live(port)
+    ctx = step.context(port, session)
+    refusal = arming_refusal(ctx)
+    if refusal is None:
+        return
+    stop(
+        step,
+        port,
+        session,
+        _stop_reason_for(refusal.code, ctx.session_state),
+        f"The pen was stopped: {refusal.message}",
+        refusal.remediation,
+        {"code": str(refusal.code)},
+    )
+
+
+def lose_link(step: Step, port: str, reason: str, link: str, *, audit: bool = True) -> None:
+    """The link is gone (or refused): the pen stops within its lease; the session is
+    interrupted and its pass in progress counted."""
+    pen = step.pen(port)
+    out = step.out
+    was_up = pen.link == "up"
+    pen.link = link
+    pen.arm = arm_transition(pen.arm, ArmInput.LINK_LOST)
+    pen.lease_token = None
+    pen.motor_running = pen.stopping = False
+    out.state_changed = True
+    out.leases.append(LeaseDirective(port, LeaseAction.STOP_RENEWING))
+    if was_up:
+        step.event(EventKind.PEN_DISCONNECTED, None, port=port, reason=reason)
+    session = step.live(port)
+    if session is None or session.pen_serial is None:
+        return
+    close_pass(step, session, "link_lost")
+    if fire(step, session, SessionInput.LINK_LOST, reason) and audit:
+        step.audit(
+            AuditKind.FAULT,
+            session,
+            port,
+            f"The connection to the pen was lost ({reason}). The pen stops by itself "
+            "within its lease; the session is interrupted.",
+            "Check that the pen is on and connected, then tap Resume and arm again.",
+            {"fault_kind": "link_lost"},
+        )
+
+
+def check_identity(step: Step, session: Session, *, news: bool) -> None:
+    """A bound session whose pen changed serial or boot id is a fault (§4.7)."""
+    pen = step.pen(session.port)
+    if session.pen_serial is None:
+        return
+    if pen.serial != session.pen_serial:
+        event, kind = SessionInput.PEN_REPLACED, "pen_replaced"
+        detail = (
+            f"A different pen ({pen.serial}) is connected in place of this session's pen "
+            f"({session.pen_serial})."
+        )
+        remediation = "Reconnect the session's own pen and acknowledge, or end the session."
+    elif pen.boot_id != session.pen_boot_id:
+        event, kind = SessionInput.PEN_REBOOTED, "pen_rebooted"
+        detail = "The pen restarted during the session."
+        remediation = "Check the pen and the client, then acknowledge the fault and arm again."
+    else:
+        return
+    close_pass(step, session, kind)
+    # A restarted or different pen does not hold the depth approved for this session.
+    session.depth_setpoint_um = None
+    session.speed_hz = None
+    transitioned = fire(step, session, event, detail)
+    if session.state is SessionState.FAULTED and session.fault is None:
+        session.fault = FaultRecord(kind=kind, detail=detail, at=step.now)
+    if news or transitioned:
+        step.audit(
+            AuditKind.FAULT,
+            session,
+            session.port,
+            detail,
+            remediation,
+            {"fault_kind": kind, "serial": pen.serial, "boot_id": pen.boot_id},
+        )
+        step.event(
+            EventKind.FAULT,
+            session,
+            kind=kind,
+            message=detail,
+            remediation=remediation,
+        )
+
+
+def close_pass(
+    step: Step,
+    session: Session,
+    reason: str,
+    *,
+    strokes: int | None = None,
+    peak_depth_um: int | None = None,
+) -> None:
+    """End the pass in progress, if any, and count it (Rule 6)."""
+    record = session.current_pass
+    if record is None:
+        return
+    record.ended_at = step.now
+    record.strokes = strokes
+    record.peak_depth_um = peak_depth_um
+    record.end_reason = reason
+    session.passes.append(record)
+    session.current_pass = None
+    zone = session.zones[record.zone_id]
+    zone.passes_done += 1
+    step.out.state_changed = True
+    step.event(
+        EventKind.PASS_ENDED,
+        session,
+        zone_id=zone.zone_id,
+        number=record.number,
+        passes_done=zone.passes_done,
+        max_passes=zone.max_passes,
+        reason=reason,
+        strokes=strokes,
+        peak_depth_um=peak_depth_um,
+    )
+
+
+def _stop_reason_for(code: RefusalReason, state: SessionState | None) -> HostStopReason:
+    if code is RefusalReason.ZONE_PASSES_USED:
+        return HostStopReason.PASS_LIMIT
+    if code is RefusalReason.SESSION_NOT_ACTIVE:
+        return STOP_ON_LEAVING.get(state, HostStopReason.OTHER) if state else HostStopReason.OTHER
+    if code in (RefusalReason.LINK_DOWN, RefusalReason.WRONG_PEN, RefusalReason.PEN_NOT_VERIFIED):
+        return HostStopReason.LINK_LOSS
+    if code is RefusalReason.FAULT_UNRESOLVED:
+        return HostStopReason.FAULT
+    return HostStopReason.OTHER

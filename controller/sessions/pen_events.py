@@ -1,0 +1,395 @@
+"""What the pen and its link say: link up/down/refused/rebooted and the pen's messages.
+
+Pen messages are dispatched from ``PEN_MESSAGE_HANDLERS``, a table keyed by
+message type (in the manner of Klipper's ``serialhdl.py``). A message type
+with no row is an explicit no-op (``_ignore``), never silence by accident.
+Telemetry is not in the table: it is the hot path and goes straight to the
+monitor (``on_telemetry``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Final
+
+from controller.audit import AuditKind
+from controller.safety.context import CartridgeStatus
+from controller.safety.gate import RefusalReason, format_mm
+from controller.safety.monitor import StopDecision
+from firmware_protocol.messages import (
+    FAULT_REASONS,
+    Arm,
+    Armed,
+    CartridgeInserted,
+    CartridgeRemoved,
+    CommandRefused,
+    Disarm,
+    Disarmed,
+    HostStopReason,
+    Identity,
+    Message,
+    MotorStarted,
+    MotorStopped,
+    QueryStatus,
+    RefusalCode,
+    Renew,
+    SetDepth,
+    SetLiftOffGrace,
+    SetTelemetryRate,
+    Status,
+    StopReason,
+)
+
+from . import wording
+from .enforcement import check_identity, close_pass, enforce, fault, lose_link, stop, stop_for
+from .outcome import EventKind, LeaseAction, LeaseDirective, PenCommand
+from .records import PassRecord, Session
+from .states import ArmInput, ArmState, arm_transition
+from .step import Step
+
+# --- the link --------------------------------------------------------------------------
+
+
+def pen_connected(step: Step, port: str, identity: Identity) -> None:
+    """The handshake succeeded: the pen is identified. Configure it and ask its state."""
+    pen = step.pen(port)
+    serial = identity.serial_text
+    known = (pen.serial, pen.boot_id)
+    if known != (serial, identity.boot_id):
+        pen.cartridge_id = None  # a different pen, or it restarted: ask, do not assume
+    pen.link = "up"
+    pen.serial, pen.boot_id = serial, identity.boot_id
+    pen.firmware = identity.firmware_version
+    pen.max_depth_um = identity.max_depth_um or None
+    pen.max_lease_ms = identity.max_lease_ms or None
+    pen.arm, pen.lease_token = ArmState.DISARMED, None
+    pen.motor_running = pen.stopping = False
+    step.out.state_changed = True
+    step.event(EventKind.PEN_CONNECTED, None, port=port, serial=serial)
+    session = step.live(port)
+    if session is not None:
+        check_identity(step, session, news=known != (serial, identity.boot_id))
+    for message in (
+        SetLiftOffGrace(step.policy.lift_off_grace_ms),
+        SetTelemetryRate(step.policy.telemetry_rate_hz),
+        QueryStatus(),
+    ):
+        step.send(port, session, message)
+    enforce(step, port)
+
+
+def link_down(step: Step, port: str, reason: str) -> None:
+    """The link is gone. The pen stops within its lease."""
+    lose_link(step, port, reason, "down")
+
+
+def handshake_refused(step: Step, port: str, reason: str, identity: Identity) -> None:
+    """The pen failed the handshake (protocol/schema mismatch): it must never be armed."""
+    pen = step.pen(port)
+    news = pen.link != "refused"
+    lose_link(step, port, reason, "refused", audit=False)
+    pen.serial, pen.boot_id = identity.serial_text, identity.boot_id
+    if news:
+        step.audit(
+            AuditKind.REFUSAL,
+            step.live(port),
+            port,
+            f"Pen {identity.serial_text} failed its identity check and will not be armed: {reason}",
+            "Do not use this pen. Ask a manager to update the pen firmware or the controller.",
+            {
+                "code": str(RefusalReason.PEN_NOT_VERIFIED),
+                "firmware": identity.firmware_version,
+            },
+        )
+
+
+def pen_rebooted(step: Step, port: str, current: Identity) -> None:
+    """The pen announced a new boot id. Treatment never resumes by itself."""
+    pen = step.pen(port)
+    lose_link(step, port, "the pen restarted", "down", audit=False)
+    pen.serial, pen.boot_id = current.serial_text, current.boot_id
+    pen.cartridge_id = None
+    session = step.live(port)
+    if session is not None:
+        check_identity(step, session, news=True)
+
+
+# --- pen messages ----------------------------------------------------------------------
+
+
+def pen_message(step: Step, port: str, message: Message) -> bool:
+    """Apply one reliable message from the pen. False: nothing happened (no outcome)."""
+    handler = PEN_MESSAGE_HANDLERS.get(type(message), _ignore)
+    if handler is _ignore:
+        return False
+    handler(step, port, step.live(port), message)
+    enforce(step, port)
+    return True
+
+
+def _on_motor_started(step: Step, port: str, session: Session | None, message: Any) -> None:
+    assert isinstance(message, MotorStarted)
+    pen = step.pen(port)
+    pen.motor_running = True
+    pen.stopping = False  # a new run: a stop for it is news
+    step.out.state_changed = True
+    if session is None or session.current_zone is None:
+        stop(
+            step,
+            port,
+            session,
+            HostStopReason.FAULT,
+            "The pen started without a treatment session and zone. The needle was stopped.",
+            "Start a session and choose a zone before treating.",
+            {"depth_set_um": message.depth_set_um},
+        )
+        return
+    zone = session.zones[session.current_zone]
+    if session.current_pass is not None:  # a stop we never heard of: count it
+        close_pass(step, session, "missed_stop")
+    session.current_pass = PassRecord(
+        zone_id=zone.zone_id,
+        number=zone.passes_done + 1,
+        cartridge_id=pen.cartridge_id,
+        depth_setpoint_um=session.depth_setpoint_um,
+        started_at=step.now,
+        start_strokes=message.strokes,
+    )
+    step.event(
+        EventKind.PASS_STARTED,
+        session,
+        zone_id=zone.zone_id,
+        number=zone.passes_done + 1,
+        max_passes=zone.max_passes,
+    )
+    cartridge = pen.cartridge_id
+    ledger = step.store.ledger
+    if cartridge is not None:
+        status = ledger.status(cartridge, session.session_id)
+        if ledger.mark_used(cartridge, session.session_id, step.now):
+            session.cartridges_used.append(cartridge)
+        elif status is not CartridgeStatus.THIS_SESSION:
+            stop(
+                step,
+                port,
+                session,
+                HostStopReason.FAULT,
+                f"The pen ran with cartridge {cartridge}, which may not be used for this "
+                "client. The needle was stopped.",
+                "Discard the cartridge, inspect the client's skin, and insert a new sterile "
+                "cartridge.",
+                {"cartridge_id": cartridge, "status": str(status)},
+            )
+            fault(
+                step,
+                session,
+                "cartridge",
+                "A used cartridge ran on this client.",
+                "Insert a new sterile cartridge, then acknowledge the fault.",
+            )
+    if message.depth_set_um > zone.max_depth_um:
+        decision = StopDecision(
+            HostStopReason.FAULT,
+            f"The pen started at {format_mm(message.depth_set_um)}, deeper than the "
+            f"{zone.label} allows ({format_mm(zone.max_depth_um)}). The needle was stopped.",
+            "Set the depth again for this zone; if it happens again, stop using this pen.",
+            {"depth_set_um": message.depth_set_um, "zone_limit_um": zone.max_depth_um},
+        )
+        stop_for(step, port, session, decision)
+
+
+def _on_motor_stopped(step: Step, port: str, session: Session | None, message: Any) -> None:
+    assert isinstance(message, MotorStopped)
+    pen = step.pen(port)
+    pen.motor_running = False
+    step.out.state_changed = True
+    if session is None or session.current_pass is None:
+        return
+    record = session.current_pass
+    zone = session.zones[record.zone_id]
+    reason = wording.stop_reason_name(message.reason)
+    close_pass(
+        step,
+        session,
+        reason,
+        strokes=message.strokes - record.start_strokes,
+        peak_depth_um=message.peak_depth_um,
+    )
+    setpoint = record.depth_setpoint_um
+    allowed = min(
+        zone.max_depth_um,
+        (setpoint if setpoint is not None else 0) + step.policy.depth_tolerance_um,
+    )
+    if message.peak_depth_um > allowed:
+        # Between two samples the needle went too deep: the pass is over, record it.
+        fault(
+            step,
+            session,
+            "depth_overshoot",
+            f"The pen reports a peak depth of {format_mm(message.peak_depth_um)} in this "
+            f"pass, more than the {format_mm(allowed)} allowed on the {zone.label}.",
+            "Inspect the client's skin and the pen, then acknowledge the fault to continue.",
+        )
+    if message.reason in FAULT_REASONS:
+        message_text, remediation = wording.PEN_STOP_WORDS[message.reason]
+        fault(step, session, reason, message_text, remediation)
+    elif message.reason == StopReason.LEASE_EXPIRED:
+        message_text, remediation = wording.PEN_STOP_WORDS[message.reason]
+        step.audit(
+            AuditKind.STOP,
+            session,
+            port,
+            message_text,
+            remediation,
+            {"pen_reason": reason},
+        )
+    if zone.passes_done >= zone.max_passes:
+        step.event(
+            EventKind.ZONE_COMPLETED,
+            session,
+            zone_id=zone.zone_id,
+            passes_done=zone.passes_done,
+        )
+        if pen.arm is not ArmState.DISARMED:
+            stop(
+                step,
+                port,
+                session,
+                HostStopReason.PASS_LIMIT,
+                f"The {zone.label} has had all {zone.max_passes} passes; the pen was "
+                "disarmed for this zone.",
+                "Choose the next zone.",
+                {"zone_id": zone.zone_id, "passes_done": zone.passes_done},
+            )
+
+
+def _on_armed(step: Step, port: str, session: Session | None, message: Any) -> None:
+    assert isinstance(message, Armed)
+    pen = step.pen(port)
+    out = step.out
+    out.state_changed = True
+    if message.token != pen.lease_token:
+        if pen.arm is ArmState.ARMING:
+            return  # answers an older Arm; ours is still in flight (the link keeps order)
+        # Armed under a lease we are not keeping: believe it, and take it back.
+        pen.arm = arm_transition(pen.arm, ArmInput.PEN_ARMED)
+        out.command(PenCommand(port, Disarm()))
+        pen.stopping = True
+        return
+    pen.arm = arm_transition(pen.arm, ArmInput.PEN_ARMED)
+    step.event(EventKind.ARMED, session, port=port, lease_ms=message.lease_ms)
+    if not pen.stopping:
+        out.leases.append(
+            LeaseDirective(port, LeaseAction.KEEP_RENEWING, message.token, message.lease_ms)
+        )
+
+
+def _on_disarmed(step: Step, port: str, session: Session | None, message: Any) -> None:
+    assert isinstance(message, Disarmed)
+    pen = step.pen(port)
+    pen.arm = arm_transition(pen.arm, ArmInput.PEN_DISARMED)
+    step.out.state_changed = True
+    if pen.arm is ArmState.DISARMED:
+        pen.lease_token = None
+        pen.stopping = False
+        step.out.leases.append(LeaseDirective(port, LeaseAction.STOP_RENEWING))
+    step.event(
+        EventKind.DISARMED,
+        session,
+        port=port,
+        reason=wording.stop_reason_name(message.reason),
+    )
+    if message.reason in FAULT_REASONS and session is not None:
+        text, remediation = wording.PEN_STOP_WORDS[message.reason]
+        fault(step, session, wording.stop_reason_name(message.reason), text, remediation)
+
+
+def _on_cartridge_inserted(step: Step, port: str, session: Session | None, message: Any) -> None:
+    assert isinstance(message, CartridgeInserted)
+    step.pen(port).cartridge_id = message.cartridge_id
+    step.out.state_changed = True
+    status = step.store.ledger.status(message.cartridge_id, session.session_id if session else None)
+    step.event(
+        EventKind.CARTRIDGE_INSERTED,
+        session,
+        port=port,
+        cartridge_id=message.cartridge_id,
+        status=str(status),
+    )
+
+
+def _on_cartridge_removed(step: Step, port: str, session: Session | None, message: Any) -> None:
+    assert isinstance(message, CartridgeRemoved)
+    step.pen(port).cartridge_id = None
+    step.out.state_changed = True
+    step.event(
+        EventKind.CARTRIDGE_REMOVED,
+        session,
+        port=port,
+        cartridge_id=message.cartridge_id,
+    )
+
+
+def _on_command_refused(step: Step, port: str, session: Session | None, message: Any) -> None:
+    assert isinstance(message, CommandRefused)
+    pen = step.pen(port)
+    step.out.state_changed = True
+    if message.msg_type in (Arm.TYPE, Renew.TYPE):
+        event = ArmInput.ARM_REFUSED if message.msg_type == Arm.TYPE else ArmInput.PEN_DISARMED
+        pen.arm = arm_transition(pen.arm, event)
+        if pen.arm is ArmState.DISARMED:
+            pen.lease_token = None
+        step.out.leases.append(LeaseDirective(port, LeaseAction.STOP_RENEWING))
+    if message.msg_type == SetDepth.TYPE and session is not None:
+        session.depth_setpoint_um = None  # the pen did not take it: it is not set
+    command = wording.COMMAND_NAMES.get(message.msg_type, f"command {message.msg_type:#04x}")
+    try:
+        why = RefusalCode(message.reason).name.lower().replace("_", " ")
+    except ValueError:
+        why = f"reason {message.reason}"
+    remediation = wording.PEN_REFUSAL_WORDS.get(
+        message.reason, "Try again; if it repeats, restart the pen."
+    )
+    text = f"The pen refused {command}: {why}."
+    step.event(EventKind.REFUSED, session, port=port, by="pen", message=text)
+    step.audit(
+        AuditKind.REFUSAL,
+        session,
+        port,
+        text,
+        remediation,
+        {"by": "pen", "msg_type": message.msg_type, "pen_reason": message.reason},
+    )
+
+
+def _on_status(step: Step, port: str, session: Session | None, message: Any) -> None:
+    assert isinstance(message, Status)
+    pen = step.pen(port)
+    pen.cartridge_id = message.cartridge_id or None
+    if message.armed:
+        pen.arm = arm_transition(pen.arm, ArmInput.PEN_ARMED)
+    elif pen.arm is ArmState.ARMED:
+        pen.arm = arm_transition(pen.arm, ArmInput.PEN_DISARMED)
+        pen.lease_token = None
+    step.out.state_changed = True
+
+
+def _ignore(step: Step, port: str, session: Session | None, message: Any) -> None:
+    """Messages with no effect on sessions (none today but those the link consumes)."""
+
+
+PenHandler = Callable[[Step, str, "Session | None", Any], None]
+
+#: Every reliable pen message and what it does to the registry, read top to bottom.
+# fmt: off
+PEN_MESSAGE_HANDLERS: Final[dict[type[Message], PenHandler]] = {
+    MotorStarted:      _on_motor_started,
+    MotorStopped:      _on_motor_stopped,
+    Armed:             _on_armed,
+    Disarmed:          _on_disarmed,
+    CartridgeInserted: _on_cartridge_inserted,
+    CartridgeRemoved:  _on_cartridge_removed,
+    CommandRefused:    _on_command_refused,
+    Status:            _on_status,
+}
+# fmt: on

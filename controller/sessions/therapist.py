@@ -1,0 +1,460 @@
+"""Therapist and manager actions: one handler per action type, dispatched from a table.
+
+``handle_action`` is the only entry: it finds the session, checks the actor's
+role, runs the action's handler (``ACTION_HANDLERS``, read top to bottom), then
+re-checks the pen against the arming rules (``enforcement.enforce``). Every
+handler either changes state and records it, or refuses with a sentence from
+``wording.py``; none fails silently.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any, Final
+
+from controller.audit import AuditKind
+from controller.safety.context import SessionState
+from controller.safety.gate import (
+    Refused,
+    format_mm,
+    link_not_usable,
+    passes_used,
+    session_not_active,
+)
+from firmware_protocol.messages import Arm, Disarm, HostStopReason, SetDepth, SetSpeed
+
+from . import wording
+from .actions import (
+    AcknowledgeFault,
+    Action,
+    ArmPen,
+    CreateSession,
+    DisarmPen,
+    EndSession,
+    OverrideZone,
+    PauseSession,
+    ResumeSession,
+    Role,
+    SelectZone,
+    SetStrokeRate,
+    SetZoneDepth,
+    StartSession,
+    StopPen,
+)
+from .enforcement import close_pass, enforce, fire, stop
+from .outcome import EventKind, LeaseAction, LeaseDirective, PenCommand
+from .records import Session, ZoneOverride, ZoneProgress
+from .report import build_report
+from .states import ArmInput, ArmState, SessionInput, arm_transition, session_transition
+from .step import Step, zone_context
+
+_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_TREATING_ROLES: Final = frozenset({Role.THERAPIST, Role.MANAGER})
+
+
+def handle_action(step: Step, action: Action) -> None:
+    """Apply one therapist or manager action; a refusal lands in ``step.out.refusal``."""
+    if isinstance(action, CreateSession):
+        _create(step, action)
+        return
+    session = step.store.sessions.get(action.session_id)
+    if session is None:
+        step.refuse(None, None, action, wording.unknown_session(action.session_id))
+        return
+    if not _role_ok(step, session, action):
+        return
+    ACTION_HANDLERS[type(action)](step, session, action)
+    enforce(step, session.port)
+
+
+def _role_ok(step: Step, session: Session, action: Action) -> bool:
+    actor = action.actor
+    if isinstance(action, StopPen | DisarmPen):
+        return True  # stopping the needle is never refused, whoever asks
+    if isinstance(action, OverrideZone):
+        if actor.role is Role.MANAGER:
+            return True
+        refusal = wording.role_may_not_override()
+    elif actor.role in _TREATING_ROLES:
+        return True
+    else:
+        refusal = wording.role_may_not_operate(str(actor.role))
+    step.refuse(session, session.port, action, refusal)
+    return False
+
+
+def _create(step: Step, action: CreateSession) -> None:
+    problem = None
+    if not _ID.match(action.session_id):
+        problem = "session id"
+    elif not _ID.match(action.client_ref):
+        problem = "client reference (a pseudonymous code, never a name)"
+    elif not 0 < len(action.port) <= 200:
+        problem = "pen port"
+    if problem:
+        step.refuse(None, None, action, wording.bad_identifier(problem))
+        return
+    if action.actor.role not in _TREATING_ROLES:
+        step.refuse(None, action.port, action, wording.role_may_not_open(str(action.actor.role)))
+        return
+    store, policy = step.store, step.policy
+    refusal = None
+    plan = policy.plan(action.plan_id)
+    if action.session_id in store.sessions:
+        refusal = wording.session_exists(action.session_id)
+    elif plan is None:
+        refusal = wording.unknown_plan(action.plan_id, list(policy.plans))
+    elif action.port in store.live_by_port:
+        refusal = wording.pen_busy()
+    if refusal or plan is None:
+        step.refuse(None, action.port, action, refusal)
+        return
+    zones = {}
+    for zone_id in plan.zone_ids:
+        limits = policy.zones[zone_id]
+        zones[zone_id] = ZoneProgress(
+            zone_id=zone_id,
+            label=limits.label,
+            policy_max_depth_um=limits.max_depth_um,
+            policy_max_passes=limits.max_passes,
+            puncture_budget=limits.puncture_budget,
+        )
+    session = Session(
+        session_id=action.session_id,
+        port=action.port,
+        client_ref=action.client_ref,
+        therapist_id=action.actor.actor_id,
+        plan_id=plan.plan_id,
+        policy_fingerprint=policy.fingerprint,
+        created_at=step.now,
+        zones=zones,
+    )
+    store.sessions[session.session_id] = session
+    store.live_by_port[session.port] = session.session_id
+    step.out.state_changed = True
+    step.event(EventKind.SESSION_CREATED, session, plan=plan.plan_id)
+    step.audit(
+        AuditKind.SESSION,
+        session,
+        session.port,
+        f"Session created for client {session.client_ref} with plan {plan.label}.",
+        "",
+        {"plan_id": plan.plan_id, "actor": action.actor.actor_id},
+    )
+
+
+def _start(step: Step, session: Session, action: Any) -> None:
+    assert isinstance(action, StartSession)
+    if session_transition(session.state, SessionInput.START) is None:
+        step.refuse_not_now(session, action, "start")
+        return
+    pen = step.pen(session.port)
+    refusal = link_not_usable(step.context(session.port, session), treatment=True)
+    if refusal or pen.serial is None:
+        step.refuse(session, session.port, action, refusal or wording.link_down())
+        return
+    session.pen_serial, session.pen_boot_id = pen.serial, pen.boot_id
+    session.started_at = step.now
+    fire(step, session, SessionInput.START, f"started by {action.actor.actor_id}")
+    step.audit(
+        AuditKind.SESSION,
+        session,
+        session.port,
+        f"Session started on pen {pen.serial}.",
+        "",
+        {"actor": action.actor.actor_id, "boot_id": pen.boot_id, "firmware": pen.firmware},
+    )
+
+
+def _select_zone(step: Step, session: Session, action: Any) -> None:
+    assert isinstance(action, SelectZone)
+    refusal = session_not_active(step.context(session.port, session))
+    zone = session.zones.get(action.zone_id)
+    pen = step.pen(session.port)
+    if refusal is None and zone is None:
+        refusal = _zone_refusal(step, action.zone_id)
+    if refusal is None and (pen.arm is not ArmState.DISARMED or pen.motor_running):
+        refusal = wording.disarm_before_zone_change()
+    if refusal is None and zone is not None:
+        refusal = passes_used(zone_context(zone))
+    if refusal or zone is None:
+        step.refuse(session, session.port, action, refusal)
+        return
+    if session.current_zone != zone.zone_id:
+        # A setpoint belongs to one zone: never carry it to another.
+        session.current_zone = zone.zone_id
+        session.depth_setpoint_um = None
+        step.out.state_changed = True
+    step.event(
+        EventKind.ZONE_SELECTED,
+        session,
+        zone_id=zone.zone_id,
+        max_depth_um=zone.max_depth_um,
+        max_passes=zone.max_passes,
+        passes_done=zone.passes_done,
+    )
+
+
+def _zone_refusal(step: Step, zone_id: str) -> Refused:
+    if step.policy.zone(zone_id) is None:
+        return wording.unknown_zone(zone_id)
+    return wording.zone_not_in_plan(step.policy.zones[zone_id].label)
+
+
+def _set_depth(step: Step, session: Session, action: Any) -> None:
+    assert isinstance(action, SetZoneDepth)
+    if not isinstance(action.depth_um, int) or isinstance(action.depth_um, bool):
+        step.refuse(session, session.port, action, wording.bad_number("depth"))
+        return
+    refusal = step.send(session.port, session, SetDepth(action.depth_um))
+    if refusal:
+        step.refuse(session, session.port, action, refusal)
+        return
+    session.depth_setpoint_um = action.depth_um
+    step.out.state_changed = True
+    step.event(
+        EventKind.DEPTH_SET,
+        session,
+        zone_id=session.current_zone,
+        depth_um=action.depth_um,
+    )
+
+
+def _set_speed(step: Step, session: Session, action: Any) -> None:
+    assert isinstance(action, SetStrokeRate)
+    if not isinstance(action.rate_hz, int) or isinstance(action.rate_hz, bool):
+        step.refuse(session, session.port, action, wording.bad_number("stroke rate"))
+        return
+    refusal = None
+    if session.state is SessionState.ENDED:
+        refusal = session_not_active(step.context(session.port, session))
+    refusal = refusal or step.send(session.port, session, SetSpeed(action.rate_hz))
+    if refusal:
+        step.refuse(session, session.port, action, refusal)
+        return
+    session.speed_hz = action.rate_hz
+    step.out.state_changed = True
+    step.event(EventKind.SPEED_SET, session, rate_hz=action.rate_hz)
+
+
+def _arm(step: Step, session: Session, action: Any) -> None:
+    assert isinstance(action, ArmPen)
+    pen = step.pen(session.port)
+    if pen.arm is not ArmState.DISARMED and not pen.stopping:
+        # Already armed (or arming) under a live lease: nothing to do.
+        step.event(EventKind.ARMING, session, already=True)
+        return
+    token = step.store.take_token()
+    refusal = step.send(session.port, session, Arm(step.lease_ms, token))
+    if refusal:
+        step.refuse(session, session.port, action, refusal)
+        return
+    pen.arm = arm_transition(pen.arm, ArmInput.ARM_SENT)
+    pen.lease_token = token
+    pen.stopping = False
+    step.out.state_changed = True
+    step.event(
+        EventKind.ARMING,
+        session,
+        zone_id=session.current_zone,
+        depth_um=session.depth_setpoint_um,
+        token=token,
+    )
+
+
+def _disarm(step: Step, session: Session, action: Any) -> None:
+    pen = step.pen(session.port)
+    out = step.out
+    if pen.link == "up":
+        out.command(PenCommand(session.port, Disarm()))
+        if pen.arm is not ArmState.DISARMED or pen.motor_running:
+            pen.stopping = True  # until the pen confirms with Disarmed
+            out.state_changed = True
+    out.leases.append(LeaseDirective(session.port, LeaseAction.STOP_RENEWING))
+    step.event(EventKind.DISARMED, session, requested=True)
+
+
+def _stop_by_therapist(step: Step, session: Session, action: Any) -> None:
+    assert isinstance(action, StopPen)
+    stop(
+        step,
+        session.port,
+        session,
+        HostStopReason.THERAPIST,
+        f"The needle was stopped by the therapist ({action.actor.actor_id}).",
+        "",
+        {"actor": action.actor.actor_id},
+        force_record=True,
+    )
+
+
+def _pause(step: Step, session: Session, action: Any) -> None:
+    if session_transition(session.state, SessionInput.PAUSE) is None:
+        step.refuse_not_now(session, action, "pause")
+        return
+    fire(step, session, SessionInput.PAUSE, f"pause by {action.actor.actor_id}")
+
+
+def _resume(step: Step, session: Session, action: Any) -> None:
+    assert isinstance(action, ResumeSession)
+    if session_transition(session.state, SessionInput.RESUME) is None:
+        step.refuse_not_now(session, action, "resume")
+        return
+    refusal = link_not_usable(step.context(session.port, session), treatment=True)
+    if refusal:
+        step.refuse(session, session.port, action, refusal)
+        return
+    before = session.state
+    fire(step, session, SessionInput.RESUME, f"resumed by {action.actor.actor_id}")
+    if before is SessionState.INTERRUPTED:
+        step.audit(
+            AuditKind.SESSION,
+            session,
+            session.port,
+            f"Session resumed by {action.actor.actor_id} after an interruption.",
+            "",
+            {"actor": action.actor.actor_id},
+        )
+
+
+def _acknowledge(step: Step, session: Session, action: Any) -> None:
+    assert isinstance(action, AcknowledgeFault)
+    if session_transition(session.state, SessionInput.ACKNOWLEDGE_FAULT) is None:
+        step.refuse_not_now(session, action, "acknowledge a fault")
+        return
+    pen = step.pen(session.port)
+    if pen.link != "up":
+        refusal = link_not_usable(step.context(session.port, session), treatment=True)
+        step.refuse(session, session.port, action, refusal or wording.link_down())
+        return
+    if pen.serial != session.pen_serial:
+        step.refuse(
+            session, session.port, action, wording.wrong_pen(pen.serial, session.pen_serial)
+        )
+        return
+    fault = session.fault
+    # A rebooted pen is the same pen: the therapist has seen the fault; bind its new boot.
+    session.pen_boot_id = pen.boot_id
+    session.fault = None
+    fire(step, session, SessionInput.ACKNOWLEDGE_FAULT, "fault acknowledged")
+    step.audit(
+        AuditKind.FAULT,
+        session,
+        session.port,
+        f"Fault acknowledged by {action.actor.actor_id}: "
+        f"{fault.detail if fault else 'no detail recorded'}",
+        "",
+        {
+            "actor": action.actor.actor_id,
+            "fault_kind": fault.kind if fault else None,
+            "resolved": True,
+        },
+    )
+
+
+def _end(step: Step, session: Session, action: Any) -> None:
+    assert isinstance(action, EndSession)
+    if session_transition(session.state, SessionInput.END) is None:
+        step.refuse_not_now(session, action, "end")
+        return
+    close_pass(step, session, "session_end")
+    fire(step, session, SessionInput.END, f"ended by {action.actor.actor_id}")
+    session.ended_at = step.now
+    spent = step.store.ledger.spend_session(session.session_id, step.now)
+    step.store.live_by_port.pop(session.port, None)
+    step.event(EventKind.SESSION_REPORT, session, **build_report(session))
+    step.audit(
+        AuditKind.SESSION,
+        session,
+        session.port,
+        f"Session ended by {action.actor.actor_id}: {len(session.passes)} passes; "
+        f"{len(spent)} cartridge(s) spent.",
+        "",
+        {
+            "actor": action.actor.actor_id,
+            "spent_cartridges": spent,
+            "passes": len(session.passes),
+        },
+    )
+
+
+def _override(step: Step, session: Session, action: Any) -> None:
+    assert isinstance(action, OverrideZone)
+    limits = step.limits(session.port)
+    zone = session.zones.get(action.zone_id)
+    ceiling = step.policy.max_passes_ceiling
+    refusal: Refused | None = None
+    if session.state is SessionState.ENDED:
+        refusal = session_not_active(step.context(session.port, session))
+    elif zone is None:
+        refusal = _zone_refusal(step, action.zone_id)
+    elif len(action.reason.strip()) < 3:
+        refusal = wording.override_needs_reason()
+    elif action.max_depth_um is None and action.max_passes is None:
+        refusal = wording.override_changes_nothing()
+    elif action.max_depth_um is not None and (
+        not isinstance(action.max_depth_um, int) or action.max_depth_um <= 0
+    ):
+        refusal = wording.bad_number("depth limit")
+    elif action.max_passes is not None and (
+        not isinstance(action.max_passes, int) or action.max_passes < 1
+    ):
+        refusal = wording.bad_number("number of passes")
+    elif action.max_depth_um is not None and action.max_depth_um > limits.device_ceiling_um:
+        refusal = wording.override_above_ceiling(action.max_depth_um, limits.device_ceiling_um)
+    elif action.max_passes is not None and action.max_passes > ceiling:
+        refusal = wording.override_too_many_passes(action.max_passes, ceiling)
+    if refusal or zone is None:
+        step.refuse(session, session.port, action, refusal)
+        return
+    before = {"max_depth_um": zone.max_depth_um, "max_passes": zone.max_passes}
+    zone.override = ZoneOverride(
+        max_depth_um=action.max_depth_um or zone.max_depth_um,
+        max_passes=action.max_passes or zone.max_passes,
+        manager_id=action.actor.actor_id,
+        reason=action.reason.strip(),
+        at=step.now,
+    )
+    after = {"max_depth_um": zone.max_depth_um, "max_passes": zone.max_passes}
+    step.out.state_changed = True
+    step.event(EventKind.OVERRIDE_APPLIED, session, zone_id=zone.zone_id, **after)
+    step.audit(
+        AuditKind.OVERRIDE,
+        session,
+        session.port,
+        f"Manager {action.actor.actor_id} set the {zone.label} to "
+        f"{format_mm(zone.max_depth_um)} and {zone.max_passes} passes for this session "
+        f"(was {format_mm(before['max_depth_um'])} and {before['max_passes']}). "
+        f"Reason: {zone.override.reason}",
+        "",
+        {
+            "zone_id": zone.zone_id,
+            "before": before,
+            "after": after,
+            "manager": action.actor.actor_id,
+            "reason": zone.override.reason,
+        },
+    )
+
+
+ActionHandler = Callable[[Step, Session, Any], None]
+
+#: One row per action on an existing session. CreateSession has no session yet and is
+#: handled before the table is consulted.
+# fmt: off
+ACTION_HANDLERS: Final[dict[type, ActionHandler]] = {
+    StartSession:     _start,
+    SelectZone:       _select_zone,
+    SetZoneDepth:     _set_depth,
+    SetStrokeRate:    _set_speed,
+    ArmPen:           _arm,
+    DisarmPen:        _disarm,
+    StopPen:          _stop_by_therapist,
+    PauseSession:     _pause,
+    ResumeSession:    _resume,
+    AcknowledgeFault: _acknowledge,
+    EndSession:       _end,
+    OverrideZone:     _override,
+}
+# fmt: on
