@@ -45,11 +45,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-#: The pen's absolute maximum depth (product.md §3): no file may allow more.
-DEVICE_MAX_DEPTH_UM = 2500
-#: Stroke rate range of the pen hardware (product.md §3).
-DEVICE_MIN_SPEED_HZ = 50
-DEVICE_MAX_SPEED_HZ = 150
+from controller.contract import DEVICE_CEILING_UM, DEVICE_MAX_SPEED_HZ, DEVICE_MIN_SPEED_HZ
 
 _ID_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 _UM_PER_MM = Decimal(1000)
@@ -177,7 +173,7 @@ class _ZoneFile(_Strict):
     @field_validator("max_depth_mm")
     @classmethod
     def _depth_within_ceiling(cls, value: Decimal, info: ValidationInfo) -> Decimal:
-        ceiling_um = _context_int(info, "ceiling_um", DEVICE_MAX_DEPTH_UM)
+        ceiling_um = _context_int(info, "ceiling_um", DEVICE_CEILING_UM)
         if value <= 0:
             raise PydanticCustomError("depth_not_positive", "must be more than 0 mm")
         if _um(value) > ceiling_um:
@@ -241,11 +237,11 @@ class _PolicyFile(_Strict):
     @field_validator("device_ceiling_mm")
     @classmethod
     def _ceiling_within_device(cls, value: Decimal) -> Decimal:
-        if value <= 0 or _um(value) > DEVICE_MAX_DEPTH_UM:
+        if value <= 0 or _um(value) > DEVICE_CEILING_UM:
             raise PydanticCustomError(
                 "ceiling_range",
                 "{value} must be more than 0 and at most the pen's {device} mm",
-                {"value": str(value), "device": _mm_text(DEVICE_MAX_DEPTH_UM)},
+                {"value": str(value), "device": _mm_text(DEVICE_CEILING_UM)},
             )
         return value
 
@@ -282,11 +278,11 @@ def _context_from_raw(data: Mapping[str, Any]) -> dict[str, Any]:
     every bad key. If the ceiling itself is bad it is reported on its own key and
     the zones are checked against the pen's absolute maximum instead.
     """
-    ceiling_um = DEVICE_MAX_DEPTH_UM
+    ceiling_um = DEVICE_CEILING_UM
     raw_ceiling = data.get("device_ceiling_mm", Decimal("2.5"))
     try:
         candidate = _um(_as_decimal(raw_ceiling))
-        if 0 < candidate <= DEVICE_MAX_DEPTH_UM:
+        if 0 < candidate <= DEVICE_CEILING_UM:
             ceiling_um = candidate
     except PydanticCustomError:
         pass

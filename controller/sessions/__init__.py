@@ -44,6 +44,8 @@ The parts, each one responsibility:
 =================  ==================================================================
 """
 
+from controller.contract import EventKind
+
 from .actions import (
     AcknowledgeFault,
     Action,
@@ -64,7 +66,6 @@ from .actions import (
 )
 from .ledger import CartridgeLedger
 from .outcome import (
-    EventKind,
     LeaseAction,
     LeaseDirective,
     Outcome,

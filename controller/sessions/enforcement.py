@@ -10,12 +10,13 @@ from __future__ import annotations
 from typing import Any, Final
 
 from controller.audit import AuditKind
-from controller.safety.context import SessionState
+from controller.contract import EventKind
+from controller.safety.context import LinkStatus, SessionState
 from controller.safety.gate import RefusalReason, arming_refusal
 from controller.safety.monitor import StopDecision
 from firmware_protocol.messages import HostStopReason, Stop
 
-from .outcome import EventKind, LeaseAction, LeaseDirective, PenCommand
+from .outcome import LeaseAction, LeaseDirective, PenCommand
 from .records import FaultRecord, Session
 from .states import ArmInput, ArmState, SessionInput, arm_transition, session_transition
 from .step import Step
@@ -44,7 +45,7 @@ def stop(
     """Send Stop(reason), stop renewing, and record the stop once per stopping."""
     pen = step.pen(port)
     out = step.out
-    if pen.link == "up" and (
+    if pen.link is LinkStatus.UP and (
         always_send or force_record or pen.arm is not ArmState.DISARMED or pen.motor_running
     ):
         out.command(PenCommand(port, Stop(int(reason))))
@@ -159,7 +160,7 @@ def fire(step: Step, session: Session, event: SessionInput, why: str) -> bool:
 def enforce(step: Step, port: str) -> None:
     """Stop a pen that may be armed or running but would no longer be allowed to arm."""
     pen = step.pen(port)
-    if pen.link != "up" or pen.stopping:
+    if pen.link is not LinkStatus.UP or pen.stopping:
         return
     if pen.arm is ArmState.DISARMED and not pen.motor_running:
         return
@@ -179,12 +180,12 @@ def enforce(step: Step, port: str) -> None:
     )
 
 
-def lose_link(step: Step, port: str, reason: str, link: str, *, audit: bool = True) -> None:
+def lose_link(step: Step, port: str, reason: str, link: LinkStatus, *, audit: bool = True) -> None:
     """The link is gone (or refused): the pen stops within its lease; the session is
     interrupted and its pass in progress counted."""
     pen = step.pen(port)
     out = step.out
-    was_up = pen.link == "up"
+    was_up = pen.link is LinkStatus.UP
     pen.link = link
     pen.arm = arm_transition(pen.arm, ArmInput.LINK_LOST)
     pen.lease_token = None

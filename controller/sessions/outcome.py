@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from controller.audit import AuditEntry
+from controller.contract import EventKind
 from controller.safety.gate import Refused
 from firmware_protocol.messages import Disarm, Message, Stop
 
@@ -54,29 +55,6 @@ class LeaseDirective:
     action: LeaseAction
     token: int | None = None
     lease_ms: int | None = None
-
-
-class EventKind(enum.StrEnum):
-    SESSION_CREATED = "session_created"
-    STATE_CHANGED = "state_changed"
-    ZONE_SELECTED = "zone_selected"
-    DEPTH_SET = "depth_set"
-    SPEED_SET = "speed_set"
-    ARMING = "arming"
-    ARMED = "armed"
-    DISARMED = "disarmed"
-    PASS_STARTED = "pass_started"
-    PASS_ENDED = "pass_ended"
-    ZONE_COMPLETED = "zone_completed"
-    OVERRIDE_APPLIED = "override_applied"
-    STOP_SENT = "stop_sent"
-    REFUSED = "refused"
-    FAULT = "fault"
-    CARTRIDGE_INSERTED = "cartridge_inserted"
-    CARTRIDGE_REMOVED = "cartridge_removed"
-    PEN_CONNECTED = "pen_connected"
-    PEN_DISCONNECTED = "pen_disconnected"
-    SESSION_REPORT = "session_report"
 
 
 @dataclass(frozen=True, slots=True)

@@ -13,7 +13,8 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from controller.audit import AuditKind
-from controller.safety.context import CartridgeStatus
+from controller.contract import EventKind
+from controller.safety.context import CartridgeStatus, LinkStatus
 from controller.safety.gate import RefusalReason, format_mm
 from controller.safety.monitor import StopDecision
 from firmware_protocol.messages import (
@@ -42,7 +43,7 @@ from firmware_protocol.messages import (
 
 from . import wording
 from .enforcement import check_identity, close_pass, enforce, fault, lose_link, stop, stop_for
-from .outcome import EventKind, LeaseAction, LeaseDirective, PenCommand
+from .outcome import LeaseAction, LeaseDirective, PenCommand
 from .records import PassRecord, Session
 from .states import ArmInput, ArmState, arm_transition
 from .step import Step
@@ -57,7 +58,7 @@ def pen_connected(step: Step, port: str, identity: Identity) -> None:
     known = (pen.serial, pen.boot_id)
     if known != (serial, identity.boot_id):
         pen.cartridge_id = None  # a different pen, or it restarted: ask, do not assume
-    pen.link = "up"
+    pen.link = LinkStatus.UP
     pen.serial, pen.boot_id = serial, identity.boot_id
     pen.firmware = identity.firmware_version
     pen.max_depth_um = identity.max_depth_um or None
@@ -80,14 +81,14 @@ def pen_connected(step: Step, port: str, identity: Identity) -> None:
 
 def link_down(step: Step, port: str, reason: str) -> None:
     """The link is gone. The pen stops within its lease."""
-    lose_link(step, port, reason, "down")
+    lose_link(step, port, reason, LinkStatus.DOWN)
 
 
 def handshake_refused(step: Step, port: str, reason: str, identity: Identity) -> None:
     """The pen failed the handshake (protocol/schema mismatch): it must never be armed."""
     pen = step.pen(port)
-    news = pen.link != "refused"
-    lose_link(step, port, reason, "refused", audit=False)
+    news = pen.link is not LinkStatus.REFUSED
+    lose_link(step, port, reason, LinkStatus.REFUSED, audit=False)
     pen.serial, pen.boot_id = identity.serial_text, identity.boot_id
     if news:
         step.audit(
@@ -106,7 +107,7 @@ def handshake_refused(step: Step, port: str, reason: str, identity: Identity) ->
 def pen_rebooted(step: Step, port: str, current: Identity) -> None:
     """The pen announced a new boot id. Treatment never resumes by itself."""
     pen = step.pen(port)
-    lose_link(step, port, "the pen restarted", "down", audit=False)
+    lose_link(step, port, "the pen restarted", LinkStatus.DOWN, audit=False)
     pen.serial, pen.boot_id = current.serial_text, current.boot_id
     pen.cartridge_id = None
     session = step.live(port)

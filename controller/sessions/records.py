@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
-from controller.safety.context import SessionState
+from controller.safety.context import LinkStatus, SessionState
 
 from .states import ArmState
 
@@ -103,7 +103,8 @@ class PenState(_Record):
     """What the controller knows about the pen on one port."""
 
     port: str
-    link: str = "down"  # "down" | "up" | "refused"
+    # DOWN, UP or REFUSED; FOREIGN is the gate's judgement against a session, never stored.
+    link: LinkStatus = LinkStatus.DOWN
     serial: str | None = None
     boot_id: int | None = None
     firmware: str | None = None

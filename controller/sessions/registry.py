@@ -42,7 +42,7 @@ from typing import Any
 
 from controller.audit import AuditKind
 from controller.policy import PolicyError, TreatmentPolicy
-from controller.safety.context import GateContext, SessionState
+from controller.safety.context import GateContext, LinkStatus, SessionState
 from controller.safety.monitor import check_telemetry
 from firmware_protocol.connection import (
     Connected,
@@ -175,7 +175,7 @@ class SessionRegistry:
         step = self._step(now)
         out = step.out
         for pen in self._store.pens.values():
-            pen.link = "down"
+            pen.link = LinkStatus.DOWN
             pen.arm = ArmState.DISARMED
             pen.lease_token = None
             pen.motor_running = False

@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from controller.audit import AuditEntry, AuditKind
+from controller.contract import EventKind
 from controller.policy import TreatmentPolicy
 from controller.safety.context import GateContext, LinkStatus, SafetyLimits, ZoneContext
 from controller.safety.gate import RefusalReason, Refused, check_command
 from firmware_protocol.messages import Message
 
 from .actions import Action, OverrideZone, SelectZone, SetZoneDepth
-from .outcome import EventKind, OutcomeBuilder, PenCommand, SessionEvent
+from .outcome import OutcomeBuilder, PenCommand, SessionEvent
 from .records import PenState, Session, ZoneProgress
 from .store import RegistryStore
 from .wording import not_now
@@ -62,9 +63,9 @@ class Step:
     def context(self, port: str, session: Session | None) -> GateContext:
         """The snapshot the gate and the monitor judge this pen and session by."""
         pen = self.pen(port)
-        if pen.link == "refused":
+        if pen.link is LinkStatus.REFUSED:
             link = LinkStatus.REFUSED
-        elif pen.link != "up":
+        elif pen.link is not LinkStatus.UP:
             link = LinkStatus.DOWN
         elif (
             session is not None

@@ -9,12 +9,12 @@ handler either changes state and records it, or refuses with a sentence from
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any, Final
 
 from controller.audit import AuditKind
-from controller.safety.context import SessionState
+from controller.contract import ID_RE, EventKind
+from controller.safety.context import LinkStatus, SessionState
 from controller.safety.gate import (
     Refused,
     format_mm,
@@ -43,13 +43,12 @@ from .actions import (
     StopPen,
 )
 from .enforcement import close_pass, enforce, fire, stop
-from .outcome import EventKind, LeaseAction, LeaseDirective, PenCommand
+from .outcome import LeaseAction, LeaseDirective, PenCommand
 from .records import Session, ZoneOverride, ZoneProgress
 from .report import build_report
 from .states import ArmInput, ArmState, SessionInput, arm_transition, session_transition
 from .step import Step, zone_context
 
-_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _TREATING_ROLES: Final = frozenset({Role.THERAPIST, Role.MANAGER})
 
 
@@ -86,9 +85,9 @@ def _role_ok(step: Step, session: Session, action: Action) -> bool:
 
 def _create(step: Step, action: CreateSession) -> None:
     problem = None
-    if not _ID.match(action.session_id):
+    if not ID_RE.match(action.session_id):
         problem = "session id"
-    elif not _ID.match(action.client_ref):
+    elif not ID_RE.match(action.client_ref):
         problem = "client reference (a pseudonymous code, never a name)"
     elif not 0 < len(action.port) <= 200:
         problem = "pen port"
@@ -266,7 +265,7 @@ def _arm(step: Step, session: Session, action: Any) -> None:
 def _disarm(step: Step, session: Session, action: Any) -> None:
     pen = step.pen(session.port)
     out = step.out
-    if pen.link == "up":
+    if pen.link is LinkStatus.UP:
         out.command(PenCommand(session.port, Disarm()))
         if pen.arm is not ArmState.DISARMED or pen.motor_running:
             pen.stopping = True  # until the pen confirms with Disarmed
@@ -324,7 +323,7 @@ def _acknowledge(step: Step, session: Session, action: Any) -> None:
         step.refuse_not_now(session, action, "acknowledge a fault")
         return
     pen = step.pen(session.port)
-    if pen.link != "up":
+    if pen.link is not LinkStatus.UP:
         refusal = link_not_usable(step.context(session.port, session), treatment=True)
         step.refuse(session, session.port, action, refusal or wording.link_down())
         return
