@@ -157,18 +157,24 @@ class ControllerService:
         ] = collections.deque()
         self._loop: asyncio.AbstractEventLoop | None = None
         lease_ms = self.settings.link.lease_ms
+        ports = {
+            _port_name(index, endpoint): endpoint.expected_serial
+            for index, endpoint in enumerate(self.settings.pens)
+        }
         saved = self.journaled_registry()
         if saved is None:
-            self.registry = SessionRegistry(self.policy, lease_ms=lease_ms)
+            self.registry = SessionRegistry(self.policy, ports=ports, lease_ms=lease_ms)
         else:
-            self.registry = SessionRegistry.from_dict(self.policy, saved, lease_ms=lease_ms)
+            self.registry = SessionRegistry.from_dict(
+                self.policy, saved, ports=ports, lease_ms=lease_ms
+            )
         self._journaled_live: dict[str, str] = {}  # port -> live session last journaled
         # A Stop leaves the moment the registry decides it, not after the outcome
         # (events, audit entries) is built: that is the safety reaction.
         self.registry.urgent_sink = lambda command: self._send((command,))
         self.pens: dict[str, _PenRuntime] = {}
         for index, endpoint in enumerate(self.settings.pens):
-            port = endpoint.name or f"pen{index + 1}"
+            port = _port_name(index, endpoint)
             if port in self.pens:
                 raise ValueError(f"pens.{index}.name: {port!r} is used twice")
             link = PenLink(
@@ -566,6 +572,11 @@ class ControllerService:
             message=_str_or_none(detail.get("message"), 500),
             values=dict(list(values.items())[:32]),
         )
+
+
+def _port_name(index: int, endpoint: PenEndpoint) -> str:
+    """The registry's name for a configured pen: its name, or pen1, pen2, ..."""
+    return endpoint.name or f"pen{index + 1}"
 
 
 def _str_or_none(value: object, limit: int = 64) -> str | None:

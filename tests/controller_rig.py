@@ -144,6 +144,7 @@ async def start_rig(
     runner: PenRunner | None = None,
     slots: list[PenSlot] | None = None,
     mqtt_port: int | None = None,
+    expected_serials: list[str | None] | None = None,
 ) -> tuple[Rig, asyncio.Task[None]]:
     """A controller on fresh simulated pens, or on given pens/urls (pens elsewhere)."""
     if urls is None:
@@ -155,7 +156,14 @@ async def start_rig(
     settings = load_settings(
         None,
         state_dir=state_dir or tmp_path / "state",
-        pens=[{"url": url, "name": f"room{i + 1}"} for i, url in enumerate(urls)],
+        pens=[
+            {
+                "url": url,
+                "name": f"room{i + 1}",
+                "expected_serial": (expected_serials or [None] * len(urls))[i],
+            }
+            for i, url in enumerate(urls)
+        ],
         mqtt={"enabled": mqtt_port is not None, "port": mqtt_port or 1883},
     )
     service = ControllerService(settings, policy=policy)

@@ -283,3 +283,16 @@ async def test_logout_ends_the_token(api: Api) -> None:
     assert (await api.http.get("/api/me", headers=auth)).json()["role"] == "manager"
     assert (await api.http.post("/api/logout", headers=auth)).status_code == 204
     assert (await api.http.get("/api/me", headers=auth)).status_code == 401
+
+
+async def test_a_session_on_a_pen_that_does_not_exist_is_404_naming_the_pens(api: Api) -> None:
+    auth = await api.login("therapist")
+    r = await api.http.post(
+        "/api/sessions",
+        json={"port": "room9", "client_ref": "C-1042", "plan_id": "full_face"},
+        headers=auth,
+    )
+    assert r.status_code == 404, r.text
+    body = r.json()
+    assert body["code"] == "unknown_pen"
+    assert "room9" in body["message"] and api.rig.port() in body["remediation"]

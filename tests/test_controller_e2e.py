@@ -123,3 +123,22 @@ async def test_a_used_cartridge_never_arms_again(rig: Rig) -> None:
 def _audit(rig: Rig) -> list[AuditRecord]:
     rig.service.sync_records()
     return read_records(rig.service.settings.state_dir / "audit.db")
+
+
+async def test_a_pen_with_another_serial_than_configured_is_never_armed(tmp_path: Path) -> None:
+    rig, collector = await start_rig(tmp_path, expected_serials=["PEN-00042"])
+    try:
+        svc = rig.service
+        serial = rig.pen().serial
+        refusals = [r for r in _audit(rig) if r.kind == AuditKind.REFUSAL]
+        assert any(serial in r.message and "PEN-00042" in r.message for r in refusals)
+        sid = svc.new_session_id()
+        svc.act(CreateSession(sid, rig.port(), "client-ref-1", "full_face", THERAPIST))
+        with pytest.raises(ActionRefused) as info:
+            svc.act(StartSession(sid, THERAPIST))
+        refusal = info.value.refusal
+        assert refusal.code is RefusalReason.UNEXPECTED_PEN
+        assert serial in refusal.message and "PEN-00042" in refusal.message
+        assert not rig.pen().armed
+    finally:
+        await stop_rig(rig, collector)

@@ -81,6 +81,13 @@ CASES: dict[RefusalReason, list[tuple[GateContext, Message, str]]] = {
     ],
     RefusalReason.PEN_NOT_VERIFIED: [(ready(link=LinkStatus.REFUSED), ARM, "identity check")],
     RefusalReason.WRONG_PEN: [(ready(link=LinkStatus.FOREIGN), SetDepth(500), "not the pen")],
+    RefusalReason.UNEXPECTED_PEN: [
+        (
+            ready(link=LinkStatus.UNEXPECTED, pen_serial="SIM-0001", expected_serial="PEN-00042"),
+            ARM,
+            "Pen SIM-0001 is connected where pen PEN-00042 is configured",
+        )
+    ],
     RefusalReason.FAULT_UNRESOLVED: [(ready(fault="motor stalled"), ARM, "motor stalled")],
     RefusalReason.NO_ZONE_SELECTED: [
         (ready(zone=None), ARM, "No treatment zone"),

@@ -56,6 +56,8 @@ from firmware_protocol.messages import (
 )
 
 PORT = "/dev/ttyPEN0"
+#: The pens the test registries are configured with (port -> expected serial; None: any).
+PORTS: dict[str, str | None] = {PORT: None, "/dev/ttyPEN1": None}
 THERAPIST = Actor("th-01", Role.THERAPIST)
 MANAGER = Actor("mg-01", Role.MANAGER)
 ADMIN = Actor("ad-01", Role.ADMIN)
@@ -234,7 +236,7 @@ class Bench:
 
     @classmethod
     def create(cls, policy: TreatmentPolicy | None = None) -> Bench:
-        bench = cls(SessionRegistry(policy or load_policy()))
+        bench = cls(SessionRegistry(policy or load_policy(), ports=PORTS))
         bench.pens[PORT] = FakePen()
         return bench
 

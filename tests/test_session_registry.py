@@ -54,7 +54,16 @@ from firmware_protocol.messages import (
     StopReason,
 )
 
-from .test_session_harness import ADMIN, MANAGER, PORT, THERAPIST, Bench, FakePen, identity
+from .test_session_harness import (
+    ADMIN,
+    MANAGER,
+    PORT,
+    PORTS,
+    THERAPIST,
+    Bench,
+    FakePen,
+    identity,
+)
 
 SID = "s1"
 
@@ -182,7 +191,7 @@ def test_puncture_budget_stops_the_pass_without_a_fault() -> None:
         },
         "plans": {"scalp": {"zones": ["scalp"]}},
     }
-    bench = Bench(SessionRegistry(policy_from_mapping(data)))
+    bench = Bench(SessionRegistry(policy_from_mapping(data), ports=PORTS))
     bench.pens[PORT] = FakePen()
     bench.connect()
     bench.pen_says(bench.pens[PORT].insert(1))
@@ -505,7 +514,7 @@ def test_the_pen_running_without_a_session_is_stopped() -> None:
 
 
 def test_firmware_protocol_events_are_accepted_directly() -> None:
-    registry = SessionRegistry(load_policy())
+    registry = SessionRegistry(load_policy(), ports=PORTS)
     now = 1_800_000_000.0
     connected = registry.handle_link_event(PORT, Connected(identity(), 7), now)
     assert registry.pen(PORT).link == "up" and connected.commands
@@ -529,7 +538,7 @@ def restart(bench: Bench) -> Outcome:
         pen.lose_host()
         bench.connected[port] = False
         bench.renewing[port] = None
-    bench.registry = SessionRegistry.from_dict(load_policy(), journal)
+    bench.registry = SessionRegistry.from_dict(load_policy(), journal, ports=PORTS)
     assert bench.registry.to_dict() == journal
     return bench.registry.recover(bench.tick())
 
@@ -566,15 +575,15 @@ def test_from_dict_refuses_what_it_does_not_understand() -> None:
     bench = treating()
     journal = bench.registry.to_dict()
     with pytest.raises(ValueError, match="format"):
-        SessionRegistry.from_dict(load_policy(), {**journal, "format": 99})
+        SessionRegistry.from_dict(load_policy(), {**journal, "format": 99}, ports=PORTS)
     broken = json.loads(json.dumps(journal))
     broken["sessions"][SID]["surprise"] = 1
     with pytest.raises(ValueError, match="surprise"):
-        SessionRegistry.from_dict(load_policy(), broken)
+        SessionRegistry.from_dict(load_policy(), broken, ports=PORTS)
     twin = json.loads(json.dumps(journal))
     twin["sessions"]["s2"] = {**twin["sessions"][SID], "session_id": "s2"}
     with pytest.raises(ValueError, match="both hold port"):
-        SessionRegistry.from_dict(load_policy(), twin)
+        SessionRegistry.from_dict(load_policy(), twin, ports=PORTS)
 
 
 def test_archive_drops_only_ended_sessions() -> None:
@@ -611,6 +620,10 @@ def _session_refusal_cases() -> dict[RefusalReason, tuple[Bench, object]]:
             CreateSession(SID, "/dev/other", "c", "full_face", THERAPIST),
         ),
         RefusalReason.PEN_BUSY: (created(), CreateSession("s2", PORT, "c", "full_face", THERAPIST)),
+        RefusalReason.UNKNOWN_PEN: (
+            fresh(),
+            CreateSession(SID, "room9", "c", "full_face", THERAPIST),
+        ),
         RefusalReason.UNKNOWN_PLAN: (
             fresh(),
             CreateSession(SID, PORT, "c", "everything", THERAPIST),
@@ -715,4 +728,31 @@ def test_anyone_may_stop_the_needle() -> None:
 
 def test_a_lease_longer_than_the_policy_allows_refuses_to_start() -> None:
     with pytest.raises(PolicyError, match=r"link.lease_ms: 600 must be between 1 and .* \(500\)"):
-        SessionRegistry(load_policy(), lease_ms=600)
+        SessionRegistry(load_policy(), lease_ms=600, ports=PORTS)
+
+
+def test_a_session_only_opens_on_a_configured_pen() -> None:
+    bench = Bench.create()
+    outcome = bench.act(CreateSession(SID, "room9", "client-7", "full_face", THERAPIST))
+    assert outcome.refusal is not None
+    assert outcome.refusal.code is RefusalReason.UNKNOWN_PEN
+    assert "room9" in outcome.refusal.message
+    assert PORT in outcome.refusal.remediation  # names the pens that do exist
+    assert bench.registry.session(SID) is None
+
+
+def test_a_pen_other_than_the_configured_serial_is_refused_and_audited() -> None:
+    registry = SessionRegistry(load_policy(), ports={PORT: "PEN-00042"})
+    bench = Bench(registry)
+    bench.pens[PORT] = FakePen()
+    outcomes = bench.connect()
+    audit = [r for o in outcomes for r in o.audit if r.kind is AuditKind.REFUSAL]
+    assert len(audit) == 1
+    assert "PEN0001" in audit[0].message and "PEN-00042" in audit[0].message
+    assert audit[0].details["code"] == "unexpected_pen"
+    bench.pen_says(bench.pens[PORT].insert(42))
+    bench.act(CreateSession(SID, PORT, "client-7", "full_face", THERAPIST))
+    start = bench.act(StartSession(SID, THERAPIST))
+    assert start.refusal is not None and start.refusal.code is RefusalReason.UNEXPECTED_PEN
+    assert "PEN0001" in start.refusal.message and "PEN-00042" in start.refusal.message
+    assert not bench.pens[PORT].armed

@@ -75,7 +75,7 @@ from firmware_protocol.messages import (
     StopReason,
 )
 
-from .test_session_harness import MANAGER, PORT, THERAPIST, Bench, FakePen
+from .test_session_harness import MANAGER, PORT, PORTS, THERAPIST, Bench, FakePen
 
 TOLERANCE_UM = 50
 CEILING_UM = 2500
@@ -120,7 +120,7 @@ class OracleBench(Bench):
 class SessionMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.bench = OracleBench(SessionRegistry(POLICY))
+        self.bench = OracleBench(SessionRegistry(POLICY, ports=PORTS))
         self.bench.machine = self
         self.pen_bank = {"PEN0001": FakePen("PEN0001"), "PEN0002": FakePen("PEN0002")}
         self.bench.pens[PORT] = self.pen_bank["PEN0001"]
@@ -514,7 +514,7 @@ class SessionMachine(RuleBasedStateMachine):
         self.pen.lose_host()
         self.bench.connected[PORT] = False
         self.bench.renewing[PORT] = None
-        self.bench.registry = SessionRegistry.from_dict(POLICY, journal)
+        self.bench.registry = SessionRegistry.from_dict(POLICY, journal, ports=PORTS)
         self.bench.feed(self.bench.registry.recover(self.bench.tick()))
         if self.sid is not None and self.started:
             self.interrupted = True
@@ -526,7 +526,7 @@ class SessionMachine(RuleBasedStateMachine):
         state = self.bench.registry.to_dict()
         through_json = json.loads(json.dumps(state))
         assert through_json == state
-        assert SessionRegistry.from_dict(POLICY, through_json).to_dict() == state
+        assert SessionRegistry.from_dict(POLICY, through_json, ports=PORTS).to_dict() == state
 
     @invariant()
     def the_pen_is_armed_only_within_limits(self) -> None:

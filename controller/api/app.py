@@ -74,6 +74,7 @@ from .roles import ROLE_MATRIX
 #: Registry refusals that are not "the state does not allow it" (409).
 _STATUS_FOR: dict[RefusalReason, int] = {
     RefusalReason.UNKNOWN_SESSION: 404,
+    RefusalReason.UNKNOWN_PEN: 404,
     RefusalReason.ROLE_NOT_PERMITTED: 403,
     RefusalReason.BAD_REQUEST: 422,
     RefusalReason.UNKNOWN_PLAN: 422,

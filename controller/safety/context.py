@@ -34,6 +34,7 @@ class LinkStatus(enum.StrEnum):
     REFUSED = "refused"  # the pen failed the handshake (protocol or schema mismatch)
     UP = "up"  # handshaken; it is the session's pen (or no session is bound yet)
     FOREIGN = "foreign"  # handshaken, but not the pen (serial or boot) the session started on
+    UNEXPECTED = "unexpected"  # handshaken, but not the serial configured for this port
 
 
 class CartridgeStatus(enum.StrEnum):
@@ -126,3 +127,5 @@ class GateContext:
     motor_running: bool = False
     lease_token: int | None = None
     pass_start_strokes: int | None = None
+    pen_serial: str | None = None
+    expected_serial: str | None = None

@@ -53,6 +53,7 @@ class RefusalReason(enum.StrEnum):
     LINK_DOWN = "link_down"
     PEN_NOT_VERIFIED = "pen_not_verified"
     WRONG_PEN = "wrong_pen"
+    UNEXPECTED_PEN = "unexpected_pen"
     FAULT_UNRESOLVED = "fault_unresolved"
     NO_ZONE_SELECTED = "no_zone_selected"
     ZONE_PASSES_USED = "zone_passes_used"
@@ -76,6 +77,7 @@ class RefusalReason(enum.StrEnum):
     UNKNOWN_SESSION = "unknown_session"
     SESSION_EXISTS = "session_exists"
     PEN_BUSY = "pen_busy"
+    UNKNOWN_PEN = "unknown_pen"
     UNKNOWN_PLAN = "unknown_plan"
     UNKNOWN_ZONE = "unknown_zone"
     ZONE_NOT_IN_PLAN = "zone_not_in_plan"
@@ -94,6 +96,7 @@ GATE_REASONS: Final = frozenset(
         _R.LINK_DOWN,
         _R.PEN_NOT_VERIFIED,
         _R.WRONG_PEN,
+        _R.UNEXPECTED_PEN,
         _R.FAULT_UNRESOLVED,
         _R.NO_ZONE_SELECTED,
         _R.ZONE_PASSES_USED,
@@ -190,13 +193,22 @@ def session_not_active(ctx: GateContext) -> Refused | None:
 
 def link_not_usable(ctx: GateContext, *, treatment: bool) -> Refused | None:
     """The link must be up; for treatment it must also be the session's own pen."""
-    if ctx.link is LinkStatus.UP or (ctx.link is LinkStatus.FOREIGN and not treatment):
+    if ctx.link is LinkStatus.UP or (
+        ctx.link in (LinkStatus.FOREIGN, LinkStatus.UNEXPECTED) and not treatment
+    ):
         return None
     if ctx.link is LinkStatus.REFUSED:
         return Refused(
             RefusalReason.PEN_NOT_VERIFIED,
             "The pen failed its identity check: its firmware does not match this controller.",
             "Do not use this pen. Ask a manager to update the pen firmware or the controller.",
+        )
+    if ctx.link is LinkStatus.UNEXPECTED:
+        return Refused(
+            RefusalReason.UNEXPECTED_PEN,
+            f"Pen {ctx.pen_serial} is connected where pen {ctx.expected_serial} is configured.",
+            f"Connect pen {ctx.expected_serial}, or ask an administrator to change the "
+            "configuration of this port.",
         )
     if ctx.link is LinkStatus.FOREIGN:
         return Refused(

@@ -292,7 +292,12 @@ def _stop_reason_for(code: RefusalReason, state: SessionState | None) -> HostSto
         return HostStopReason.PASS_LIMIT
     if code is RefusalReason.SESSION_NOT_ACTIVE:
         return STOP_ON_LEAVING.get(state, HostStopReason.OTHER) if state else HostStopReason.OTHER
-    if code in (RefusalReason.LINK_DOWN, RefusalReason.WRONG_PEN, RefusalReason.PEN_NOT_VERIFIED):
+    if code in (
+        RefusalReason.LINK_DOWN,
+        RefusalReason.WRONG_PEN,
+        RefusalReason.UNEXPECTED_PEN,
+        RefusalReason.PEN_NOT_VERIFIED,
+    ):
         return HostStopReason.LINK_LOSS
     if code is RefusalReason.FAULT_UNRESOLVED:
         return HostStopReason.FAULT

@@ -67,6 +67,17 @@ def pen_connected(step: Step, port: str, identity: Identity) -> None:
     pen.motor_running = pen.stopping = False
     step.out.state_changed = True
     step.event(EventKind.PEN_CONNECTED, None, port=port, serial=serial)
+    expected = step.ports.get(port)
+    if expected is not None and serial != expected:
+        text, remediation = wording.unexpected_pen_connected(serial, expected)
+        step.audit(
+            AuditKind.REFUSAL,
+            step.live(port),
+            port,
+            text,
+            remediation,
+            {"code": str(RefusalReason.UNEXPECTED_PEN), "serial": serial, "expected": expected},
+        )
     session = step.live(port)
     if session is not None:
         check_identity(step, session, news=known != (serial, identity.boot_id))

@@ -38,6 +38,7 @@ Safety properties (product.md §4), and where they come from:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from controller.audit import AuditKind
@@ -75,8 +76,16 @@ class SessionRegistry:
     """All sessions, pens and the cartridge ledger: a facade over the parts of this
     package (see the module docstring and ``__init__.py``)."""
 
-    def __init__(self, policy: TreatmentPolicy, *, lease_ms: int = 250) -> None:
-        """``lease_ms``: the arming lease to ask for; PolicyError if the policy forbids it."""
+    def __init__(
+        self,
+        policy: TreatmentPolicy,
+        *,
+        ports: Mapping[str, str | None],
+        lease_ms: int = 250,
+    ) -> None:
+        """``ports``: the configured pens, port -> the serial expected there (None: any);
+        a session may only be opened on one of them. ``lease_ms``: the arming lease to
+        ask for; PolicyError if the policy forbids it."""
         if not 0 < lease_ms <= policy.max_lease_ms:
             # Fail closed at start (product.md §4.1) rather than refuse every Arm later.
             raise PolicyError(
@@ -87,6 +96,7 @@ class SessionRegistry:
                 ],
             )
         self.policy = policy
+        self.ports: Mapping[str, str | None] = dict(ports)
         #: The lease each Arm asks for (the service's link.lease_ms).
         self.lease_ms = lease_ms
         self._store = RegistryStore()
@@ -101,6 +111,7 @@ class SessionRegistry:
             self._store,
             self.policy,
             self.lease_ms,
+            self.ports,
             now,
             OutcomeBuilder(urgent_sink=self.urgent_sink),
         )
@@ -155,13 +166,18 @@ class SessionRegistry:
 
     @classmethod
     def from_dict(
-        cls, policy: TreatmentPolicy, data: dict[str, Any], *, lease_ms: int = 250
+        cls,
+        policy: TreatmentPolicy,
+        data: dict[str, Any],
+        *,
+        ports: Mapping[str, str | None],
+        lease_ms: int = 250,
     ) -> SessionRegistry:
         """Restore exactly what :meth:`to_dict` produced. Call :meth:`recover` after a restart.
 
         Raises ValueError (pydantic's ValidationError is one) if the data does not fit.
         """
-        registry = cls(policy, lease_ms=lease_ms)
+        registry = cls(policy, ports=ports, lease_ms=lease_ms)
         registry._store = RegistryStore.from_dict(data)
         return registry
 

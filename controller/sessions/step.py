@@ -8,6 +8,7 @@ and thrown away once its :class:`Outcome` is built.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +46,8 @@ class Step:
     store: RegistryStore
     policy: TreatmentPolicy
     lease_ms: int
+    #: The configured pens: port -> the serial expected there (None: any serial).
+    ports: Mapping[str, str | None]
     now: float
     out: OutcomeBuilder = field(default_factory=OutcomeBuilder)
 
@@ -63,10 +66,13 @@ class Step:
     def context(self, port: str, session: Session | None) -> GateContext:
         """The snapshot the gate and the monitor judge this pen and session by."""
         pen = self.pen(port)
+        expected = self.ports.get(port)
         if pen.link is LinkStatus.REFUSED:
             link = LinkStatus.REFUSED
         elif pen.link is not LinkStatus.UP:
             link = LinkStatus.DOWN
+        elif expected is not None and pen.serial != expected:
+            link = LinkStatus.UNEXPECTED
         elif (
             session is not None
             and session.pen_serial is not None
@@ -84,6 +90,8 @@ class Step:
                 link=link,
                 motor_running=pen.motor_running,
                 lease_token=pen.lease_token,
+                pen_serial=pen.serial,
+                expected_serial=expected,
             )
         zone = session.zones.get(session.current_zone) if session.current_zone else None
         return GateContext(
@@ -98,6 +106,8 @@ class Step:
             motor_running=pen.motor_running,
             lease_token=pen.lease_token,
             pass_start_strokes=session.current_pass.start_strokes if session.current_pass else None,
+            pen_serial=pen.serial,
+            expected_serial=expected,
         )
 
     # --- what the step produces ----------------------------------------------------------

@@ -104,6 +104,8 @@ def _create(step: Step, action: CreateSession) -> None:
         refusal = wording.session_exists(action.session_id)
     elif plan is None:
         refusal = wording.unknown_plan(action.plan_id, list(policy.plans))
+    elif action.port not in step.ports:
+        refusal = wording.unknown_pen(action.port, list(step.ports))
     elif action.port in store.live_by_port:
         refusal = wording.pen_busy()
     if refusal or plan is None:

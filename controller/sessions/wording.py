@@ -186,6 +186,22 @@ def pen_busy() -> Refused:
     )
 
 
+def unknown_pen(port: str, ports: list[str]) -> Refused:
+    return Refused(
+        RefusalReason.UNKNOWN_PEN,
+        f"There is no pen {port!r} in this clinic.",
+        "Choose one of the clinic's pens: " + ", ".join(sorted(ports)) + ".",
+    )
+
+
+def unexpected_pen_connected(serial: str, expected: str) -> tuple[str, str]:
+    return (
+        f"Pen {serial} is connected where pen {expected} is configured; it will not be armed.",
+        f"Connect pen {expected}, or ask an administrator to change the configuration of "
+        "this port.",
+    )
+
+
 def unknown_zone(zone_id: str) -> Refused:
     return Refused(
         RefusalReason.UNKNOWN_ZONE,
