@@ -16,14 +16,13 @@ carrying the therapist-readable reason.
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import contextlib
 import gc
 import json
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +35,7 @@ from firmware_protocol.messages import Telemetry
 from .audit import AuditLog
 from .config import PenEndpoint, ServiceSettings
 from .durable_writer import DurableWriter
+from .executor import OutcomeExecutor
 from .journal import Journal
 from .link import LinkDown, LinkUp, PenLink, PenLinkConfig
 from .link.pen_link import LinkEvent
@@ -46,6 +46,7 @@ from .sessions import (
     CreateSession,
     EventKind,
     LeaseAction,
+    LeaseDirective,
     Outcome,
     PenCommand,
     SessionEvent,
@@ -113,12 +114,10 @@ class _PenRuntime:
 @dataclass
 class ServiceCounters:
     telemetry: int = 0
-    outcomes: int = 0
     commands_sent: int = 0
     commands_unsent: int = 0
     journal_writes: int = 0
     audit_records: int = 0
-    durable_waits: int = 0  # outcomes whose commands waited for their commit
 
 
 class _Subscriber:
@@ -151,11 +150,13 @@ class ControllerService:
         self.journal = Journal(state / "journal.db")
         self.audit = AuditLog(state / "audit.db")
         self.writer = DurableWriter()
-        # Events wait here for their outcome's commit; they leave in decision order.
-        self._pending_events: collections.deque[
-            tuple[concurrent.futures.Future[Any] | None, Callable[[], None]]
-        ] = collections.deque()
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self.executor = OutcomeExecutor(
+            send=self._send,
+            apply_lease=self._apply_lease,
+            commit=self._commit,
+            publish=self._publish_events,
+            withdraw=self._withdraw_arm,
+        )
         lease_ms = self.settings.link.lease_ms
         ports = {
             _port_name(index, endpoint): endpoint.expected_serial
@@ -171,7 +172,7 @@ class ControllerService:
         self._journaled_live: dict[str, str] = {}  # port -> live session last journaled
         # A Stop leaves the moment the registry decides it, not after the outcome
         # (events, audit entries) is built: that is the safety reaction.
-        self.registry.urgent_sink = lambda command: self._send((command,))
+        self.registry.urgent_sink = self.executor.urgent
         self.pens: dict[str, _PenRuntime] = {}
         for index, endpoint in enumerate(self.settings.pens):
             port = _port_name(index, endpoint)
@@ -206,8 +207,8 @@ class ControllerService:
 
     async def start(self) -> None:
         """Recover from the journal, then connect every pen (and the broker)."""
-        self._loop = asyncio.get_running_loop()
-        self._execute(self.registry.recover(time.time()), None)
+        self.executor.set_loop_callback(asyncio.get_running_loop().call_soon_threadsafe)
+        self.executor.execute(self.registry.recover(time.time()), None)
         # Everything built so far (modules, policy, registry) lives as long as the
         # process: take it out of the collector's sight, so a full collection walks
         # only what treatment allocates and stalls every pen for less time.
@@ -226,7 +227,7 @@ class ControllerService:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         self.writer.close()  # every queued record lands, then its events go out
-        self._publish_ready_events()
+        self.executor.publish_ready_events()
         if self.publisher is not None:
             self.publisher.flush()
             self.outbox.close()
@@ -243,7 +244,7 @@ class ControllerService:
             else self.registry.port_of(action.session_id)
         )
         outcome = self.registry.handle(action, time.time())
-        self._execute(outcome, port)
+        self.executor.execute(outcome, port)
         if outcome.refusal is not None:
             raise ActionRefused(outcome.refusal)
         return outcome
@@ -266,8 +267,7 @@ class ControllerService:
 
         # Events of earlier outcomes may still wait for their commit: start listening
         # where this action's events begin, or an earlier answer would be taken for its.
-        self._pending_events.append((None, listen))
-        self._publish_ready_events()
+        self.executor.listen_from_here(listen)
         try:
             self.act(action)
             async with asyncio.timeout(within):
@@ -328,7 +328,7 @@ class ControllerService:
             # The hot path: one call per sample per pen, 100 Hz each.
             outcome = self.registry.handle_link_event(port, event, now)
             if outcome.commands or outcome.events or outcome.state_changed:
-                self._execute(outcome, port)
+                self.executor.execute(outcome, port)
             self._on_telemetry(pen, event.message, now)
             return
         if isinstance(event, LinkUp):
@@ -348,7 +348,7 @@ class ControllerService:
             return  # LinkDown follows from the link shell with the same reason
         else:
             outcome = self.registry.handle_link_event(port, event, now)
-        self._execute(outcome, port)
+        self.executor.execute(outcome, port)
         if self.publisher is not None and isinstance(event, LinkUp | LinkDown):
             serial = pen.serial
             if serial:
@@ -381,85 +381,57 @@ class ControllerService:
 
     # === outcomes =====================================================================
 
-    def _execute(self, outcome: Outcome, port: str | None) -> None:
-        """Carry out an outcome in the order controller.sessions.outcome prescribes.
-
-        ``port`` is the pen the input concerned (None: any, as after a restart).
-        """
-        self.counters.outcomes += 1
-        self._send(outcome.urgent_commands)
-        commits: list[concurrent.futures.Future[Any]] = []
+    def _commit(self, outcome: Outcome, port: str | None) -> concurrent.futures.Future[Any] | None:
+        """Queue the outcome's journal and audit records; the future of the last one."""
+        commit: concurrent.futures.Future[Any] | None = None
         if outcome.state_changed:
-            commits.append(self._save_registry(port))
+            commit = self._save_registry(port)
         if outcome.audit:
             entries = list(outcome.audit)
-            commits.append(self.writer.submit(lambda: self.audit.extend(entries), "audit"))
+            commit = self.writer.submit(lambda: self.audit.extend(entries), "audit")
             self.counters.audit_records += len(entries)
-        if commits and _depends_on_its_record(outcome):
-            # Blocking here keeps the order simple: nothing later can overtake these
-            # commands. A failed commit raises, and the commands are not sent.
-            self.counters.durable_waits += 1
-            for commit in commits:
-                commit.result()
-        self._send(outcome.other_commands)
-        for lease in outcome.leases:
-            link = self.pens[lease.port].link if lease.port in self.pens else None
-            if link is None:
-                continue
-            if lease.action is LeaseAction.KEEP_RENEWING and lease.token is not None:
-                link.keep_armed(lease.token, lease.lease_ms or self.settings.link.lease_ms)
-            else:
-                link.stop_renewing()
-        if outcome.events:
-            # Announced only once on disk: what a tablet has seen survives a crash.
-            last = commits[-1] if commits else None
-            events = tuple(outcome.events)
-            self._pending_events.append((last, lambda: self._publish_events(events)))
-            if last is not None and not last.done():
-                loop = self._loop
-                if loop is None:
-                    last.result()
-                else:
-                    last.add_done_callback(
-                        lambda _: loop.call_soon_threadsafe(self._publish_ready_events)
-                    )
-            self._publish_ready_events()
+        return commit
 
-    def _publish_ready_events(self) -> None:
-        """Publish queued events in decision order, up to the first not yet committed."""
-        queue = self._pending_events
-        while queue and (queue[0][0] is None or queue[0][0].done()):
-            queue.popleft()[1]()
-
-    def _publish_events(self, events: tuple[SessionEvent, ...]) -> None:
+    def _publish_events(self, events: Sequence[SessionEvent]) -> None:
         for event in events:
             self._publish_event(event)
 
-    def _send(self, commands: Iterable[PenCommand]) -> None:
-        for command in commands:
-            pen = self.pens.get(command.port)
-            message = command.message
-            if pen is None:
-                continue
-            try:
-                pen.link.send(message)
-                self.counters.commands_sent += 1
-            except (NotReadyError, LinkBusyError) as exc:
-                # Nothing to do for a Stop here: the pen stops by its lease. The
-                # registry learns about the link through LinkDown.
-                self.counters.commands_unsent += 1
-                log.warning(
-                    "command not sent",
-                    port=command.port,
-                    message=type(message).__name__,
-                    error=str(exc),
-                )
+    def _withdraw_arm(self, port: str, token: int, why: str) -> None:
+        self.executor.execute(self.registry.arm_withdrawn(port, token, why, time.time()), port)
+
+    def _apply_lease(self, lease: LeaseDirective) -> None:
+        pen = self.pens.get(lease.port)
+        if pen is None:
+            return
+        if lease.action is LeaseAction.KEEP_RENEWING and lease.token is not None:
+            pen.link.keep_armed(lease.token, lease.lease_ms or self.settings.link.lease_ms)
+        else:
+            pen.link.stop_renewing()
+
+    def _send(self, command: PenCommand) -> None:
+        pen = self.pens.get(command.port)
+        message = command.message
+        if pen is None:
+            return
+        try:
+            pen.link.send(message)
+            self.counters.commands_sent += 1
+        except (NotReadyError, LinkBusyError) as exc:
+            # Nothing to do for a Stop here: the pen stops by its lease. The
+            # registry learns about the link through LinkDown.
+            self.counters.commands_unsent += 1
+            log.warning(
+                "command not sent",
+                port=command.port,
+                message=type(message).__name__,
+                error=str(exc),
+            )
 
     def sync_records(self) -> None:
         """Wait until every journal and audit record decided so far is on disk, and
         publish the events that were waiting for them."""
         self.writer.call(lambda: None, "sync")
-        self._publish_ready_events()
+        self.executor.publish_ready_events()
 
     def journaled_registry(self) -> dict[str, Any] | None:
         """Reassemble what _save_registry stored piecewise (see SessionRegistry.to_parts),
@@ -587,16 +559,3 @@ def _numeric(stats: dict[str, Any]) -> dict[str, int | float]:
     return {
         k: v for k, v in stats.items() if isinstance(v, int | float) and not isinstance(v, bool)
     }
-
-
-def _depends_on_its_record(outcome: Outcome) -> bool:
-    """Whether the outcome's commands may only leave once its records are durable.
-
-    An Arm (and the lease renewals that keep a pen armed) must never outrun the
-    record that the cartridge is used and the session armed: a crash in between
-    would let a restarted controller arm the same cartridge again. Urgent
-    Stop/Disarm never wait, and nor do outcomes with nothing to send.
-    """
-    return bool(outcome.other_commands) or any(
-        lease.action is LeaseAction.KEEP_RENEWING for lease in outcome.leases
-    )

@@ -78,13 +78,13 @@ async def test_an_event_is_announced_only_once_its_record_is_on_disk(tmp_path: P
     try:
         sid = await rig.start_treating("cheeks", 1000)
         watcher = asyncio.create_task(watch(sid))
-        waits_before = rig.service.counters.durable_waits
+        waits_before = rig.service.executor.counters.held
         for _ in range(3):
             await rig.one_pass(hold=0.05)
         watcher.cancel()
         assert [n for n, _ in seen] == [1, 2, 3]
         assert all(journaled >= n for n, journaled in seen), seen
         # Passes wait for nothing on the loop; only commands that need their record do.
-        assert rig.service.counters.durable_waits == waits_before
+        assert rig.service.executor.counters.held == waits_before
     finally:
         await stop_rig(rig, collector)

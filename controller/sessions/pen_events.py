@@ -126,6 +126,19 @@ def pen_rebooted(step: Step, port: str, current: Identity) -> None:
         check_identity(step, session, news=True)
 
 
+def arm_withdrawn(step: Step, port: str, token: int, why: str) -> None:
+    """The runtime did not send the Arm with ``token`` (a stop overtook it, or its record
+    could not be saved): the pen was never asked to arm."""
+    pen = step.pen(port)
+    if pen.lease_token != token or pen.arm is not ArmState.ARMING:
+        return  # a later Arm (or the pen's answer) has moved on: nothing to undo
+    pen.arm = arm_transition(pen.arm, ArmInput.ARM_WITHDRAWN)
+    pen.lease_token = None
+    pen.stopping = False
+    step.out.state_changed = True
+    step.event(EventKind.DISARMED, step.live(port), port=port, reason="arm_withdrawn", why=why)
+
+
 # --- pen messages ----------------------------------------------------------------------
 
 

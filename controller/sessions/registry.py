@@ -278,6 +278,12 @@ class SessionRegistry:
         pen_events.pen_rebooted(step, port, current)
         return step.out.build()
 
+    def arm_withdrawn(self, port: str, token: int, why: str, now: float) -> Outcome:
+        """The runtime did not send the Arm with ``token``: the pen was never asked to arm."""
+        step = self._step(now)
+        pen_events.arm_withdrawn(step, port, token, why)
+        return step.out.build()
+
     def pen_message(self, port: str, message: Message, now: float) -> Outcome:
         """A message from the pen (``MessageReceived.message``)."""
         if isinstance(message, Telemetry):

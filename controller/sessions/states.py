@@ -144,6 +144,7 @@ class ArmState(enum.StrEnum):
 
 class ArmInput(enum.StrEnum):
     ARM_SENT = "arm_sent"
+    ARM_WITHDRAWN = "arm_withdrawn"  # the runtime never sent it (a stop overtook it)
     PEN_ARMED = "pen_armed"  # Armed event, or Status.armed
     ARM_REFUSED = "arm_refused"  # CommandRefused for our Arm
     PEN_DISARMED = "pen_disarmed"  # Disarmed event, Status not armed, Renew refused
@@ -169,6 +170,7 @@ ARM_TRANSITIONS: Final[dict[tuple[ArmState, ArmInput], ArmState]] = {
     (_A.ARMING,    _AI.ARM_SENT):         _A.ARMING,
     (_A.ARMING,    _AI.PEN_ARMED):        _A.ARMED,
     (_A.ARMING,    _AI.ARM_REFUSED):      _A.DISARMED,
+    (_A.ARMING,    _AI.ARM_WITHDRAWN):    _A.DISARMED,
     (_A.ARMING,    _AI.LINK_LOST):        _A.DISARMED,
     (_A.ARMING,    _AI.PEN_REBOOTED):     _A.DISARMED,
     (_A.ARMED,     _AI.ARM_SENT):         _A.ARMING,    # re-arm after an unconfirmed stop
