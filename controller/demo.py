@@ -3,7 +3,7 @@
 What ``make run`` runs. Under one state directory (default ``var/demo``) it
 starts, in this order:
 
-* **mosquitto** and **influxd** as real processes (controller.stack.processes),
+* **mosquitto** and **influxd** as real processes (devtools.stack.processes),
   on 1883 and 8086 when those are free, else on free ports (printed). The broker
   uses the compose stack's password file and ACL (deploy/mosquitto), so the demo
   proves those too.
@@ -51,6 +51,8 @@ from typing import Any
 
 import structlog
 
+from devtools.stack.processes import ServerProcess, free_port, start_influxd, start_mosquitto
+
 from .api import UserStore, create_app
 from .api.server import ApiServer
 from .config import load_settings
@@ -75,7 +77,6 @@ from .sessions import (
     SetZoneDepth,
     StartSession,
 )
-from .stack.processes import ServerProcess, free_port, start_influxd, start_mosquitto
 
 log = structlog.get_logger("controller.demo")
 

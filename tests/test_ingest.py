@@ -25,7 +25,6 @@ import pytest
 from controller.influx import InfluxClient, InfluxSettings
 from controller.ingest import IngestSettings, IngestWorker, load_ingest_settings
 from controller.ingest.deadletters import DeadLetterStore
-from controller.stack.processes import ServerProcess
 from controller.telemetry.schema import (
     DeviceStatus,
     EventRecord,
@@ -33,6 +32,7 @@ from controller.telemetry.schema import (
     device_topic,
     dump,
 )
+from devtools.stack.processes import ServerProcess
 
 ROOT = "pen/v1"
 SAMPLES = 10  # per telemetry message

@@ -20,8 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from devtools.stack.processes import start_influxd, start_mosquitto
+
 from ..influx import InfluxClient, InfluxQueryError, InfluxSettings, InfluxUnavailable
-from ..stack.processes import start_influxd, start_mosquitto
 from .fleet import run_fleet
 from .framework import BenchContext, Row
 

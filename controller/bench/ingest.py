@@ -29,10 +29,11 @@ from statistics import median
 
 import aiomqtt
 
+from devtools.stack.processes import ServerProcess, start_influxd, start_mosquitto
+
 from ..influx import InfluxClient, InfluxSettings
 from ..ingest.points import telemetry_lines
 from ..ingest.settings import IngestSection
-from ..stack.processes import ServerProcess, start_influxd, start_mosquitto
 from ..telemetry.schema import TelemetryBatch, bundle_payload, controller_telemetry_topic, dump
 from .framework import BenchContext, Row
 
