@@ -14,7 +14,7 @@ from collections.abc import Sequence
 # subcommand name -> module with `register(subparsers) -> None`
 SUBCOMMANDS: dict[str, str] = {
     "simulate": "simulated_pen.cli",
-    "bench": "controller.bench.cli",
+    "bench": "devtools.bench.cli",
     "audit": "controller.audit_cli",
     "serve": "controller.serve_cli",
     "users": "controller.api.users",

@@ -1,6 +1,6 @@
 """A controller process serving a farm of simulated pens: the reaction and capacity rig.
 
-The pens run in a child process (``controller.bench.pen_farm``), the controller
+The pens run in a child process (``devtools.bench.pen_farm``), the controller
 runs here, each on its own core, talking over real pseudo-terminals. A few
 "breaching" pens are kept in treatment: each pass they send a breaching frame,
 the controller stops them and faults their session, and this rig, playing the
@@ -20,6 +20,7 @@ import tempfile
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +51,9 @@ DEPTH_UM = 1000
 
 def bench_policy(directory: Path) -> TreatmentPolicy:
     """Many generous zones, so a breaching pen can be stopped hundreds of times."""
-    source = Path(__file__).resolve().parent.parent / "default_policy.toml"
-    text = source.read_text().split("[zones.", 1)[0]
+    # The product's packaged default, for its global limits; the zones are the bench's.
+    source = resources.files("controller").joinpath("default_policy.toml")
+    text = source.read_text("utf-8").split("[zones.", 1)[0]
     for zone in ZONES:
         text += f'\n[zones.{zone}]\nlabel = "{zone}"\nmax_depth_mm = 1.5\nmax_passes = 8\n'
     text += '\n[plans.bench]\nlabel = "bench"\nzones = [' + ", ".join(f'"{z}"' for z in ZONES)
@@ -110,7 +112,7 @@ async def run_fleet(
     farm = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "controller.bench.pen_farm",
+        "devtools.bench.pen_farm",
         "--pens",
         str(pens),
         "--breachers",

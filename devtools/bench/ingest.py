@@ -29,12 +29,17 @@ from statistics import median
 
 import aiomqtt
 
+from controller.influx import InfluxClient, InfluxSettings
+from controller.ingest.points import telemetry_lines
+from controller.ingest.settings import IngestSection
+from controller.telemetry.schema import (
+    TelemetryBatch,
+    bundle_payload,
+    controller_telemetry_topic,
+    dump,
+)
 from devtools.stack.processes import ServerProcess, start_influxd, start_mosquitto
 
-from ..influx import InfluxClient, InfluxSettings
-from ..ingest.points import telemetry_lines
-from ..ingest.settings import IngestSection
-from ..telemetry.schema import TelemetryBatch, bundle_payload, controller_telemetry_topic, dump
 from .framework import BenchContext, Row
 
 DESCRIPTION = "ingest: points/s through MQTT into InfluxDB, as a ratio of direct writes"

@@ -20,9 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from controller.influx import InfluxClient, InfluxQueryError, InfluxSettings, InfluxUnavailable
 from devtools.stack.processes import start_influxd, start_mosquitto
 
-from ..influx import InfluxClient, InfluxQueryError, InfluxSettings, InfluxUnavailable
 from .fleet import run_fleet
 from .framework import BenchContext, Row
 
