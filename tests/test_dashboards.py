@@ -19,8 +19,8 @@ from typing import Any
 
 import yaml
 
-from controller.demo import Demo
 from controller.influx import InfluxClient, InfluxError, InfluxSettings
+from devtools.demo import Demo
 from devtools.stack.processes import ServerProcess
 
 DASHBOARDS = Path(__file__).resolve().parent.parent / "dashboards"

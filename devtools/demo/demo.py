@@ -51,17 +51,15 @@ from typing import Any
 
 import structlog
 
-from devtools.stack.processes import ServerProcess, free_port, start_influxd, start_mosquitto
-
-from .api import UserStore, create_app
-from .api.server import ApiServer
-from .config import load_settings
-from .influx import InfluxClient, InfluxError, InfluxSettings
-from .logs import configure_logging
-from .policy import TreatmentPolicy
-from .safety.context import LinkStatus, SessionState
-from .service import ActionRefused, ControllerService
-from .sessions import (
+from controller.api import UserStore, create_app
+from controller.api.server import ApiServer
+from controller.config import load_settings
+from controller.influx import InfluxClient, InfluxError, InfluxSettings
+from controller.logs import configure_logging
+from controller.policy import TreatmentPolicy
+from controller.safety.context import LinkStatus, SessionState
+from controller.service import ActionRefused, ControllerService
+from controller.sessions import (
     AcknowledgeFault,
     Actor,
     ArmPen,
@@ -77,10 +75,11 @@ from .sessions import (
     SetZoneDepth,
     StartSession,
 )
+from devtools.stack.processes import ServerProcess, free_port, start_influxd, start_mosquitto
 
-log = structlog.get_logger("controller.demo")
+log = structlog.get_logger("devtools.demo")
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 MQTT_USERS = {
     "controller": ("controller", "controller-demo-password"),
     "ingest": ("ingest", "ingest-demo-password"),
