@@ -19,7 +19,7 @@ SUBCOMMANDS: dict[str, str] = {
     "serve": "controller.serve_cli",
     "users": "controller.api.users",
     "ingest": "controller.ingest.cli",
-    "demo": "devtools.demo.demo",
+    "demo": "devtools.demo.cli",
 }
 
 
