@@ -14,6 +14,7 @@ COPY firmware_protocol ./firmware_protocol
 COPY controller ./controller
 COPY simulated_pen ./simulated_pen
 COPY devtools ./devtools
+COPY penctl ./penctl
 RUN pip install . \
     && useradd --system --create-home --home-dir /var/lib/penctl penctl
 

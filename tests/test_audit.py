@@ -23,7 +23,7 @@ from controller.audit import (
     record_hash,
     verify,
 )
-from controller.cli import main
+from penctl.cli import main
 
 T0 = 1_800_000_000.0
 

@@ -454,7 +454,7 @@ async def test_memory_stays_bounded_when_the_broker_floods(
 
 def penctl(config: Path, log: Path) -> subprocess.Popen[bytes]:
     exe = Path(sys.executable).with_name("penctl")
-    argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "controller.cli"]
+    argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "penctl"]
     with log.open("ab") as out:
         return subprocess.Popen(
             [*argv, "ingest", "--config", str(config), "--log-format", "json"],

@@ -42,7 +42,7 @@ async def _measure(mqtt_port: int, influx_port: int, state: Path, seconds: float
     worker = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "controller.cli",
+        "penctl",
         "ingest",
         "--worker-id",
         "e2e",

@@ -126,7 +126,7 @@ async def _through_mqtt(
     }
     profile = os.environ.get("PENCTL_BENCH_PROFILE")  # a path: cProfile the worker into it
     prefix = ["-m", "cProfile", "-o", profile] if profile else []
-    cmd = [sys.executable, *prefix, "-m", "controller.cli", "ingest", "--worker-id", name]
+    cmd = [sys.executable, *prefix, "-m", "penctl", "ingest", "--worker-id", name]
     stats_topic = f"{ROOT}/_ingest/ingest/{name}/stats"
     async with aiomqtt.Client(
         "127.0.0.1", mosquitto.port, protocol=aiomqtt.ProtocolVersion.V5

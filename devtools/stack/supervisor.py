@@ -130,7 +130,7 @@ class LocalStack:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PENCTL_")}
         with (self.state_dir / "ingest.log").open("ab") as out:
             self._ingest = subprocess.Popen(
-                [sys.executable, "-m", "controller.cli", "ingest", "--config", str(config)],
+                [sys.executable, "-m", "penctl", "ingest", "--config", str(config)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 env={**env, "PYTHONUNBUFFERED": "1"},
