@@ -39,6 +39,7 @@ from .durable_writer import DurableWriter
 from .journal import Journal
 from .link import LinkDown, LinkUp, PenLink, PenLinkConfig
 from .link.pen_link import LinkEvent
+from .live import LiveTelemetry, Subscription
 from .policy import TreatmentPolicy, load_policy
 from .safety.gate import Refused
 from .sessions import (
@@ -83,23 +84,6 @@ class ActionRefused(Exception):  # noqa: N818 - it is an answer, not a bug
 
 
 @dataclass
-class LiveTelemetry:
-    """A tablet-rate telemetry sample for the live view."""
-
-    port: str
-    session_id: str | None
-    at: float
-    depth_set_um: int
-    depth_um: int
-    speed_hz: int
-    strokes: int
-    flags: int
-
-
-LiveItem = SessionEvent | LiveTelemetry
-
-
-@dataclass
 class _PenRuntime:
     port: str
     endpoint: PenEndpoint
@@ -119,18 +103,6 @@ class ServiceCounters:
     journal_writes: int = 0
     audit_records: int = 0
     durable_waits: int = 0  # outcomes whose commands waited for their commit
-
-
-class _Subscriber:
-    def __init__(self, maxsize: int) -> None:
-        self.queue: asyncio.Queue[LiveItem] = asyncio.Queue(maxsize)
-
-    def offer(self, item: LiveItem) -> None:
-        if self.queue.full():
-            # A slow tablet loses old samples, never the newest state or an event.
-            with contextlib.suppress(asyncio.QueueEmpty):
-                self.queue.get_nowait()
-        self.queue.put_nowait(item)
 
 
 @dataclass
@@ -189,7 +161,7 @@ class ControllerService:
                 clinic_id=self.settings.clinic_id,
                 controller_id=self.controller_id,
             )
-        self._subscribers: set[_Subscriber] = set()
+        self._subscribers: set[Subscription] = set()
         self._meta: dict[str, tuple[str | None, str | None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._waiters: list[
@@ -298,13 +270,13 @@ class ControllerService:
             )
         return out
 
-    def subscribe(self, maxsize: int = 256) -> _Subscriber:
+    def subscribe(self, maxsize: int = 256) -> Subscription:
         """Live events and tablet-rate telemetry for every pen; unsubscribe() when done."""
-        sub = _Subscriber(maxsize)
+        sub = Subscription(maxsize)
         self._subscribers.add(sub)
         return sub
 
-    def unsubscribe(self, sub: _Subscriber) -> None:
+    def unsubscribe(self, sub: Subscription) -> None:
         self._subscribers.discard(sub)
 
     # === link events ==================================================================

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from controller.config import load_settings
+from controller.live import LiveItem
 from controller.policy import TreatmentPolicy, load_policy
-from controller.service import ControllerService, LiveItem
+from controller.service import ControllerService
 from controller.sessions import (
     Actor,
     ArmPen,

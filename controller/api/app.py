@@ -30,8 +30,9 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from controller.audit import read_records
+from controller.live import LiveTelemetry
 from controller.safety.gate import RefusalReason, Refused
-from controller.service import ActionRefused, ControllerService, LiveTelemetry
+from controller.service import ActionRefused, ControllerService
 from controller.sessions import (
     AcknowledgeFault,
     Action,
