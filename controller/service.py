@@ -33,14 +33,14 @@ from firmware_protocol import LinkFailed, MessageReceived, NotReadyError
 from firmware_protocol.connection import LinkBusyError
 from firmware_protocol.messages import Telemetry
 
-from .audit import AuditLog
+from .audit import AuditLog, AuditRecord, read_recent
 from .config import PenEndpoint, ServiceSettings
 from .durable_writer import DurableWriter
 from .journal import Journal
 from .link import LinkDown, LinkUp, PenLink, PenLinkConfig
 from .link.pen_link import LinkEvent
-from .live import LiveTelemetry, Subscription
-from .policy import TreatmentPolicy, load_policy
+from .live import LiveTelemetry, PenCondition, PenView, PenWatchers, Subscription
+from .policy import Plan, TreatmentPolicy, ZoneLimits, load_policy
 from .safety.gate import Refused
 from .sessions import (
     Action,
@@ -167,6 +167,7 @@ class ControllerService:
         self._waiters: list[
             tuple[Callable[[SessionEvent], bool], asyncio.Future[SessionEvent]]
         ] = []
+        self._pen_watchers = PenWatchers(self.pen_view)
 
     # === lifecycle ====================================================================
 
@@ -245,6 +246,40 @@ class ControllerService:
 
     def session(self, session_id: str) -> Session | None:
         return self.registry.session(session_id)
+
+    def sessions(self) -> list[Session]:
+        """Every session held, live and ended (copies)."""
+        return self.registry.sessions()
+
+    def report(self, session_id: str) -> dict[str, Any] | None:
+        """The session's report (final once it ended); None if there is no such session."""
+        return self.registry.report(session_id)
+
+    def plans(self) -> list[Plan]:
+        """The treatment plans of the policy in force, in its order."""
+        return list(self.registry.policy.plans.values())
+
+    def zones(self) -> Mapping[str, ZoneLimits]:
+        """Every zone of the policy in force, by id, in its order."""
+        return self.registry.policy.zones
+
+    async def audit_records(self, session_id: str | None, limit: int) -> list[AuditRecord]:
+        """The newest ``limit`` audit records (of one session), oldest first; off the loop."""
+        path = self.settings.state_dir / "audit.db"
+        return await asyncio.to_thread(read_recent, path, session_id=session_id, limit=limit)
+
+    def pen_view(self, port: str) -> PenView:
+        """What the tablet shows of the pen now; cheap (no copy of the session)."""
+        registry = self.registry
+        return PenView.of(port, registry.gate_context(port), registry.live_session_id(port))
+
+    async def wait_for_pen(self, port: str, until: PenCondition, within: float = 30.0) -> PenView:
+        """The pen's first view that satisfies ``until``; TimeoutError after ``within`` s.
+
+        Checked after each input the registry handles, never polled: for what no event
+        announces, such as the cartridge a pen reports in answer to the status query.
+        """
+        return await self._pen_watchers.wait(port, until, within)
 
     def new_session_id(self) -> str:
         return "s-" + secrets.token_hex(6)
@@ -390,6 +425,8 @@ class ControllerService:
                         lambda _: loop.call_soon_threadsafe(self._publish_ready_events)
                     )
             self._publish_ready_events()
+        if self._pen_watchers:  # rarely anyone: a test or a scripted therapist
+            self._pen_watchers.changed(port)
 
     def _publish_ready_events(self) -> None:
         """Publish queued events in decision order, up to the first not yet committed."""
