@@ -20,8 +20,10 @@ from controller.api import UserStore, create_app
 from controller.api.server import ApiServer
 from controller.config import load_settings
 from controller.influx import InfluxClient, InfluxError, InfluxSettings
+from controller.policy import load_policy
 from controller.service import ControllerService
 from devtools.stack.supervisor import MQTT_USERS, LocalStack, reap_leftovers
+from devtools.therapist import EventFeed
 from simulated_pen.runner import PenRunner
 
 from .clinic import ClinicTherapist
@@ -88,9 +90,11 @@ class Demo:
                 mqtt={"port": mqtt_port, "username": user, "password": password},
                 influx={"url": influx_url},
             )
-            service = ControllerService(settings)
-            if service.policy is None or service.policy.plan(self.plan) is None:
+            # The clinic's script follows the same policy the controller enforces.
+            policy = load_policy(settings.policy_file)
+            if policy.plan(self.plan) is None:
                 raise ValueError(f"no plan {self.plan!r} in the treatment policy")
+            service = ControllerService(settings, policy=policy)
             api = _tablet_api(service, self.api_port)
             await service.start()
             await api.start()
@@ -99,11 +103,14 @@ class Demo:
             self._banner(mqtt_port, influx_url, [(s.serial, s.address) for s in slots])
             tasks.append(asyncio.create_task(self._watch_first_data(influx_url)))
             tasks.append(asyncio.create_task(self._watch_ingest()))
+            feed = EventFeed(service)
+            tasks.append(asyncio.create_task(feed.run(), name="event-feed"))
             for i, slot in enumerate(slots):
+                port = f"room{i + 1}"
                 therapist = ClinicTherapist(
-                    service, runner, slot.pen, f"room{i + 1}", i, self.seed, self.plan
+                    service, feed, policy, runner, slot, port, i, self.seed, self.plan
                 )
-                tasks.append(asyncio.create_task(therapist.run(), name=f"therapist-room{i + 1}"))
+                tasks.append(asyncio.create_task(therapist.run(), name=f"therapist-{port}"))
             if self.duration is not None:
                 loop.call_later(self.duration, self.stop)
             await self._stop.wait()
