@@ -18,7 +18,6 @@ import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict
 from importlib import resources
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Query, Request, WebSocket, WebSocketDisconnect
@@ -29,8 +28,8 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from controller.audit import read_records
 from controller.live import LiveTelemetry
+from controller.policy import ZoneLimits
 from controller.safety.gate import RefusalReason, Refused
 from controller.service import ActionRefused, ControllerService
 from controller.sessions import (
@@ -290,9 +289,7 @@ def create_app(
         """Link statistics: frames, CRC errors, retransmits, round-trip time."""
         return device(port).link_stats
 
-    def zone_info(zone_id: str) -> ZoneInfo:
-        assert service.policy is not None
-        z = service.policy.zones[zone_id]
+    def zone_info(z: ZoneLimits) -> ZoneInfo:
         return ZoneInfo(
             zone_id=z.zone_id,
             label=z.label,
@@ -304,16 +301,17 @@ def create_app(
     @app.get("/api/plans", operation_id="list_plans", tags=["plans"])
     async def list_plans(user: Annotated[User, Depends(require("list_plans"))]) -> list[PlanInfo]:
         """Treatment plans and their zones with the policy's limits."""
-        assert service.policy is not None
+        zones = service.zones()
         return [
-            PlanInfo(plan_id=p.plan_id, label=p.label, zones=[zone_info(z) for z in p.zone_ids])
-            for p in service.policy.plans.values()
+            PlanInfo(
+                plan_id=p.plan_id, label=p.label, zones=[zone_info(zones[z]) for z in p.zone_ids]
+            )
+            for p in service.plans()
         ]
 
     @app.get("/api/zones", operation_id="list_zones", tags=["plans"])
     async def list_zones(user: Annotated[User, Depends(require("list_zones"))]) -> list[ZoneInfo]:
-        assert service.policy is not None
-        return [zone_info(z) for z in service.policy.zones]
+        return [zone_info(z) for z in service.zones().values()]
 
     # --- sessions -------------------------------------------------------------------
 
@@ -330,7 +328,7 @@ def create_app(
                 state=str(s.state),
                 created_at=s.created_at,
             )
-            for s in service.registry.sessions()
+            for s in service.sessions()
         ]
 
     @app.post("/api/sessions", operation_id="create_session", tags=["sessions"], status_code=201)
@@ -486,7 +484,7 @@ def create_app(
     # --- reports and audit ----------------------------------------------------------
 
     def report_of(session_id: str) -> dict[str, Any]:
-        report = service.registry.report(session_id)
+        report = service.report(session_id)
         if report is None:
             session_or_404(session_id)  # raises
             raise AssertionError("unreachable")
@@ -523,11 +521,8 @@ def create_app(
         limit: Annotated[int, Query(ge=1, le=10_000)] = 200,
     ) -> list[dict[str, Any]]:
         """The newest audit records (hash-chained; verify with `penctl audit verify`)."""
-        path = Path(service.settings.state_dir) / "audit.db"
-        records = await asyncio.to_thread(read_records, path)
-        if session_id is not None:
-            records = [r for r in records if r.session_id == session_id]
-        return [r.as_dict() for r in records[-limit:]]
+        records = await service.audit_records(session_id, limit)
+        return [r.as_dict() for r in records]
 
     # --- live stream ----------------------------------------------------------------
 
