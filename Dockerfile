@@ -13,6 +13,8 @@ COPY pyproject.toml README.md ./
 COPY firmware_protocol ./firmware_protocol
 COPY controller ./controller
 COPY simulated_pen ./simulated_pen
+COPY devtools ./devtools
+COPY penctl ./penctl
 RUN pip install . \
     && useradd --system --create-home --home-dir /var/lib/penctl penctl
 

@@ -68,6 +68,8 @@ CREATE TABLE IF NOT EXISTS audit_log (
     hash         TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS audit_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+-- A session's records without reading the whole log (the tablet's audit view).
+CREATE INDEX IF NOT EXISTS audit_log_session ON audit_log (session_id, seq);
 CREATE TRIGGER IF NOT EXISTS audit_log_no_update BEFORE UPDATE ON audit_log
 BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
 CREATE TRIGGER IF NOT EXISTS audit_log_no_delete BEFORE DELETE ON audit_log
@@ -344,6 +346,35 @@ def read_records(path: Path | str) -> list[AuditRecord]:
             except ValueError:
                 continue
         return out
+    finally:
+        db.close()
+
+
+def read_recent(
+    path: Path | str, *, session_id: str | None = None, limit: int = 200
+) -> list[AuditRecord]:
+    """The newest ``limit`` well-formed records (of one session, if given), in stored order.
+
+    Reads backwards from the end and stops once it has them, so asking for the
+    last few records costs the same however long the log has grown.
+    """
+    db = _open_read_only(path)
+    try:
+        sql = f"SELECT {_COLUMNS} FROM audit_log ORDER BY seq DESC"
+        params: tuple[str, ...] = ()
+        if session_id is not None:
+            sql = f"SELECT {_COLUMNS} FROM audit_log WHERE session_id = ? ORDER BY seq DESC"
+            params = (session_id,)
+        rows = db.execute(sql, params)
+        newest_first: list[AuditRecord] = []
+        for row in rows:
+            if len(newest_first) >= limit:
+                break
+            try:
+                newest_first.append(_parse(RawRow(*row)))
+            except ValueError:
+                continue
+        return newest_first[::-1]
     finally:
         db.close()
 

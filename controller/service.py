@@ -32,14 +32,15 @@ from firmware_protocol import LinkFailed, MessageReceived, NotReadyError
 from firmware_protocol.connection import LinkBusyError
 from firmware_protocol.messages import Telemetry
 
-from .audit import AuditLog
+from .audit import AuditLog, AuditRecord, read_recent
 from .config import PenEndpoint, ServiceSettings
 from .durable_writer import DurableWriter
 from .executor import OutcomeExecutor
 from .journal import Journal
 from .link import LinkDown, LinkUp, PenLink, PenLinkConfig
 from .link.pen_link import LinkEvent
-from .policy import TreatmentPolicy, load_policy
+from .live import LiveTelemetry, PenCondition, PenView, PenWatchers, Subscription
+from .policy import Plan, TreatmentPolicy, ZoneLimits, load_policy
 from .safety.gate import Refused
 from .sessions import (
     Action,
@@ -84,23 +85,6 @@ class ActionRefused(Exception):  # noqa: N818 - it is an answer, not a bug
 
 
 @dataclass
-class LiveTelemetry:
-    """A tablet-rate telemetry sample for the live view."""
-
-    port: str
-    session_id: str | None
-    at: float
-    depth_set_um: int
-    depth_um: int
-    speed_hz: int
-    strokes: int
-    flags: int
-
-
-LiveItem = SessionEvent | LiveTelemetry
-
-
-@dataclass
 class _PenRuntime:
     port: str
     endpoint: PenEndpoint
@@ -118,18 +102,6 @@ class ServiceCounters:
     commands_unsent: int = 0
     journal_writes: int = 0
     audit_records: int = 0
-
-
-class _Subscriber:
-    def __init__(self, maxsize: int) -> None:
-        self.queue: asyncio.Queue[LiveItem] = asyncio.Queue(maxsize)
-
-    def offer(self, item: LiveItem) -> None:
-        if self.queue.full():
-            # A slow tablet loses old samples, never the newest state or an event.
-            with contextlib.suppress(asyncio.QueueEmpty):
-                self.queue.get_nowait()
-        self.queue.put_nowait(item)
 
 
 @dataclass
@@ -196,19 +168,20 @@ class ControllerService:
                 clinic_id=self.settings.clinic_id,
                 controller_id=self.controller_id,
             )
-        self._subscribers: set[_Subscriber] = set()
+        self._subscribers: set[Subscription] = set()
         self._meta: dict[str, tuple[str | None, str | None]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._waiters: list[
             tuple[Callable[[SessionEvent], bool], asyncio.Future[SessionEvent]]
         ] = []
+        self._pen_watchers = PenWatchers(self.pen_view)
 
     # === lifecycle ====================================================================
 
     async def start(self) -> None:
         """Recover from the journal, then connect every pen (and the broker)."""
         self.executor.set_loop_callback(asyncio.get_running_loop().call_soon_threadsafe)
-        self.executor.execute(self.registry.recover(time.time()), None)
+        self._execute(self.registry.recover(time.time()), None)
         # Everything built so far (modules, policy, registry) lives as long as the
         # process: take it out of the collector's sight, so a full collection walks
         # only what treatment allocates and stalls every pen for less time.
@@ -244,7 +217,7 @@ class ControllerService:
             else self.registry.port_of(action.session_id)
         )
         outcome = self.registry.handle(action, time.time())
-        self.executor.execute(outcome, port)
+        self._execute(outcome, port)
         if outcome.refusal is not None:
             raise ActionRefused(outcome.refusal)
         return outcome
@@ -280,6 +253,40 @@ class ControllerService:
     def session(self, session_id: str) -> Session | None:
         return self.registry.session(session_id)
 
+    def sessions(self) -> list[Session]:
+        """Every session held, live and ended (copies)."""
+        return self.registry.sessions()
+
+    def report(self, session_id: str) -> dict[str, Any] | None:
+        """The session's report (final once it ended); None if there is no such session."""
+        return self.registry.report(session_id)
+
+    def plans(self) -> list[Plan]:
+        """The treatment plans of the policy in force, in its order."""
+        return list(self.registry.policy.plans.values())
+
+    def zones(self) -> Mapping[str, ZoneLimits]:
+        """Every zone of the policy in force, by id, in its order."""
+        return self.registry.policy.zones
+
+    async def audit_records(self, session_id: str | None, limit: int) -> list[AuditRecord]:
+        """The newest ``limit`` audit records (of one session), oldest first; off the loop."""
+        path = self.settings.state_dir / "audit.db"
+        return await asyncio.to_thread(read_recent, path, session_id=session_id, limit=limit)
+
+    def pen_view(self, port: str) -> PenView:
+        """What the tablet shows of the pen now; cheap (no copy of the session)."""
+        registry = self.registry
+        return PenView.of(port, registry.gate_context(port), registry.live_session_id(port))
+
+    async def wait_for_pen(self, port: str, until: PenCondition, within: float = 30.0) -> PenView:
+        """The pen's first view that satisfies ``until``; TimeoutError after ``within`` s.
+
+        Checked after each input the registry handles, never polled: for what no event
+        announces, such as the cartridge a pen reports in answer to the status query.
+        """
+        return await self._pen_watchers.wait(port, until, within)
+
     def new_session_id(self) -> str:
         return "s-" + secrets.token_hex(6)
 
@@ -304,13 +311,13 @@ class ControllerService:
             )
         return out
 
-    def subscribe(self, maxsize: int = 256) -> _Subscriber:
+    def subscribe(self, maxsize: int = 256) -> Subscription:
         """Live events and tablet-rate telemetry for every pen; unsubscribe() when done."""
-        sub = _Subscriber(maxsize)
+        sub = Subscription(maxsize)
         self._subscribers.add(sub)
         return sub
 
-    def unsubscribe(self, sub: _Subscriber) -> None:
+    def unsubscribe(self, sub: Subscription) -> None:
         self._subscribers.discard(sub)
 
     # === link events ==================================================================
@@ -328,7 +335,7 @@ class ControllerService:
             # The hot path: one call per sample per pen, 100 Hz each.
             outcome = self.registry.handle_link_event(port, event, now)
             if outcome.commands or outcome.events or outcome.state_changed:
-                self.executor.execute(outcome, port)
+                self._execute(outcome, port)
             self._on_telemetry(pen, event.message, now)
             return
         if isinstance(event, LinkUp):
@@ -348,7 +355,7 @@ class ControllerService:
             return  # LinkDown follows from the link shell with the same reason
         else:
             outcome = self.registry.handle_link_event(port, event, now)
-        self.executor.execute(outcome, port)
+        self._execute(outcome, port)
         if self.publisher is not None and isinstance(event, LinkUp | LinkDown):
             serial = pen.serial
             if serial:
@@ -381,6 +388,12 @@ class ControllerService:
 
     # === outcomes =====================================================================
 
+    def _execute(self, outcome: Outcome, port: str | None) -> None:
+        """Carry out an outcome (see controller/executor.py); wake whoever waits on the pen."""
+        self.executor.execute(outcome, port)
+        if self._pen_watchers:  # rarely anyone: a test or a scripted therapist
+            self._pen_watchers.changed(port)
+
     def _commit(self, outcome: Outcome, port: str | None) -> concurrent.futures.Future[Any] | None:
         """Queue the outcome's journal and audit records; the future of the last one."""
         commit: concurrent.futures.Future[Any] | None = None
@@ -397,7 +410,7 @@ class ControllerService:
             self._publish_event(event)
 
     def _withdraw_arm(self, port: str, token: int, why: str) -> None:
-        self.executor.execute(self.registry.arm_withdrawn(port, token, why, time.time()), port)
+        self._execute(self.registry.arm_withdrawn(port, token, why, time.time()), port)
 
     def _apply_lease(self, lease: LeaseDirective) -> None:
         pen = self.pens.get(lease.port)

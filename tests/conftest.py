@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.stack.processes import ServerProcess, start_influxd, start_mosquitto
+from devtools.stack.processes import ServerProcess, start_influxd, start_mosquitto
 
 
 @pytest.fixture

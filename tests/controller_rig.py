@@ -9,19 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from controller.config import load_settings
+from controller.live import LiveItem
 from controller.policy import TreatmentPolicy, load_policy
-from controller.service import ControllerService, LiveItem
-from controller.sessions import (
-    Actor,
-    ArmPen,
-    CreateSession,
-    EventKind,
-    Role,
-    SelectZone,
-    SessionEvent,
-    SetZoneDepth,
-    StartSession,
-)
+from controller.safety.context import LinkStatus
+from controller.service import ControllerService
+from controller.sessions import Actor, EventKind, Role, SessionEvent
+from devtools.therapist import Therapist
 from simulated_pen.device import SimulatedPen
 from simulated_pen.runner import PenRunner, PenSlot
 
@@ -47,12 +40,17 @@ class Rig:
     slots: list[PenSlot]
     events: list[SessionEvent] = field(default_factory=list)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    therapists: list[Therapist] = field(default_factory=list)
 
     def pen(self, index: int = 0) -> SimulatedPen:
         return self.slots[index].pen
 
     def port(self, index: int = 0) -> str:
         return f"room{index + 1}"
+
+    def therapist(self, index: int = 0) -> Therapist:
+        """The scripted therapist at pen ``index``'s tablet."""
+        return self.therapists[index]
 
     def physical(self, index: int, action: Callable[[SimulatedPen, float], Any]) -> Any:
         """Do something to the pen in the therapist's hand (button, contact, cartridge)."""
@@ -77,19 +75,15 @@ class Rig:
         self, zone: str, depth_um: int, *, index: int = 0, plan: str = "full_face"
     ) -> str:
         """Create and start a session, select a zone, set its depth, arm; return its id."""
-        svc = self.service
-        sid = svc.new_session_id()
-        svc.act(CreateSession(sid, self.port(index), "client-ref-1", plan, THERAPIST))
-        svc.act(StartSession(sid, THERAPIST))
-        svc.act(SelectZone(sid, zone, THERAPIST))
-        svc.act(SetZoneDepth(sid, depth_um, THERAPIST))
-        await self.arm(sid)
+        therapist = self.therapist(index)
+        sid = therapist.open_session("client-ref-1", plan)
+        therapist.select_zone(sid, zone)
+        therapist.set_depth(sid, depth_um)
+        await therapist.arm(sid)
         return sid
 
-    async def arm(self, sid: str) -> None:
-        await self.service.act_and_wait(
-            ArmPen(sid, THERAPIST), lambda e: e.kind == EventKind.ARMED and e.session_id == sid
-        )
+    async def arm(self, sid: str, index: int = 0) -> None:
+        await self.therapist(index).arm(sid)
 
     async def one_pass(self, index: int = 0, hold: float = 0.15) -> SessionEvent:
         """Touch the skin, press, hold, release, lift; return the pass_ended event."""
@@ -167,15 +161,19 @@ async def start_rig(
         mqtt={"enabled": mqtt_port is not None, "port": mqtt_port or 1883},
     )
     service = ControllerService(settings, policy=policy)
-    rig = Rig(runner, service, slots or [])
+    therapists = [Therapist(service, f"room{i + 1}", THERAPIST) for i in range(len(urls))]
+    rig = Rig(runner, service, slots or [], therapists=therapists)
     collector = asyncio.create_task(rig._collect())
     await service.start()
-    async with asyncio.timeout(10):
-        for pen in service.pens.values():
-            await pen.link.wait_ready()
-    for port in service.pens:
-        # The pen reports its cartridge in answer to the QueryStatus sent on connect.
-        await eventually(lambda port=port: service.registry.pen(port).cartridge_id is not None)
+    for therapist in therapists:
+        # Connected, and the cartridge reported in answer to the QueryStatus sent on connect
+        # (a pen with an unexpected serial is connected too, though never armed).
+        await therapist.wait_for(
+            lambda v: (
+                v.link in (LinkStatus.UP, LinkStatus.UNEXPECTED) and v.cartridge_id is not None
+            ),
+            within=10,
+        )
     return rig, collector
 
 

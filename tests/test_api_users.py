@@ -106,7 +106,7 @@ async def test_penctl_serve_serves_the_api_with_the_users_file(
     serve = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "controller.cli",
+        "penctl",
         "serve",
         "--config",
         str(config),
@@ -152,7 +152,7 @@ async def test_penctl_serve_refuses_a_taken_api_port(tmp_path: Path) -> None:
         serve = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "controller.cli",
+            "penctl",
             "serve",
             "--config",
             str(config),

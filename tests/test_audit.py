@@ -19,11 +19,12 @@ from controller.audit import (
     AuditLog,
     ChainHead,
     canonical_json,
+    read_recent,
     read_records,
     record_hash,
     verify,
 )
-from controller.cli import main
+from penctl.cli import main
 
 T0 = 1_800_000_000.0
 
@@ -365,3 +366,17 @@ def test_cli_show(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert [json.loads(line)["seq"] for line in lines] == [2]
     assert main(["audit", "show", str(path), "--session", "s1", "--last", "1", "--json"]) == 0
     assert [json.loads(line)["seq"] for line in capsys.readouterr().out.splitlines()] == [5]
+
+
+@pytest.mark.parametrize("session_id", [None, "s1", "s-none"])
+@pytest.mark.parametrize("limit", [1, 4, 200])
+def test_read_recent_is_the_tail_of_read_records(
+    tmp_path: Path, session_id: str | None, limit: int
+) -> None:
+    """What the tablet's audit view reads: the newest records of a session (or all),
+    exactly what filtering every record would give, malformed rows skipped."""
+    path = tmp_path / "audit.db"
+    write_log(path, 30)
+    raw(path).execute("UPDATE audit_log SET details = 'not json' WHERE seq = 29")
+    every = [r for r in read_records(path) if session_id is None or r.session_id == session_id]
+    assert read_recent(path, session_id=session_id, limit=limit) == every[-limit:]

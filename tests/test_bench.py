@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from controller import cli
-from controller.bench.framework import BENCHMARKS, Row, judge
+from devtools.bench.framework import BENCHMARKS, Row, judge
+from penctl import cli
 
 
 def test_every_registered_benchmark_has_the_interface() -> None:

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 import yaml
 
-from controller.cli import build_parser
 from controller.config import load_settings
 from controller.ingest.settings import load_ingest_settings
+from penctl.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"

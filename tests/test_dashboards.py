@@ -19,9 +19,9 @@ from typing import Any
 
 import yaml
 
-from controller.demo import Demo
 from controller.influx import InfluxClient, InfluxError, InfluxSettings
-from controller.stack.processes import ServerProcess
+from devtools.demo import Demo
+from devtools.stack.processes import ServerProcess
 
 DASHBOARDS = Path(__file__).resolve().parent.parent / "dashboards"
 DATASOURCE_UID = "pen-influx"

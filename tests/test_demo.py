@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 
 from controller.influx import InfluxClient, InfluxError, InfluxSettings
-from controller.stack.processes import free_port
+from devtools.stack.processes import free_port
 
 # The installed console script, as `make run` starts it.
 PENCTL = str(Path(sys.executable).with_name("penctl"))

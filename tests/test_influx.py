@@ -12,7 +12,7 @@ from controller.influx import (
     InfluxUnavailable,
     format_line,
 )
-from controller.stack.processes import ServerProcess, free_port
+from devtools.stack.processes import ServerProcess, free_port
 
 
 def _client(server: ServerProcess, db: str = "pen") -> InfluxClient:

@@ -25,7 +25,6 @@ import pytest
 from controller.influx import InfluxClient, InfluxSettings
 from controller.ingest import IngestSettings, IngestWorker, load_ingest_settings
 from controller.ingest.deadletters import DeadLetterStore
-from controller.stack.processes import ServerProcess
 from controller.telemetry.schema import (
     DeviceStatus,
     EventRecord,
@@ -33,6 +32,7 @@ from controller.telemetry.schema import (
     device_topic,
     dump,
 )
+from devtools.stack.processes import ServerProcess
 
 ROOT = "pen/v1"
 SAMPLES = 10  # per telemetry message
@@ -454,7 +454,7 @@ async def test_memory_stays_bounded_when_the_broker_floods(
 
 def penctl(config: Path, log: Path) -> subprocess.Popen[bytes]:
     exe = Path(sys.executable).with_name("penctl")
-    argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "controller.cli"]
+    argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "penctl"]
     with log.open("ab") as out:
         return subprocess.Popen(
             [*argv, "ingest", "--config", str(config), "--log-format", "json"],

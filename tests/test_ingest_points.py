@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from controller.cli import build_parser
 from controller.config import ConfigError
 from controller.influx import format_line
 from controller.ingest import load_ingest_settings
@@ -28,6 +27,7 @@ from controller.telemetry.schema import (
     device_topic,
     dump,
 )
+from penctl.cli import build_parser
 
 T0 = 1_700_000_000_000_000_000
 

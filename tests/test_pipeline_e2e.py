@@ -6,7 +6,7 @@ from pathlib import Path
 
 from controller.ingest import IngestWorker
 from controller.sessions import EndSession
-from controller.stack.processes import ServerProcess
+from devtools.stack.processes import ServerProcess
 
 from .controller_rig import THERAPIST, eventually, start_rig, stop_rig
 from .test_ingest import count, make_settings, running

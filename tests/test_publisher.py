@@ -15,10 +15,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from controller.config import MqttSettings
-from controller.stack.processes import ServerProcess
 from controller.telemetry.outbox import NewMessage, Outbox
 from controller.telemetry.publisher import MAX_BUNDLE_BYTES, TelemetryPublisher
 from controller.telemetry.schema import TelemetryBatch, TelemetryBundle, device_topic, dump
+from devtools.stack.processes import ServerProcess
 from firmware_protocol.messages import Telemetry
 
 

@@ -17,7 +17,7 @@ def test_bad_configuration_is_refused_naming_the_key(tmp_path: Path) -> None:
     config = tmp_path / "bad.toml"
     config.write_text('[[pens]]\nurl = "/dev/null"\n[link]\nlease_ms = 5000\nbaud = 9600\n')
     proc = subprocess.run(
-        [sys.executable, "-m", "controller.cli", "serve", "--config", str(config)],
+        [sys.executable, "-m", "penctl", "serve", "--config", str(config)],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -34,7 +34,7 @@ async def test_serve_connects_simulated_pens_and_stops_cleanly(tmp_path: Path) -
     sim = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "controller.cli",
+        "penctl",
         "simulate",
         "--pens",
         "2",
@@ -53,7 +53,7 @@ async def test_serve_connects_simulated_pens_and_stops_cleanly(tmp_path: Path) -
         serve = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "controller.cli",
+            "penctl",
             "serve",
             "--config",
             str(config),

@@ -241,7 +241,7 @@ async def test_cli_prints_pty_paths_applies_a_fault_script_and_exits_on_sigterm(
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "controller.cli",
+        "penctl",
         "simulate",
         "--pens",
         "2",
@@ -281,7 +281,7 @@ async def test_cli_tcp_mode_prints_socket_urls() -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "controller.cli",
+        "penctl",
         "simulate",
         "--pens",
         "1",
@@ -308,6 +308,6 @@ async def test_cli_tcp_mode_prints_socket_urls() -> None:
 
 @pytest.mark.parametrize("argv", [["--pens", "0"], ["--rate", "5000"], ["--prefix", "LONGPREFIX"]])
 def test_cli_refuses_bad_arguments(argv: list[str]) -> None:
-    from controller.cli import main
+    from penctl.cli import main
 
     assert main(["simulate", *argv]) == 2

@@ -1,7 +1,11 @@
 """The tablet API and the therapist's web page (product.md §8).
 
-``create_app(service, users)`` builds the FastAPI app; ``penctl serve`` runs it
-with uvicorn in the service's event loop. Users: :mod:`controller.api.auth`.
+``create_app(service, users)`` (``app.py``) builds the FastAPI app from one router
+per area (``routers/``: auth, devices, plans, sessions, reports, audit, live,
+page); ``deps.py`` holds what they depend on, above all ``ControllerApi``, the
+narrow interface they need of the controller; ``errors.py`` the error bodies.
+``penctl serve`` runs it with uvicorn in the service's event loop. Users:
+:mod:`controller.api.auth`.
 """
 
 from .app import create_app

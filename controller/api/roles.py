@@ -2,7 +2,7 @@
 
 Keys are the endpoints' OpenAPI ``operationId``s (and ``live`` for the WebSocket).
 Every route that needs a signed-in user names its key through
-``controller.api.app.require``; a test walks every rule of this table.
+``controller.api.deps.require``; a test walks every rule of this table.
 """
 
 from __future__ import annotations

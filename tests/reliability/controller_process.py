@@ -18,18 +18,8 @@ from pathlib import Path
 
 from controller.config import load_settings
 from controller.service import ControllerService
-from controller.sessions import (
-    Actor,
-    ArmPen,
-    CreateSession,
-    EventKind,
-    ResumeSession,
-    Role,
-    SelectZone,
-    SessionEvent,
-    SetZoneDepth,
-    StartSession,
-)
+from controller.sessions import Actor, EventKind, Role
+from devtools.therapist import EventFeed
 
 THERAPIST = Actor("t-0001", Role.THERAPIST)
 
@@ -39,33 +29,25 @@ async def main(state_dir: Path, url: str, zone: str, depth_um: int) -> None:
         None, state_dir=state_dir, pens=[{"url": url, "name": "room1"}], mqtt={"enabled": False}
     )
     service = ControllerService(settings)
-    sub = service.subscribe(10_000)
-    await service.start()
-    await service.pens["room1"].link.wait_ready()
-    while service.registry.pen("room1").cartridge_id is None:  # noqa: ASYNC110
-        await asyncio.sleep(0.005)
-    sid = service.registry.live_session_id("room1")
-    if sid is None:
-        sid = service.new_session_id()
-        service.act(CreateSession(sid, "room1", "client-ref-9", "full_face", THERAPIST))
-        service.act(StartSession(sid, THERAPIST))
-        service.act(SelectZone(sid, zone, THERAPIST))
-        service.act(SetZoneDepth(sid, depth_um, THERAPIST))
-    else:
-        session = service.session(sid)
-        assert session is not None
-        print(f"recovered {sid} {session.state.value}", flush=True)
-        await asyncio.to_thread(sys.stdin.readline)  # the therapist taps Resume
-        service.act(ResumeSession(sid, THERAPIST))
-    await service.act_and_wait(ArmPen(sid, THERAPIST), lambda e: e.kind == EventKind.ARMED)
-    print(f"armed {sid}", flush=True)
-    while True:
-        item = await sub.queue.get()
-        if isinstance(item, SessionEvent) and item.kind in (
-            EventKind.PASS_STARTED,
-            EventKind.PASS_ENDED,
-        ):
-            print(f"{item.kind.value} {item.detail.get('number')}", flush=True)
+    feed = EventFeed(service, 10_000)
+    therapist = feed.therapist("room1", THERAPIST)
+    async with feed:
+        await service.start()
+        await therapist.pen_ready()
+        sid = therapist.view().session_id
+        if sid is None:
+            sid = therapist.open_session("client-ref-9", "full_face")
+            therapist.select_zone(sid, zone)
+            therapist.set_depth(sid, depth_um)
+        else:
+            print(f"recovered {sid} {therapist.view().session_state}", flush=True)
+            await asyncio.to_thread(sys.stdin.readline)  # the therapist taps Resume
+            therapist.resume(sid)
+        await therapist.arm(sid)
+        print(f"armed {sid}", flush=True)
+        while True:
+            event = await therapist.next_event(EventKind.PASS_STARTED, EventKind.PASS_ENDED)
+            print(f"{event.kind.value} {event.detail.get('number')}", flush=True)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.stack.processes import ServerProcess
+from devtools.stack.processes import ServerProcess
 
 from .conftest import Record
 from .figures import Figures

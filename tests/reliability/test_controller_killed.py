@@ -43,7 +43,7 @@ async def test_frozen_controller_lets_the_lease_expire(tmp_path: Path) -> None:
     sim = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "controller.cli",
+        "penctl",
         "simulate",
         "--pens",
         "1",

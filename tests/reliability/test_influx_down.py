@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from controller.stack.processes import ServerProcess
+from devtools.stack.processes import ServerProcess
 
 from .conftest import Record
 from .figures import Figures

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from controller.ingest import IngestWorker
-from controller.stack.processes import ServerProcess
 from controller.telemetry.schema import device_topic
+from devtools.stack.processes import ServerProcess
 
 from ..test_ingest import (
     ROOT,

@@ -20,8 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..influx import InfluxClient, InfluxQueryError, InfluxSettings, InfluxUnavailable
-from ..stack.processes import start_influxd, start_mosquitto
+from controller.influx import InfluxClient, InfluxQueryError, InfluxSettings, InfluxUnavailable
+from devtools.stack.processes import start_influxd, start_mosquitto
+
 from .fleet import run_fleet
 from .framework import BenchContext, Row
 
@@ -41,7 +42,7 @@ async def _measure(mqtt_port: int, influx_port: int, state: Path, seconds: float
     worker = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "controller.cli",
+        "penctl",
         "ingest",
         "--worker-id",
         "e2e",

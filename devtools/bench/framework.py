@@ -28,11 +28,11 @@ from typing import Any, Protocol
 
 #: benchmark name -> module exposing DESCRIPTION and run(ctx); adding one is one line.
 BENCHMARKS: dict[str, str] = {
-    "codec": "controller.bench.codec",
-    "reaction": "controller.bench.reaction",
-    "capacity": "controller.bench.capacity",
-    "ingest": "controller.bench.ingest",
-    "e2e": "controller.bench.e2e",
+    "codec": "devtools.bench.codec",
+    "reaction": "devtools.bench.reaction",
+    "capacity": "devtools.bench.capacity",
+    "ingest": "devtools.bench.ingest",
+    "e2e": "devtools.bench.e2e",
 }
 
 

@@ -29,11 +29,17 @@ from statistics import median
 
 import aiomqtt
 
-from ..influx import InfluxClient, InfluxSettings
-from ..ingest.points import telemetry_lines
-from ..ingest.settings import IngestSection
-from ..stack.processes import ServerProcess, start_influxd, start_mosquitto
-from ..telemetry.schema import TelemetryBatch, bundle_payload, controller_telemetry_topic, dump
+from controller.influx import InfluxClient, InfluxSettings
+from controller.ingest.points import telemetry_lines
+from controller.ingest.settings import IngestSection
+from controller.telemetry.schema import (
+    TelemetryBatch,
+    bundle_payload,
+    controller_telemetry_topic,
+    dump,
+)
+from devtools.stack.processes import ServerProcess, start_influxd, start_mosquitto
+
 from .framework import BenchContext, Row
 
 DESCRIPTION = "ingest: points/s through MQTT into InfluxDB, as a ratio of direct writes"
@@ -120,7 +126,7 @@ async def _through_mqtt(
     }
     profile = os.environ.get("PENCTL_BENCH_PROFILE")  # a path: cProfile the worker into it
     prefix = ["-m", "cProfile", "-o", profile] if profile else []
-    cmd = [sys.executable, *prefix, "-m", "controller.cli", "ingest", "--worker-id", name]
+    cmd = [sys.executable, *prefix, "-m", "penctl", "ingest", "--worker-id", name]
     stats_topic = f"{ROOT}/_ingest/ingest/{name}/stats"
     async with aiomqtt.Client(
         "127.0.0.1", mosquitto.port, protocol=aiomqtt.ProtocolVersion.V5

@@ -1,7 +1,7 @@
 """Safety reaction: breaching telemetry frame to Stop at the pen, while many pens stream.
 
 Measured through real pseudo-terminals with the pens in their own process (see
-controller.bench.fleet): the clock starts just before a pen writes a telemetry
+devtools.bench.fleet): the clock starts just before a pen writes a telemetry
 frame whose measured depth is past the setpoint, and stops when that pen reads
 the controller's Stop. The figure therefore includes both pty crossings.
 """

@@ -21,7 +21,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..logs import configure_logging
+from controller.logs import configure_logging
+
 from .framework import (
     BENCHMARKS,
     Advance,

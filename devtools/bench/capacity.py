@@ -1,7 +1,7 @@
 """Capacity: how many pens at 100 Hz one controller process carries.
 
 Steps up the number of pens; at each step every pen streams telemetry at 100 Hz
-and a few breach (see controller.bench.fleet). A step passes with zero telemetry
+and a few breach (see devtools.bench.fleet). A step passes with zero telemetry
 frames lost and a reaction p99 under 5 ms. The figure is the largest passing step.
 """
 

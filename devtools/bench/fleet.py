@@ -1,6 +1,6 @@
 """A controller process serving a farm of simulated pens: the reaction and capacity rig.
 
-The pens run in a child process (``controller.bench.pen_farm``), the controller
+The pens run in a child process (``devtools.bench.pen_farm``), the controller
 runs here, each on its own core, talking over real pseudo-terminals. A few
 "breaching" pens are kept in treatment: each pass they send a breaching frame,
 the controller stops them and faults their session, and this rig, playing the
@@ -20,27 +20,17 @@ import tempfile
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from controller.config import load_settings
+from controller.live import PenView
 from controller.policy import TreatmentPolicy, load_policy
-from controller.safety.context import SessionState
+from controller.safety.context import LinkStatus
 from controller.service import ActionRefused, ControllerService
-from controller.sessions import (
-    AcknowledgeFault,
-    Actor,
-    ArmPen,
-    CreateSession,
-    EndSession,
-    EventKind,
-    ResumeSession,
-    Role,
-    SelectZone,
-    SessionEvent,
-    SetZoneDepth,
-    StartSession,
-)
+from controller.sessions import Actor, EventKind, Role
+from devtools.therapist import EventFeed, Therapist
 
 THERAPIST = Actor("bench-therapist", Role.THERAPIST)
 ZONES = [f"bench_{i:02d}" for i in range(1, 41)]
@@ -50,8 +40,9 @@ DEPTH_UM = 1000
 
 def bench_policy(directory: Path) -> TreatmentPolicy:
     """Many generous zones, so a breaching pen can be stopped hundreds of times."""
-    source = Path(__file__).resolve().parent.parent / "default_policy.toml"
-    text = source.read_text().split("[zones.", 1)[0]
+    # The product's packaged default, for its global limits; the zones are the bench's.
+    source = resources.files("controller").joinpath("default_policy.toml")
+    text = source.read_text("utf-8").split("[zones.", 1)[0]
     for zone in ZONES:
         text += f'\n[zones.{zone}]\nlabel = "{zone}"\nmax_depth_mm = 1.5\nmax_passes = 8\n'
     text += '\n[plans.bench]\nlabel = "bench"\nzones = [' + ", ".join(f'"{z}"' for z in ZONES)
@@ -110,7 +101,7 @@ async def run_fleet(
     farm = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "controller.bench.pen_farm",
+        "devtools.bench.pen_farm",
         "--pens",
         str(pens),
         "--breachers",
@@ -150,34 +141,41 @@ async def _measure(
     duration: float,
     observer: Observer | None = None,
 ) -> FleetResult:
+    ports = list(service.pens)
     async with asyncio.timeout(60):
-        for pen in service.pens.values():
-            await pen.link.wait_ready()
-        while any(service.registry.pen(p).cartridge_id is None for p in service.pens):  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
-    ports = list(service.pens)[:breachers]
-    sub = service.subscribe(100_000)
-    sessions = {port: await _start_session(service, port) for port in ports}
-    result = FleetResult(pens=pens, seconds=duration)
-    keeper = asyncio.create_task(_keep_treating(service, sub.queue, sessions))
-    lag = asyncio.create_task(_loop_lag(result))
-    reader = asyncio.create_task(_read_reactions(farm_out, result))
-    watcher = asyncio.create_task(observer() if observer else asyncio.sleep(0))
-    baseline = _link_totals(service)
-    started = time.perf_counter()
-    try:
-        await asyncio.sleep(duration)
-    finally:
-        for task in (keeper, lag, reader, watcher):
-            task.cancel()
-        await asyncio.gather(keeper, lag, reader, watcher, return_exceptions=True)
-        service.unsubscribe(sub)
+        for port in ports:
+            await service.wait_for_pen(port, _ready, within=60)
+    feed = EventFeed(service)
+    therapists = [feed.therapist(port, THERAPIST) for port in ports[:breachers]]
+    async with feed:
+        sessions = [await _start_session(therapist) for therapist in therapists]
+        result = FleetResult(pens=pens, seconds=duration)
+        keepers = [
+            asyncio.create_task(_keep_treating(therapist, sid))
+            for therapist, sid in zip(therapists, sessions, strict=True)
+        ]
+        lag = asyncio.create_task(_loop_lag(result))
+        reader = asyncio.create_task(_read_reactions(farm_out, result))
+        watcher = asyncio.create_task(observer() if observer else asyncio.sleep(0))
+        baseline = _link_totals(service)
+        started = time.perf_counter()
+        try:
+            await asyncio.sleep(duration)
+        finally:
+            tasks = (*keepers, lag, reader, watcher)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
     result.seconds = time.perf_counter() - started
     totals = _link_totals(service)
     result.telemetry_received = totals[0] - baseline[0]
     result.telemetry_lost = totals[1] - baseline[1]
     result.crc_errors = totals[2] - baseline[2]
     return result
+
+
+def _ready(view: PenView) -> bool:
+    return view.link is LinkStatus.UP and view.cartridge_id is not None
 
 
 def _link_totals(service: ControllerService) -> tuple[int, int, int]:
@@ -190,85 +188,49 @@ def _link_totals(service: ControllerService) -> tuple[int, int, int]:
     return received, lost, crc
 
 
-async def _start_session(service: ControllerService, port: str) -> str:
-    sid = service.new_session_id()
-    service.act(CreateSession(sid, port, f"bench-{port}", "bench", THERAPIST))
-    service.act(StartSession(sid, THERAPIST))
-    await _arm(service, sid)
+async def _start_session(therapist: Therapist) -> str:
+    sid = therapist.open_session(f"bench-{therapist.port}", "bench")
+    await _arm(therapist, sid)
     return sid
 
 
-async def _arm(service: ControllerService, sid: str) -> None:
+async def _arm(therapist: Therapist, sid: str) -> None:
     """Whatever state the session is in, get its pen armed again.
 
-    Reads only the gate context (cheap), never a copy of the session: the rig runs
+    Reads only the pen's view (cheap), never a copy of the session: the rig runs
     in the controller's process and must not stall it.
     """
-    port = service.registry.port_of(sid)
-    assert port is not None
-    ctx = service.registry.gate_context(port)
-    # Each act is its own turn of the event loop, as separate tablet requests are.
-    if ctx.session_state is SessionState.FAULTED:
-        service.act(AcknowledgeFault(sid, THERAPIST))
-        await asyncio.sleep(0)
-    elif ctx.session_state in (SessionState.INTERRUPTED, SessionState.PAUSED):
-        service.act(ResumeSession(sid, THERAPIST))
-        await asyncio.sleep(0)
-    ctx = service.registry.gate_context(port)
-    if ctx.zone is None or ctx.zone.passes_left == 0:
-        used = ctx.zone.zone_id if ctx.zone else None
-        zone = ZONES[(ZONES.index(used) + 1) % len(ZONES)] if used else ZONES[0]
-        service.act(SelectZone(sid, zone, THERAPIST))
-        await asyncio.sleep(0)
-        ctx = service.registry.gate_context(port)
-    if ctx.depth_setpoint_um is None:
-        service.act(SetZoneDepth(sid, DEPTH_UM, THERAPIST))
-        await asyncio.sleep(0)
-    await service.act_and_wait(
-        ArmPen(sid, THERAPIST), lambda e: e.kind == EventKind.ARMED and e.session_id == sid
-    )
+    view = therapist.view()
+    zone = view.zone_id
+    if zone is None or view.passes_left == 0:
+        zone = ZONES[(ZONES.index(zone) + 1) % len(ZONES)] if zone else ZONES[0]
+    await therapist.prepare(sid, zone, DEPTH_UM)
+    await therapist.arm(sid)
 
 
-async def _keep_treating(
-    service: ControllerService, queue: asyncio.Queue[Any], sessions: dict[str, str]
-) -> None:
-    """Play the therapist: re-arm a breaching pen as soon as it has been stopped, and
-    after SESSION_PASSES passes end the session and start the next client's with the
-    fresh cartridge the farm puts in (so sessions stay the size they have in a clinic)."""
-    busy: dict[str, asyncio.Task[None]] = {}
-    passes: dict[str, int] = dict.fromkeys(sessions, 0)
-
-    async def rearm(port: str) -> None:
-        with contextlib.suppress(ActionRefused, TimeoutError):
-            await _arm(service, sessions[port])
-
-    async def next_client(port: str) -> None:
-        with contextlib.suppress(ActionRefused, TimeoutError):
-            sessions[port] = await _start_session(service, port)
-            passes[port] = 0
-
-    try:
-        while True:
-            item = await queue.get()
-            if not isinstance(item, SessionEvent) or item.port not in sessions:
-                continue
-            port = item.port
-            if port in busy and not busy[port].done():
-                continue
-            if item.kind is EventKind.PASS_ENDED and item.session_id == sessions[port]:
-                passes[port] += 1
-            elif item.kind is EventKind.CARTRIDGE_INSERTED and passes[port] >= SESSION_PASSES:
-                busy[port] = asyncio.create_task(next_client(port))
-            elif item.kind is EventKind.DISARMED and item.session_id == sessions[port]:
-                if passes[port] >= SESSION_PASSES:
-                    with contextlib.suppress(ActionRefused):
-                        service.act(EndSession(sessions[port], THERAPIST))
-                else:
-                    busy[port] = asyncio.create_task(rearm(port))
-    finally:
-        for task in busy.values():
-            task.cancel()
-        await asyncio.gather(*busy.values(), return_exceptions=True)
+async def _keep_treating(therapist: Therapist, sid: str) -> None:
+    """Play the therapist of one breaching pen: re-arm it as soon as it has been
+    stopped, and after SESSION_PASSES passes end the session and start the next
+    client's with the fresh cartridge the farm puts in (so sessions stay the size
+    they have in a clinic). Events that arrive while it taps are not answered."""
+    passes = 0
+    while True:
+        event = await therapist.next_event()
+        if event.kind is EventKind.PASS_ENDED and event.session_id == sid:
+            passes += 1
+        elif event.kind is EventKind.CARTRIDGE_INSERTED and passes >= SESSION_PASSES:
+            with contextlib.suppress(ActionRefused, TimeoutError):
+                sid = await _start_session(therapist)
+                passes = 0
+            therapist.drain()
+        elif event.kind is EventKind.DISARMED and event.session_id == sid:
+            if passes >= SESSION_PASSES:
+                with contextlib.suppress(ActionRefused):
+                    therapist.end_session(sid)
+            else:
+                with contextlib.suppress(ActionRefused, TimeoutError):
+                    await _arm(therapist, sid)
+                therapist.drain()
 
 
 async def _read_reactions(stream: asyncio.StreamReader, result: FleetResult) -> None:

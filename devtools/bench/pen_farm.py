@@ -1,6 +1,6 @@
 """Simulated pens in their own process, for the reaction and capacity benchmarks.
 
-    python -m controller.bench.pen_farm --pens 32 --breachers 8 --duration 30
+    python -m devtools.bench.pen_farm --pens 32 --breachers 8 --duration 30
 
 Boots N pens on pseudo-terminals (each streaming telemetry at 100 Hz), prints
 ``pen SERIAL PATH`` for each, then ``ready``. The first ``--breachers`` pens, once
@@ -152,7 +152,7 @@ async def main(args: argparse.Namespace) -> None:
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m controller.bench.pen_farm")
+    p = argparse.ArgumentParser(prog="python -m devtools.bench.pen_farm")
     p.add_argument("--pens", type=int, default=32)
     p.add_argument("--breachers", type=int, default=4)
     p.add_argument("--duration", type=float, default=30.0)

@@ -1,0 +1,25 @@
+"""The audit log for managers and admins: ``/api/audit``."""
+
+# No `from __future__ import annotations`: FastAPI evaluates the endpoints' annotations.
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query
+
+from ..auth import User
+from ..deps import Service, require
+from ..models import ID_PATTERN
+
+router = APIRouter(tags=["audit"])
+
+
+@router.get("/api/audit", operation_id="audit_log")
+async def audit_log(
+    user: Annotated[User, Depends(require("audit_log"))],
+    service: Service,
+    session_id: Annotated[str | None, Query(pattern=ID_PATTERN)] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 200,
+) -> list[dict[str, Any]]:
+    """The newest audit records (hash-chained; verify with `penctl audit verify`)."""
+    records = await service.audit_records(session_id, limit)
+    return [r.as_dict() for r in records]

@@ -1,0 +1,195 @@
+"""The demo's wiring: the local stack, simulated pens, the controller, the tablet, the clinic.
+
+:class:`Demo` brings them up in that order under one state directory, prints
+where everything is, and takes it all down again on :meth:`Demo.stop`, a
+signal or ``duration`` (the whole story: ``devtools.demo.cli``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from controller.api import UserStore, create_app
+from controller.api.server import ApiServer
+from controller.config import load_settings
+from controller.influx import InfluxClient, InfluxError, InfluxSettings
+from controller.policy import load_policy
+from controller.service import ControllerService
+from devtools.stack.supervisor import MQTT_USERS, LocalStack, reap_leftovers
+from devtools.therapist import EventFeed
+from simulated_pen.runner import PenRunner
+
+from .clinic import ClinicTherapist
+
+log = structlog.get_logger("devtools.demo")
+
+# The tablet API's demo users (api.demo_users); never enabled in a clinic.
+TABLET_USERS = (
+    ("therapist", "demo-therapist"),
+    ("manager", "demo-manager"),
+    ("admin", "demo-admin"),
+)
+
+
+@dataclass
+class Demo:
+    """The local stack and its scripted clinic; ``await run()`` until stopped."""
+
+    state_dir: Path
+    pens: int = 4
+    seed: str = "0"
+    plan: str = "full_face"
+    mqtt_port: int = 1883
+    influx_port: int = 8086
+    api_port: int = 8080
+    duration: float | None = None
+    tablet_url: str = ""
+    #: Use running servers instead of starting them: (broker port, InfluxDB URL).
+    #: Tests pass their own; the broker must accept the demo's users (or anyone).
+    external_servers: tuple[int, str] | None = None
+    started: float = field(default_factory=time.monotonic)
+    first_data_s: float | None = None
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _stack: LocalStack | None = None
+    _status: int = 0
+
+    def stop(self, status: int = 0) -> None:
+        self._status = self._status or status
+        self._stop.set()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.add_signal_handler(sig, self.stop)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        if killed := reap_leftovers(self.state_dir):
+            log.warning("killed processes a previous demo left behind", pids=killed)
+        runner: PenRunner | None = None
+        service: ControllerService | None = None
+        tasks: list[asyncio.Task[None]] = []
+        stack = self._stack = LocalStack(self.state_dir)
+        try:
+            mqtt_port, influx_url = self.external_servers or stack.start_servers(
+                self.mqtt_port, self.influx_port
+            )
+            stack.start_ingest(mqtt_port, influx_url)
+            runner = PenRunner(seed=self.seed, auto_hand=True)
+            slots = await runner.start(self.pens, "pty")
+            user, password = MQTT_USERS["controller"]
+            settings = load_settings(
+                None,
+                state_dir=self.state_dir / "controller",
+                pens=[{"url": s.address, "name": f"room{i + 1}"} for i, s in enumerate(slots)],
+                mqtt={"port": mqtt_port, "username": user, "password": password},
+                influx={"url": influx_url},
+            )
+            # The clinic's script follows the same policy the controller enforces.
+            policy = load_policy(settings.policy_file)
+            if policy.plan(self.plan) is None:
+                raise ValueError(f"no plan {self.plan!r} in the treatment policy")
+            service = ControllerService(settings, policy=policy)
+            api = _tablet_api(service, self.api_port)
+            await service.start()
+            await api.start()
+            self.tablet_url = api.url + "/"
+            tasks.append(asyncio.create_task(_stop_api_when_cancelled(api)))
+            self._banner(mqtt_port, influx_url, [(s.serial, s.address) for s in slots])
+            tasks.append(asyncio.create_task(self._watch_first_data(influx_url)))
+            tasks.append(asyncio.create_task(self._watch_ingest()))
+            feed = EventFeed(service)
+            tasks.append(asyncio.create_task(feed.run(), name="event-feed"))
+            for i, slot in enumerate(slots):
+                port = f"room{i + 1}"
+                therapist = ClinicTherapist(
+                    service, feed, policy, runner, slot, port, i, self.seed, self.plan
+                )
+                tasks.append(asyncio.create_task(therapist.run(), name=f"therapist-{port}"))
+            if self.duration is not None:
+                loop.call_later(self.duration, self.stop)
+            await self._stop.wait()
+            log.info("demo stopping", uptime_s=round(time.monotonic() - self.started, 1))
+        except Exception:
+            log.exception("demo failed")
+            self._status = 1
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if service is not None:
+                with contextlib.suppress(Exception):
+                    await service.stop()
+            if runner is not None:
+                runner.close()
+            stack.stop()
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                loop.remove_signal_handler(sig)  # an embedding program (a test) keeps its own
+            log.info("demo stopped", first_data_s=self.first_data_s)
+        return self._status
+
+    async def _watch_ingest(self) -> None:
+        assert self._stack is not None
+        code = await self._stack.ingest_exited()
+        log.error("ingest worker exited", returncode=code, log=str(self.state_dir / "ingest.log"))
+        self.stop(1)
+
+    async def _watch_first_data(self, influx_url: str) -> None:
+        """Log how long it took from start until telemetry and events are queryable."""
+        async with InfluxClient(InfluxSettings(url=influx_url, timeout=2.0)) as client:
+            while True:
+                with contextlib.suppress(InfluxError):
+                    if (
+                        await client.count("telemetry", "depth_um") > 0
+                        and await client.count("events", "seq") > 0
+                    ):
+                        break
+                await asyncio.sleep(0.2)
+        self.first_data_s = round(time.monotonic() - self.started, 2)
+        log.info("first data in InfluxDB", seconds_since_start=self.first_data_s)
+        print(f"first data in InfluxDB after {self.first_data_s} s", flush=True)
+
+    def _banner(self, mqtt_port: int, influx_url: str, pens: list[tuple[str, str]]) -> None:
+        user, password = MQTT_USERS["controller"]
+        ingest_user, ingest_password = MQTT_USERS["ingest"]
+        lines = [
+            "penctl demo is running (Ctrl-C stops everything)",
+            f"  state directory  {self.state_dir}",
+            f"  MQTT broker      mqtt://127.0.0.1:{mqtt_port}  "
+            f"(users {user}/{password}, {ingest_user}/{ingest_password})",
+            f"  InfluxDB         {influx_url}  (database pen, InfluxQL on /query)",
+            f"  tablet           {self.tablet_url}  (users "
+            + ", ".join(f"{u}/{p}" for u, p in TABLET_USERS)
+            + ")",
+        ]
+        lines += [f"  pen {serial:<10} {address}" for serial, address in pens]
+        print("\n".join(lines), flush=True)
+        log.info(
+            "stack up",
+            mqtt=f"127.0.0.1:{mqtt_port}",
+            influx=influx_url,
+            tablet=self.tablet_url,
+            pens=dict(pens),
+        )
+
+
+def _tablet_api(service: ControllerService, port: int) -> ApiServer:
+    """The tablet API with the demo users, on ``port`` or, if that is taken, any free one."""
+    app = create_app(service, UserStore.demo())
+    try:
+        return ApiServer(app, "127.0.0.1", port)
+    except OSError:
+        log.warning("tablet port taken; using a free one", port=port)
+        return ApiServer(app, "127.0.0.1", 0)
+
+
+async def _stop_api_when_cancelled(api: ApiServer) -> None:
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await api.stop()
