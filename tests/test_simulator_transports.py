@@ -74,7 +74,7 @@ async def arm(host: AsyncHost, lease_ms: int, token: int = 1) -> float:
     start = len(host.received)
     host.send(SetDepth(1200))
     sent_at = host.loop.time()
-    host.send(Arm(lease_ms, token))
+    host.send(Arm(lease_ms, token, 1200, 2500))
     await host.wait_for(Armed, within=2.0, start=start)
     return sent_at
 
