@@ -179,6 +179,10 @@ _PEN_STOP_WORDS: Final[dict[int, tuple[str, str]]] = {
         "The pen measured a depth above its absolute maximum.",
         "Inspect the client's skin and the pen; do not use the pen again until it is checked.",
     ),
+    StopReason.DEPTH_LIMIT: (
+        "The pen measured a depth above the zone's limit and stopped itself.",
+        "Inspect the client's skin and the pen, then acknowledge the fault to continue.",
+    ),
     StopReason.LEASE_EXPIRED: (
         "The pen stopped because it stopped hearing from the controller.",
         "Check the pen's connection, then arm again.",
@@ -659,7 +663,10 @@ class SessionRegistry:
             self._event(out, EventKind.ARMING, now, session, already=True)
             return
         token = self._take_token()
-        refusal = self._send(out, session.port, session, Arm(self.lease_ms, token))
+        zone = session.zones.get(session.current_zone or "")  # the gate refuses an Arm without
+        limit = zone.max_depth_um if zone else 0  # a zone or a depth: these 0s never leave
+        arm = Arm(self.lease_ms, token, session.depth_setpoint_um or 0, limit)
+        refusal = self._send(out, session.port, session, arm)
         if refusal:
             self._refuse(out, now, session, session.port, action, refusal)
             return
@@ -1321,7 +1328,7 @@ class SessionRegistry:
     def _on_status(self, out: OutcomeBuilder, port: str, message: Status) -> None:
         pen = self._pen(port)
         pen.cartridge_id = message.cartridge_id or None
-        if message.armed:
+        if message.flags & TelemetryFlag.ARMED:
             pen.arm = arm_transition(pen.arm, ArmInput.PEN_ARMED)
         elif pen.arm is ArmState.ARMED:
             pen.arm = arm_transition(pen.arm, ArmInput.PEN_DISARMED)
