@@ -243,11 +243,18 @@ class PeerRebooted:
 
 @dataclass(frozen=True, slots=True)
 class ProtocolViolation:
-    """A frame passed its CRC but made no sense (unknown type, bad body, wrong way)."""
+    """A frame passed its CRC but made no sense (unknown type, bad body, wrong way).
+
+    ``reliable``: it came in a RELIABLE frame, which consumed its sequence number and
+    was acknowledged; the device answers ``CommandRefused(msg_type, reason)``. One in
+    an UNRELIABLE frame (it consumed its unreliable number) or a SYNC frame is only
+    counted and reported, never answered (PROTOCOL.md section 12).
+    """
 
     detail: str
     msg_type: int
     reason: RefusalCode
+    reliable: bool = False
 
 
 Event = (
@@ -515,11 +522,11 @@ class _Endpoint:
     def _deliver(
         self, frame: Frame, delivery: Delivery, events: list[Event], *, in_order: bool = True
     ) -> None:
+        reliable = delivery is Delivery.RELIABLE
         try:
             message = decode_message(frame.msg_type, frame.payload)
         except MessageDecodeError as exc:
-            self.stats.protocol_errors += 1
-            events.append(ProtocolViolation(str(exc), exc.msg_type, exc.reason))
+            self._violation(str(exc), exc.msg_type, exc.reason, events, reliable=reliable)
             return
         if message.DIRECTION is self._outgoing_direction or message.DELIVERY is Delivery.SYNC:
             self._violation(
@@ -527,6 +534,7 @@ class _Endpoint:
                 frame.msg_type,
                 RefusalCode.UNKNOWN_MESSAGE,
                 events,
+                reliable=reliable,
             )
         elif message.DELIVERY is not delivery:
             self._violation(
@@ -535,15 +543,22 @@ class _Endpoint:
                 frame.msg_type,
                 RefusalCode.BAD_PAYLOAD,
                 events,
+                reliable=reliable,
             )
         else:
             events.append(MessageReceived(message, in_order))
 
     def _violation(
-        self, detail: str, msg_type: int, code: RefusalCode, events: list[Event]
+        self,
+        detail: str,
+        msg_type: int,
+        code: RefusalCode,
+        events: list[Event],
+        *,
+        reliable: bool = False,
     ) -> None:
         self.stats.protocol_errors += 1
-        events.append(ProtocolViolation(detail, msg_type, code))
+        events.append(ProtocolViolation(detail, msg_type, code, reliable))
 
     def _on_ack(self, seq: int, now: float, events: list[Event]) -> None:
         tx = self._tx

@@ -408,7 +408,9 @@ class SimulatedPen:
                     # A new host: whatever the old one armed is not this one's. The
                     # Identity is already out; the stop follows it on the new link.
                     self._send(firmware.new_host(now), now)
-            elif isinstance(event, ProtocolViolation):
+            elif isinstance(event, ProtocolViolation) and event.reliable:
+                # It consumed a reliable number (ACKed): say why it was not applied. One
+                # in an unreliable or handshake frame is counted, never answered.
                 self._send([CommandRefused(event.msg_type, event.reason)], now)
             elif isinstance(event, LinkFailed):
                 self._link_failed(now)

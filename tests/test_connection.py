@@ -401,13 +401,13 @@ def test_protocol_violations_are_reported_not_applied() -> None:
     ]
     events = w.device.receive_data(b"".join(bad), 0.0)
     assert not of(events, MessageReceived)
-    codes = [(v.msg_type, v.reason) for v in of(events, ProtocolViolation)]
+    codes = [(v.msg_type, v.reason, v.reliable) for v in of(events, ProtocolViolation)]
     assert codes == [
-        (0x7E, RefusalCode.UNKNOWN_MESSAGE),
-        (SetDepth.TYPE, RefusalCode.BAD_PAYLOAD),
-        (Armed.TYPE, RefusalCode.UNKNOWN_MESSAGE),
-        (Stop.TYPE, RefusalCode.BAD_PAYLOAD),
-        (Renew.TYPE, RefusalCode.BAD_PAYLOAD),
+        (0x7E, RefusalCode.UNKNOWN_MESSAGE, True),
+        (SetDepth.TYPE, RefusalCode.BAD_PAYLOAD, True),
+        (Armed.TYPE, RefusalCode.UNKNOWN_MESSAGE, True),
+        (Stop.TYPE, RefusalCode.BAD_PAYLOAD, False),  # unreliable frame: never answered
+        (Renew.TYPE, RefusalCode.BAD_PAYLOAD, True),
     ]
     assert w.device.stats.protocol_errors == 5
     # The reliable ones consumed their numbers: the next command is accepted.

@@ -16,15 +16,18 @@ from firmware_protocol.connection import (
     MessageReceived,
     PeerRebooted,
 )
+from firmware_protocol.framing import FrameKind, encode_frame
 from firmware_protocol.messages import (
     SCHEMA_HASH,
     Arm,
     Armed,
     CartridgeInserted,
+    CommandRefused,
     Disarmed,
     MotorStarted,
     MotorStopped,
     QueryStatus,
+    RefusalCode,
     Renew,
     Reset,
     SetDepth,
@@ -459,3 +462,23 @@ def test_lost_renewals_against_a_lease_renewed_four_times(dropped: int, expires:
     if expires:
         granted, expired = h.pen.firmware.last_lease_expiry or (0.0, 0.0)
         assert expired - granted == pytest.approx(0.250, abs=1e-9)  # within the lease, exactly
+
+
+def test_the_pen_answers_violations_in_reliable_frames_only() -> None:
+    h = PenHarness(seed=2)
+    h.handshake()
+    unreliable = [
+        encode_frame(FrameKind.UNRELIABLE, 0, Renew.TYPE, b"\x01"),  # short
+        encode_frame(FrameKind.UNRELIABLE, 1, Stop.TYPE, Stop(1).encode()),  # wrong kind
+        encode_frame(FrameKind.UNRELIABLE, 2, 0x7E, b""),  # unknown
+    ]
+    h.pen.receive_data(b"".join(unreliable), h.now)
+    h.advance(0.05)
+    assert h.of(CommandRefused) == []  # dropped and counted, never answered
+    assert h.pen.connection.stats.protocol_errors == 3
+    h.send(Renew(9))  # numbered 0 by the host: behind the three that consumed 0..2
+    assert h.pen.connection.stats.unreliable_stale == 1
+    expected = h.host._tx.next_seq  # the pen's next reliable number from this host
+    h.pen.receive_data(encode_frame(FrameKind.RELIABLE, expected, 0x7E, b""), h.now)
+    h.advance(0.05)
+    assert h.of(CommandRefused) == [CommandRefused(0x7E, RefusalCode.UNKNOWN_MESSAGE)]
