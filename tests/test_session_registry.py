@@ -1,4 +1,4 @@
-"""The session registry, scenario by scenario, through the bench (fake pen + delivery rules)."""
+"""The session registry, scenario by scenario, through the bench (real firmware + delivery)."""
 
 from __future__ import annotations
 
