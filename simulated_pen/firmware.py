@@ -15,7 +15,9 @@ product.md section 3 that must hold *without the host* lives here:
 * The setpoint cannot change under an arming (SetDepth while armed: ARMED), so the
   actuator never aims past the arming's maximum; a measured depth above that maximum
   plus the declared accuracy stops the needle at once (DEPTH_LIMIT), as does one above
-  the absolute ceiling (DEPTH_CEILING).
+  the absolute ceiling (DEPTH_CEILING). The motor starts only with the needle within
+  the arming's limit; an idle needle gets ``arm_settle_ms`` after the Arm to get
+  there (it may still be retracting from a deeper setpoint) before the limit stops it.
 * Stall, over-current, over-temperature, low battery, cartridge removed and the two
   depth checks are faults: the motor stops, the pen disarms and the fault latches
   (flag FAULT_LATCHED) until the host arms it again successfully. The latch is kept
@@ -125,6 +127,10 @@ class FirmwareConfig:
     rearm_temperature_cdeg: int = 4200  # hysteresis: arming is refused until it cools below
     low_battery_mv: int = 3450  # stop below this (under load)
     arm_battery_mv: int = 3500  # refuse to arm below this
+    # An idle needle gets this long after an Arm to come within the arming's limit (the
+    # actuator may still be retracting from a deeper setpoint) before DEPTH_LIMIT stops
+    # it; the motor never starts outside the limit. PROTOCOL.md section 10.3: <= 250 ms.
+    arm_settle_ms: int = 250
     firmware_version: tuple[int, int, int] = (2, 0, 0)
     strict: bool = False  # use every tolerance PROTOCOL.md gives against the host
     physics: PhysicsConfig = field(default_factory=PhysicsConfig)
@@ -148,6 +154,8 @@ class FirmwareConfig:
             raise ValueError("need low_battery_mv <= arm_battery_mv")
         if not -(2**15) <= self.rearm_temperature_cdeg <= self.over_temperature_cdeg < 2**15:
             raise ValueError("need rearm_temperature_cdeg <= over_temperature_cdeg")
+        if not 0 <= self.arm_settle_ms <= 250:
+            raise ValueError("arm_settle_ms must be in 0..250 (PROTOCOL.md section 10.3)")
 
 
 def declared_identity(
@@ -269,6 +277,7 @@ class PenFirmware:
         self.arm_max_depth_um = 0
         self.lease_deadline = _INF
         self.lease_granted_at = _INF
+        self.armed_at = _INF
         self.running = False
         self.runs = 0  # motor runs since boot (wraps at 2**32 on the wire)
         self._strokes = 0  # strokes since boot
@@ -570,10 +579,11 @@ class PenFirmware:
         if self.running and depth > self._peak_um:
             self._peak_um = depth
         accuracy = cfg.depth_accuracy_um
+        settled = self.running or now - self.armed_at >= cfg.arm_settle_ms / 1000.0 - _EPS
         # fmt: off
         checks: tuple[tuple[StopReason, bool], ...] = (
             (StopReason.DEPTH_CEILING,    depth > cfg.max_depth_um + accuracy),
-            (StopReason.DEPTH_LIMIT,      depth > self.arm_max_depth_um + accuracy),
+            (StopReason.DEPTH_LIMIT,      depth > self.arm_max_depth_um + accuracy and settled),
             (StopReason.OVER_CURRENT,     ph.current_ma > cfg.over_current_ma),
             (StopReason.STALL,            self.running and self._stalled(now)),
             (StopReason.OVER_TEMPERATURE, ph.temperature_c * 100.0 > cfg.over_temperature_cdeg),
@@ -612,6 +622,10 @@ class PenFirmware:
 
     # -- run state --------------------------------------------------------------------
 
+    def _in_position(self) -> bool:
+        """The needle reads within the arming's limit (plus the accuracy)."""
+        return self._depth_reading <= self.arm_max_depth_um + self.config.depth_accuracy_um
+
     def _try_start(self, now: float, out: list[Message]) -> None:
         if (
             self.running
@@ -619,6 +633,7 @@ class PenFirmware:
             or not self.button
             or self.cartridge_id is None
             or self.fault is not None
+            or not self._in_position()  # still settling: this press does nothing
         ):
             return
         self.running = True
@@ -679,6 +694,7 @@ class PenFirmware:
             self.arm_max_depth_um = 0
             self.lease_deadline = _INF
             self.lease_granted_at = _INF
+            self.armed_at = _INF
             out.append(Disarmed(reason))
         if latch:
             self.fault = reason
@@ -751,7 +767,7 @@ class PenFirmware:
         self.token = message.token
         self.lease_ms = message.lease_ms
         self.arm_max_depth_um = message.max_depth_um
-        self.lease_granted_at = now
+        self.armed_at = self.lease_granted_at = now
         self.lease_deadline = now + message.lease_ms / 1000.0
         out.append(
             Armed(

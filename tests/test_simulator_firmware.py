@@ -900,3 +900,29 @@ def test_the_pen_disarms_when_the_link_fails_or_a_new_host_arrives(
     assert out[1] == Disarmed(reason)
     assert fw.fault is None  # not a fault: the host decides what it means
     assert getattr(fw, call)(0.2) == []  # nothing left to stop
+
+
+def test_a_needle_retracting_after_a_lower_setpoint_is_not_a_fault_and_cannot_start() -> None:
+    fw = make()
+    ready(fw, depth=1500)
+    run(fw, 0.0, 0.5)  # settled at 1.5 mm
+    assert fw.handle(SetDepth(500), 0.5) == []
+    arm(fw, 2000, 1, 0.501, max_depth=500)  # at once: the needle is still far too deep
+    fw.set_contact(True, 0.502)
+    assert fw.press_button(0.502) == []  # not in position: the motor does not start
+    assert events(run(fw, 0.502, 1.0)) == []  # and retracting is no fault
+    assert fw.armed and fw.fault is None
+    fw.release_button(1.0)
+    assert [type(m) for m in fw.press_button(1.01)] == [MotorStarted]  # in position now
+
+
+def test_a_needle_that_does_not_come_within_the_limit_stops_when_the_settle_time_ends() -> None:
+    fw = make()
+    ready(fw, depth=1000)
+    fw.inject(Fault(FaultKind.DEPTH_OVERSHOOT, amount=300), 0.0)
+    run(fw, 0.0, 1.0)  # the actuator has drifted to about 1.3 mm
+    arm(fw, 2000, 1, 1.0, max_depth=1000)
+    out = events(run(fw, 1.0, 1.249))
+    assert out == []
+    assert events(fw.step(1.25)) == [Disarmed(StopReason.DEPTH_LIMIT)]  # 250 ms after the Arm
+    assert fw.fault is StopReason.DEPTH_LIMIT
