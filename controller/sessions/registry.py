@@ -662,7 +662,7 @@ class SessionRegistry:
             # Already armed (or arming) under a live lease: nothing to do.
             self._event(out, EventKind.ARMING, now, session, already=True)
             return
-        token = self._take_token()
+        token = self._next_token  # taken below only if the gate lets the Arm out
         zone = session.zones.get(session.current_zone or "")  # the gate refuses an Arm without
         limit = zone.max_depth_um if zone else 0  # a zone or a depth: these 0s never leave
         arm = Arm(self.lease_ms, token, session.depth_setpoint_um or 0, limit)
@@ -670,6 +670,7 @@ class SessionRegistry:
         if refusal:
             self._refuse(out, now, session, session.port, action, refusal)
             return
+        self._take_token()
         pen.arm = arm_transition(pen.arm, ArmInput.ARM_SENT)
         pen.lease_token = token
         pen.stopping = False
