@@ -29,12 +29,14 @@ Rules of reliable delivery (both directions, same code):
    acknowledging everything before e and asking to resend the window from e at
    once. If the oldest unacknowledged message is older than the retransmit
    timeout, the whole window is resent and the timeout doubles (up to
-   ``max_timeout``); after ``max_retries`` resends without progress the link has
-   failed. Progress resets the timeout.
+   ``max_timeout``). A NAK that acknowledges nothing is a resend without progress
+   too; after ``max_retries`` resends without progress the link has failed.
+   Progress resets the timeout and the count.
 4. Round-trip time is sampled only from messages sent exactly once (Karn).
-5. Unreliable messages carry their own u16 counter, restarted at 0 by every
-   handshake; the receiver counts the numbers it never saw as lost and drops
-   numbers behind the next expected one as stale (duplicates or reordered).
+5. Unreliable messages carry their own u16 counter, restarted at 0 (both ways)
+   whenever an Identity brings the link up; the receiver counts the numbers it
+   never saw as lost, and counts numbers behind the next expected one as stale
+   (duplicates or reordered) but still delivers them, marked ``in_order=False``.
 6. A frame's kind must match its message's delivery class: a command in an
    unreliable frame could be applied twice, so it is a protocol violation.
 """
@@ -48,6 +50,7 @@ from dataclasses import dataclass, field
 
 from .framing import Frame, FrameDecoder, FrameKind, encode_frame
 from .messages import (
+    IDENTITY_PREFIX_SIZE,
     PROTOCOL_VERSION,
     SCHEMA_HASH,
     Delivery,
@@ -57,7 +60,9 @@ from .messages import (
     Message,
     MessageDecodeError,
     RefusalCode,
+    decode_identity_prefix,
     decode_message,
+    encode_identity,
     encode_message,
 )
 
@@ -174,18 +179,23 @@ class Connected:
 
     ``abandoned`` (device only): reliable messages the previous host never
     acknowledged; they are not resent on the new link.
+    ``resumed`` (device only): the Hello carried the current host's nonce after the
+    device had given up the link (section 7.3): the same host, not a new one.
     """
 
     identity: Identity | None = None
     host_nonce: int = 0
     abandoned: tuple[Message, ...] = ()
+    resumed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class HandshakeRefused:
     """The two ends cannot talk safely. Never arm such a pen.
 
-    Host: the pen's identity (protocol version or schema hash) does not match.
+    Host: the pen's identity (protocol version or schema hash) does not match. A pen
+    of another protocol version is named from the Identity prefix every version
+    shares; the fields after it are then 0 in ``identity``.
     Device: the Hello speaks another protocol version (``identity`` is the pen's own).
     """
 
@@ -195,7 +205,15 @@ class HandshakeRefused:
 
 @dataclass(frozen=True, slots=True)
 class MessageReceived:
+    """A message from the peer. Reliable ones arrive exactly once and in order.
+
+    ``in_order`` is False for an unreliable message numbered behind one already
+    delivered (a duplicate, or overtaken on the line): it is still delivered, so a
+    safety monitor sees every sample, but it is older than what came before it.
+    """
+
     message: Message
+    in_order: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,11 +243,18 @@ class PeerRebooted:
 
 @dataclass(frozen=True, slots=True)
 class ProtocolViolation:
-    """A frame passed its CRC but made no sense (unknown type, bad body, wrong way)."""
+    """A frame passed its CRC but made no sense (unknown type, bad body, wrong way).
+
+    ``reliable``: it came in a RELIABLE frame, which consumed its sequence number and
+    was acknowledged; the device answers ``CommandRefused(msg_type, reason)``. One in
+    an UNRELIABLE frame (it consumed its unreliable number) or a SYNC frame is only
+    counted and reported, never answered (PROTOCOL.md section 12).
+    """
 
     detail: str
     msg_type: int
     reason: RefusalCode
+    reliable: bool = False
 
 
 Event = (
@@ -385,13 +410,7 @@ class _Endpoint:
         tx = self._tx
         if not tx.window or now < tx.window[0].sent_at + tx.timeout:
             return events
-        tx.retries += 1
-        if tx.retries > self.config.max_retries:
-            abandoned = tx.reset(tx.next_seq)
-            self._fire(Input.RETRIES_EXHAUSTED)
-            events.append(
-                LinkFailed(f"no acknowledgement after {self.config.max_retries} resends", abandoned)
-            )
+        if self._count_resend(events):
             return events
         tx.timeout = min(tx.timeout * 2, self.config.max_timeout)
         self._resend_window(now)
@@ -403,6 +422,19 @@ class _Endpoint:
         return len(self._tx.window) + len(self._tx.backlog)
 
     # -- internals ----------------------------------------------------------------
+
+    def _count_resend(self, events: list[Event]) -> bool:
+        """Count one resend without progress; True (and LinkFailed) when that is too many."""
+        tx = self._tx
+        tx.retries += 1
+        if tx.retries <= self.config.max_retries:
+            return False
+        abandoned = tx.reset(tx.next_seq)
+        self._fire(Input.RETRIES_EXHAUSTED)
+        events.append(
+            LinkFailed(f"no acknowledgement after {self.config.max_retries} resends", abandoned)
+        )
+        return True
 
     def _fire(self, event: Input) -> None:
         new = TRANSITIONS.get((self.role, self.state, event))
@@ -434,9 +466,13 @@ class _Endpoint:
         abandoned = self._tx.reset(tx_first)
         self._rx_expected = rx_first & 0xFFFF
         self._nak_sent_for = None
+        self._restart_unreliable()
+        return abandoned
+
+    def _restart_unreliable(self) -> None:
+        """Both unreliable counters back to 0: done whenever an Identity brings the link up."""
         self._unrel_tx = 0
         self._unrel_rx_next = 0
-        return abandoned
 
     def _on_frame(self, frame: Frame, now: float, events: list[Event]) -> None:
         kind = frame.kind
@@ -473,18 +509,24 @@ class _Endpoint:
     def _on_unreliable(self, frame: Frame, events: list[Event]) -> None:
         gap = (frame.seq - self._unrel_rx_next) & 0xFFFF
         if gap >= _HALF:
+            # Behind a frame already delivered: counted as stale, never as lost, and it
+            # does not move `next`; still delivered (marked) so that nothing the peer
+            # said is hidden from the layer that judges it.
             self.stats.unreliable_stale += 1
+            self._deliver(frame, Delivery.UNRELIABLE, events, in_order=False)
             return
         self.stats.unreliable_lost += gap
         self._unrel_rx_next = (frame.seq + 1) & 0xFFFF
         self._deliver(frame, Delivery.UNRELIABLE, events)
 
-    def _deliver(self, frame: Frame, delivery: Delivery, events: list[Event]) -> None:
+    def _deliver(
+        self, frame: Frame, delivery: Delivery, events: list[Event], *, in_order: bool = True
+    ) -> None:
+        reliable = delivery is Delivery.RELIABLE
         try:
             message = decode_message(frame.msg_type, frame.payload)
         except MessageDecodeError as exc:
-            self.stats.protocol_errors += 1
-            events.append(ProtocolViolation(str(exc), exc.msg_type, exc.reason))
+            self._violation(str(exc), exc.msg_type, exc.reason, events, reliable=reliable)
             return
         if message.DIRECTION is self._outgoing_direction or message.DELIVERY is Delivery.SYNC:
             self._violation(
@@ -492,6 +534,7 @@ class _Endpoint:
                 frame.msg_type,
                 RefusalCode.UNKNOWN_MESSAGE,
                 events,
+                reliable=reliable,
             )
         elif message.DELIVERY is not delivery:
             self._violation(
@@ -500,15 +543,22 @@ class _Endpoint:
                 frame.msg_type,
                 RefusalCode.BAD_PAYLOAD,
                 events,
+                reliable=reliable,
             )
         else:
-            events.append(MessageReceived(message))
+            events.append(MessageReceived(message, in_order))
 
     def _violation(
-        self, detail: str, msg_type: int, code: RefusalCode, events: list[Event]
+        self,
+        detail: str,
+        msg_type: int,
+        code: RefusalCode,
+        events: list[Event],
+        *,
+        reliable: bool = False,
     ) -> None:
         self.stats.protocol_errors += 1
-        events.append(ProtocolViolation(detail, msg_type, code))
+        events.append(ProtocolViolation(detail, msg_type, code, reliable))
 
     def _on_ack(self, seq: int, now: float, events: list[Event]) -> None:
         tx = self._tx
@@ -530,6 +580,11 @@ class _Endpoint:
             return  # not about this window (stale or from before a reset)
         if before:
             self._acknowledge(before, now, events)
+        elif self._count_resend(events):
+            # A NAK that acknowledges nothing asks for a resend without progress: it
+            # counts like a timeout, or a peer that keeps NAKing would hold the link
+            # open for ever.
+            return
         # Resend only what was outstanding; messages moved in from the backlog below
         # are sent for the first time.
         self._resend_window(now)
@@ -584,6 +639,7 @@ class HostConnection(_Endpoint):
         self._hello_sent_at = 0.0
         self._hello_tries = 0
         self._last_frame_at = 0.0
+        self._peer_first_seq = 0  # the d0 of the Identity that brought the link up
 
     def start_handshake(self, host_nonce: int, now: float, first_seq: int | None = None) -> None:
         """Send Hello. host_nonce must differ from the previous link's (use a random u32).
@@ -660,8 +716,11 @@ class HostConnection(_Endpoint):
         try:
             identity = decode_message(frame.msg_type, frame.payload)
         except MessageDecodeError as exc:
-            self._violation(str(exc), exc.msg_type, exc.reason, events)
-            return
+            foreign = _foreign_identity(frame)
+            if foreign is None:
+                self._violation(str(exc), exc.msg_type, exc.reason, events)
+                return
+            identity = foreign
         if not isinstance(identity, Identity):
             self._violation(
                 f"{type(identity).__name__} in a handshake frame",
@@ -680,7 +739,8 @@ class HostConnection(_Endpoint):
                 self._fire(Input.IDENTITY_MISMATCH)
                 events.append(HandshakeRefused(problem, identity))
                 return
-            self._rx_expected = frame.seq
+            self._rx_expected = self._peer_first_seq = frame.seq
+            self._restart_unreliable()
             self._fire(Input.IDENTITY_OK)
             self.stats.handshakes += 1
             events.append(Connected(identity, self._nonce))
@@ -703,14 +763,34 @@ class HostConnection(_Endpoint):
                         abandoned,
                     )
                 )
+            elif identity.host_nonce == self._nonce and frame.seq != self._peer_first_seq:
+                # The pen had dropped our link and resumed it on a delayed copy of our
+                # Hello (section 7.3): it restarted its numbering and abandoned what it
+                # had not got acknowledged, while we thought the link never went down.
+                # Only a new handshake brings both ends back in step. (A duplicated
+                # answer to a duplicated Hello carries the same first number: ignored.)
+                abandoned = self._tx.reset(self._tx.next_seq)
+                self._fire(Input.PEER_LOST_LINK)
+                events.append(
+                    LinkFailed(
+                        f"pen {identity.serial_text} dropped the link and resumed it on a "
+                        "delayed Hello",
+                        abandoned,
+                    )
+                )
 
     @staticmethod
     def _check_identity(identity: Identity) -> str | None:
         if identity.protocol_version != PROTOCOL_VERSION:
+            remedy = (
+                f"update the pen firmware to protocol version {PROTOCOL_VERSION}"
+                if identity.protocol_version < PROTOCOL_VERSION
+                else "update the controller"
+            )
             return (
                 f"pen {identity.serial_text} (firmware {identity.firmware_version}) speaks "
                 f"protocol version {identity.protocol_version}, this controller speaks "
-                f"{PROTOCOL_VERSION}: update the pen firmware or the controller before treating"
+                f"{PROTOCOL_VERSION}: {remedy} before treating"
             )
         if identity.schema_hash != SCHEMA_HASH:
             return (
@@ -745,7 +825,7 @@ class DeviceConnection(_Endpoint):
 
     def _emit_identity(self, nonce: int, first_seq: int) -> None:
         ident = dataclasses.replace(self.identity, host_nonce=nonce)
-        self._emit(encode_frame(FrameKind.SYNC, first_seq, Identity.TYPE, encode_message(ident)))
+        self._emit(encode_frame(FrameKind.SYNC, first_seq, Identity.TYPE, encode_identity(ident)))
 
     def _on_sync(self, frame: Frame, now: float, events: list[Event]) -> None:
         try:
@@ -768,13 +848,15 @@ class DeviceConnection(_Endpoint):
                 self._emit_identity(nonce, self._tx_first)
                 return
             # We gave up on this host but it is still there (its Hello was resent):
-            # resume without touching the receive side, so nothing it sent before
-            # is applied a second time.
+            # resume without touching the reliable receive side, so nothing it sent
+            # before is applied a second time. The unreliable counters restart, as
+            # with every Identity that brings the link up (the host restarts its own).
             self._tx_first = self._tx.next_seq
+            self._restart_unreliable()
             self._fire(Input.HELLO)
             self.stats.handshakes += 1
             self._emit_identity(nonce, self._tx_first)
-            events.append(Connected(None, nonce))
+            events.append(Connected(None, nonce, resumed=True))
             return
         if nonce in self._recent_nonces:
             # A Hello from an earlier link, delayed or duplicated on the wire. Obeying it
@@ -782,13 +864,14 @@ class DeviceConnection(_Endpoint):
             # a command twice.
             self.stats.stale_hellos += 1
             return
-        if hello.protocol_version != PROTOCOL_VERSION:
+        own_version = self.identity.protocol_version
+        if hello.protocol_version != own_version:
             # Answer, so the host can say why, but never accept the link.
             self._emit_identity(nonce, self._tx.next_seq)
             events.append(
                 HandshakeRefused(
                     f"host speaks protocol version {hello.protocol_version}, "
-                    f"this pen speaks {PROTOCOL_VERSION}",
+                    f"this pen speaks {own_version}",
                     self.identity,
                 )
             )
@@ -809,3 +892,17 @@ class DeviceConnection(_Endpoint):
         last = self._last_announce
         if last is None or now - last >= self.config.announce_interval:
             self.announce(now)
+
+
+def _foreign_identity(frame: Frame) -> Identity | None:
+    """A pen of another protocol version, named from the Identity prefix every version
+    shares; None when the frame is not that (then it is a protocol violation).
+    """
+    payload = frame.payload
+    if (
+        frame.msg_type != Identity.TYPE
+        or len(payload) < IDENTITY_PREFIX_SIZE
+        or payload[0] == PROTOCOL_VERSION
+    ):
+        return None
+    return decode_identity_prefix(payload)

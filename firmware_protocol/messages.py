@@ -21,7 +21,22 @@ from dataclasses import dataclass, fields
 from operator import attrgetter
 from typing import Any, ClassVar
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+
+#: Bytes of Identity that every protocol version sends first, in the same layout
+#: (version 1's whole Identity): enough for a host to name a pen of another version.
+IDENTITY_PREFIX_SIZE = 32
+
+COUNTER_MOD = 2**32
+
+
+def counter_diff(newer: int, older: int) -> int:
+    """``(newer - older) mod 2**32``: how far a wrapping u32 counter moved from ``older``.
+
+    The pen's counters (runs, strokes, cartridge strokes, device_ms) are u32 and wrap;
+    every comparison of two readings must go through this, never a plain subtraction.
+    """
+    return (newer - older) % COUNTER_MOD
 
 
 class Direction(enum.Enum):
@@ -50,6 +65,9 @@ class StopReason(enum.IntEnum):
     CARTRIDGE_REMOVED = 10
     DEPTH_CEILING = 11  # measured depth above the pen's absolute maximum
     REBOOT = 12
+    LINK_LOST = 13  # the pen gave up the link (it disarms; nobody hears it until Status)
+    NEW_HOST = 14  # the pen accepted a Hello from a new host
+    DEPTH_LIMIT = 15  # measured depth above the arming's max_depth_um + depth_accuracy_um
 
 
 #: Reasons that latch a fault: the pen stays stopped until the host re-arms it.
@@ -61,6 +79,7 @@ FAULT_REASONS = frozenset(
         StopReason.LOW_BATTERY,
         StopReason.CARTRIDGE_REMOVED,
         StopReason.DEPTH_CEILING,
+        StopReason.DEPTH_LIMIT,
     }
 )
 
@@ -79,6 +98,10 @@ class RefusalCode(enum.IntEnum):
     BAD_PAYLOAD = 9  # frame was fine, message body was not
     UNKNOWN_MESSAGE = 10
     RATE_OUT_OF_RANGE = 11
+    SETPOINT_MISMATCH = 12  # Arm.depth_um differs from the pen's own setpoint
+    BAD_LIMIT = 13  # Arm.max_depth_um below Arm.depth_um, or above the pen's ceiling
+    ARMED = 14  # SetDepth while armed: the approved setpoint may not change under an arming
+    MOTOR_RUNNING = 15  # Arm while the motor runs
 
 
 class HostStopReason(enum.IntEnum):
@@ -101,6 +124,7 @@ class TelemetryFlag(enum.IntFlag):
     BUTTON_PRESSED = 0x08
     CARTRIDGE_PRESENT = 0x10
     FAULT_LATCHED = 0x20
+    DEPTH_SET = 0x40  # the pen holds a setpoint; depth_set_um means something only with it
 
 
 class Message:
@@ -140,10 +164,16 @@ class SetSpeed(Message):
 
 @dataclass(frozen=True, slots=True)
 class Arm(Message):
-    """Arm for lease_ms; the host keeps the pen armed by sending Renew(token)."""
+    """Arm for lease_ms; the host keeps the pen armed by sending Renew(token).
+
+    ``depth_um`` is the setpoint the host approved (the pen refuses the Arm unless it is
+    its own); ``max_depth_um`` is the deepest this arming may ever drive (the zone limit).
+    """
 
     lease_ms: int
     token: int
+    depth_um: int
+    max_depth_um: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +218,11 @@ class Reset(Message):
 
 @dataclass(frozen=True, slots=True)
 class Identity(Message):
-    """The pen's answer to Hello, and its announcement after boot (host_nonce 0)."""
+    """The pen's answer to Hello, and its announcement after boot (host_nonce 0).
+
+    The first ten fields (IDENTITY_PREFIX_SIZE bytes) are the same in every protocol
+    version; the rest are the pen's accuracy and limits.
+    """
 
     protocol_version: int
     serial: bytes  # ASCII, NUL-padded to 12 bytes
@@ -200,6 +234,18 @@ class Identity(Message):
     max_depth_um: int
     max_lease_ms: int
     host_nonce: int
+    depth_accuracy_um: int
+    min_speed_hz: int
+    max_speed_hz: int
+    default_speed_hz: int
+    max_telemetry_rate_hz: int
+    default_telemetry_rate_hz: int
+    max_lift_off_grace_ms: int
+    default_lift_off_grace_ms: int
+    arm_battery_mv: int  # refuses to arm below
+    low_battery_mv: int  # stops below
+    max_temperature_cdeg: int  # stops above
+    rearm_temperature_cdeg: int  # refuses to arm above
 
     @property
     def serial_text(self) -> str:
@@ -219,29 +265,42 @@ class Telemetry(Message):
     current_ma: int
     temperature_cdeg: int
     battery_mv: int
-    strokes: int  # cumulative since boot
+    strokes: int  # since boot, wraps
     flags: int  # TelemetryFlag
+    runs: int  # motor runs since boot, wraps
 
 
 @dataclass(frozen=True, slots=True)
 class MotorStarted(Message):
     device_ms: int
     depth_set_um: int
-    strokes: int
+    max_depth_um: int  # the arming's maximum
+    runs: int  # the run counter after counting this run
+    strokes: int  # stroke counter at start
+    cartridge_id: int
+    cartridge_strokes: int
 
 
 @dataclass(frozen=True, slots=True)
 class MotorStopped(Message):
     device_ms: int
     reason: int  # StopReason
-    strokes: int
+    runs: int
+    strokes: int  # stroke counter at stop
     peak_depth_um: int  # deepest measured depth during the run
+    cartridge_strokes: int
 
 
 @dataclass(frozen=True, slots=True)
 class Armed(Message):
     token: int
     lease_ms: int
+    depth_um: int
+    max_depth_um: int
+    runs: int
+    strokes: int
+    cartridge_id: int
+    cartridge_strokes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,11 +311,13 @@ class Disarmed(Message):
 @dataclass(frozen=True, slots=True)
 class CartridgeInserted(Message):
     cartridge_id: int
+    cartridge_strokes: int  # what the cartridge's chip remembers
 
 
 @dataclass(frozen=True, slots=True)
 class CartridgeRemoved(Message):
     cartridge_id: int
+    cartridge_strokes: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,13 +328,20 @@ class CommandRefused(Message):
 
 @dataclass(frozen=True, slots=True)
 class Status(Message):
-    armed: int
-    motor_running: int
+    flags: int  # TelemetryFlag
     depth_set_um: int
     speed_hz: int
     cartridge_id: int  # 0 when no cartridge
     fault: int  # StopReason of the latched fault, 0 when none
     lease_left_ms: int
+    token: int  # the current arming's token, 0 when disarmed
+    arm_max_depth_um: int  # the current arming's maximum, 0 when disarmed
+    runs: int
+    strokes: int
+    cartridge_strokes: int
+    telemetry_rate_hz: int
+    lift_off_grace_ms: int
+    device_ms: int
 
 
 # --- the catalogue --------------------------------------------------------------
@@ -281,13 +349,17 @@ class Status(Message):
 H2D, D2H = Direction.HOST_TO_DEVICE, Direction.DEVICE_TO_HOST
 SYNC, REL, UNREL = Delivery.SYNC, Delivery.RELIABLE, Delivery.UNRELIABLE
 
+#: Identity: the prefix every version shares, then the pen's accuracy and limits.
+_IDENTITY_PREFIX_FMT = "<B12sBBBIIHHI"
+_IDENTITY_FMT = _IDENTITY_PREFIX_FMT + "HHHHHHHHHHhh"
+
 # fmt: off
 CATALOGUE: tuple[tuple[int, type[Message], str, Direction, Delivery], ...] = (
     # type  message            struct format    direction  delivery
     (0x01,  Hello,             "<BI",           H2D,       SYNC),
     (0x10,  SetDepth,          "<H",            H2D,       REL),
     (0x11,  SetSpeed,          "<H",            H2D,       REL),
-    (0x12,  Arm,               "<HH",           H2D,       REL),
+    (0x12,  Arm,               "<HHHH",         H2D,       REL),
     (0x13,  Renew,             "<H",            H2D,       UNREL),
     (0x14,  Disarm,            "<",             H2D,       REL),
     (0x15,  Stop,              "<B",            H2D,       REL),
@@ -295,16 +367,16 @@ CATALOGUE: tuple[tuple[int, type[Message], str, Direction, Delivery], ...] = (
     (0x17,  SetLiftOffGrace,   "<H",            H2D,       REL),
     (0x18,  QueryStatus,       "<",             H2D,       REL),
     (0x19,  Reset,             "<",             H2D,       REL),
-    (0x81,  Identity,          "<B12sBBBIIHHI", D2H,       SYNC),
-    (0x82,  Telemetry,         "<IHHHHhHIB",    D2H,       UNREL),
-    (0x83,  MotorStarted,      "<IHI",          D2H,       REL),
-    (0x84,  MotorStopped,      "<IBIH",         D2H,       REL),
-    (0x85,  Armed,             "<HH",           D2H,       REL),
+    (0x81,  Identity,          _IDENTITY_FMT,   D2H,       SYNC),
+    (0x82,  Telemetry,         "<IHHHHhHIBI",   D2H,       UNREL),
+    (0x83,  MotorStarted,      "<IHHIIQI",      D2H,       REL),
+    (0x84,  MotorStopped,      "<IBIIHI",       D2H,       REL),
+    (0x85,  Armed,             "<HHHHIIQI",     D2H,       REL),
     (0x86,  Disarmed,          "<B",            D2H,       REL),
-    (0x87,  CartridgeInserted, "<Q",            D2H,       REL),
-    (0x88,  CartridgeRemoved,  "<Q",            D2H,       REL),
+    (0x87,  CartridgeInserted, "<QI",           D2H,       REL),
+    (0x88,  CartridgeRemoved,  "<QI",           D2H,       REL),
     (0x89,  CommandRefused,    "<BB",           D2H,       REL),
-    (0x8A,  Status,            "<BBHHQBH",      D2H,       REL),
+    (0x8A,  Status,            "<BHHQBHHHIIIHHI", D2H,     REL),
 )
 # fmt: on
 
@@ -399,3 +471,40 @@ def encode_message(message: Message) -> bytes:
         return message.encode()
     except struct.error as exc:
         raise ValueError(f"{type(message).__name__}: {exc}") from exc
+
+
+_IDENTITY_PREFIX = struct.Struct(_IDENTITY_PREFIX_FMT)
+if _IDENTITY_PREFIX.size != IDENTITY_PREFIX_SIZE:  # pragma: no cover - a bug in this module
+    raise AssertionError("the Identity prefix must stay 32 bytes")
+#: Identity payload size by protocol version (version 1 had only the prefix).
+IDENTITY_SIZE_BY_VERSION: dict[int, int] = {1: IDENTITY_PREFIX_SIZE, 2: Identity.FORMAT.size}
+
+
+def decode_identity_prefix(payload: bytes) -> Identity:
+    """An Identity built from the prefix every protocol version sends first.
+
+    For naming a pen that speaks another protocol version, whose Identity may be
+    longer or shorter than this version's: the fields after the prefix are 0.
+    MessageDecodeError when the payload is shorter than the prefix.
+    """
+    if len(payload) < IDENTITY_PREFIX_SIZE:
+        raise MessageDecodeError(
+            Identity.TYPE,
+            RefusalCode.BAD_PAYLOAD,
+            f"Identity needs at least {IDENTITY_PREFIX_SIZE} payload bytes, got {len(payload)}",
+        )
+    prefix = _IDENTITY_PREFIX.unpack_from(payload)
+    rest = len(field_names(Identity)) - len(prefix)
+    return Identity(*prefix, *([0] * rest))
+
+
+def encode_identity(identity: Identity) -> bytes:
+    """The Identity payload as a pen speaking ``identity.protocol_version`` sends it.
+
+    Version 1 sent only the 32-byte prefix; this version and unknown later ones the
+    whole current layout. ValueError on out-of-range fields.
+    """
+    payload = encode_message(identity)
+    if identity.protocol_version == 1:
+        return payload[:IDENTITY_PREFIX_SIZE]
+    return payload

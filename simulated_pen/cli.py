@@ -47,6 +47,12 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--auto-hand", action="store_true", help="perform passes automatically while armed"
     )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="follow PROTOCOL.md to the letter and use every tolerance it gives against the "
+        "host (depth readings anywhere within the declared accuracy; see the README)",
+    )
     p.add_argument("--faults", metavar="FILE.toml", help="fault script (see simulated_pen.faults)")
     p.add_argument("--prefix", default="SIM", help="serial prefix (default SIM: SIM-0001, ...)")
     p.add_argument(
@@ -101,7 +107,7 @@ async def _serve(args: argparse.Namespace, script: list[Any], noise: LineNoise) 
         seed=args.seed,
         prefix=args.prefix,
         first_index=args.first,
-        config=FirmwareConfig(telemetry_rate_hz=args.rate),
+        config=FirmwareConfig(telemetry_rate_hz=args.rate, strict=args.strict),
         line_noise=None if noise.is_clean else noise,
         auto_hand=args.auto_hand,
         script=script,

@@ -3,8 +3,13 @@
 ``SimulatedPen`` is still pure (sans-I/O): bytes in with ``receive_data``, bytes
 out with ``data_to_send``, time advanced with ``tick``; ``next_deadline`` says when
 ``tick`` is next needed. A transport or a test harness moves the bytes and owns
-the clock. Link faults live here: silence, reboot, and byte faults through a
-pair of ``LossyChannel`` objects (one per direction) from ``channel.py``.
+the clock. Link faults live here: silence, reboot, lost renewals, and byte faults
+through a pair of ``LossyChannel`` objects (one per direction) from ``channel.py``.
+
+The link's rules for the firmware live here too (PROTOCOL.md sections 7.3 and 10):
+when the device end gives up the link the pen disarms (LINK_LOST) and tells nobody;
+when it accepts a Hello from a new host it disarms (NEW_HOST) and says so on the new
+link, after its Identity. A pen with no link never queues events for a later one.
 
 Everything random is drawn from generators seeded by ``(seed, serial, purpose)``,
 so two runs with the same seed and the same inputs produce the same bytes.
@@ -19,6 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from firmware_protocol.connection import (
+    Connected,
     DeviceConnection,
     LinkBusyError,
     LinkConfig,
@@ -34,11 +40,12 @@ from firmware_protocol.messages import (
     Delivery,
     Identity,
     Message,
+    Renew,
 )
 
 from .channel import ChannelStats, LossyChannel
 from .faults import Fault, FaultKind, LineNoise
-from .firmware import FirmwareConfig, PenFirmware
+from .firmware import FirmwareConfig, PenFirmware, declared_identity
 from .hand import Hand, HandConfig
 
 _SERIAL_BYTES = 12  # Identity.serial is NUL-padded to this
@@ -70,6 +77,7 @@ class PenStats:
     bytes_ignored: int = 0  # received while silent
     faults_injected: int = 0
     link_failures: int = 0  # the device end gave up on an unacknowledged message
+    renews_dropped: int = 0  # Renew frames lost on purpose (FaultKind.DROP_RENEWS)
 
 
 def _derive(seed: int | str, serial: str, purpose: str) -> str:
@@ -127,6 +135,7 @@ class SimulatedPen:
         self._rx: LossyChannel | None = None  # host -> pen
         self._script: list[tuple[float, int, Fault]] = []
         self._script_seq = 0
+        self._renews_to_drop = 0
         for at, fault in script:
             self.schedule(at, fault)
         if line_noise is not None:
@@ -145,19 +154,12 @@ class SimulatedPen:
                 return boot_id
 
     def _identity(self) -> Identity:
-        cfg = self.firmware.config
-        major, minor, patch = cfg.firmware_version
-        return Identity(
-            protocol_version=self._protocol_version,
-            serial=self.serial.encode("ascii"),
-            fw_major=major,
-            fw_minor=minor,
-            fw_patch=patch,
+        return declared_identity(
+            self.firmware.config,
+            serial=self.serial,
             boot_id=self.boot_id,
+            protocol_version=self._protocol_version,
             schema_hash=self._schema_hash,
-            max_depth_um=cfg.max_depth_um,
-            max_lease_ms=cfg.max_lease_ms,
-            host_nonce=0,
         )
 
     @property
@@ -203,7 +205,7 @@ class SimulatedPen:
             if deadline is not None and deadline <= now:
                 for event in conn.handle_timeout(now):
                     if isinstance(event, LinkFailed):
-                        self.stats.link_failures += 1
+                        self._link_failed(now)
         self._flush(now)
 
     def emit(self, message: Message, now: float) -> None:
@@ -311,6 +313,8 @@ class SimulatedPen:
         kind = fault.kind
         if kind is FaultKind.SILENT:
             self._silent_until = now + fault.duration
+        elif kind is FaultKind.DROP_RENEWS:
+            self.drop_renews(round(fault.effective_amount))
         elif kind is FaultKind.REBOOT:
             self.reboot(now, graceful=False)
         elif kind is FaultKind.LINE_NOISE:
@@ -324,6 +328,13 @@ class SimulatedPen:
     @property
     def silent(self) -> bool:
         return self._silent_until is not None
+
+    def drop_renews(self, count: int) -> None:
+        """Lose the next ``count`` Renew frames that reach the pen, as a bad line would:
+        deterministic, for proving the lease margin (PROTOCOL.md section 10)."""
+        if count < 0:
+            raise ValueError("count must not be negative")
+        self._renews_to_drop = count
 
     def reboot(self, now: float, *, graceful: bool = True) -> None:
         """Reboot: a new boot id, a new link (the host must handshake again), an announce.
@@ -381,16 +392,35 @@ class SimulatedPen:
         firmware = self.firmware
         for event in self.connection.receive_data(data, now):
             if isinstance(event, MessageReceived):
+                if self._renews_to_drop and isinstance(event.message, Renew):
+                    self._renews_to_drop -= 1
+                    self.stats.renews_dropped += 1
+                    continue
+                # Applied before anything later is sent: a sample that follows the ACK
+                # of a Stop already shows the pen stopped.
                 self._send(firmware.handle(event.message, now), now)
                 if firmware.reset_requested:
                     # Anything after the Reset in this chunk was meant for the old link.
                     self.reboot(now, graceful=True)
                     return
-            elif isinstance(event, ProtocolViolation):
+            elif isinstance(event, Connected):
+                if not event.resumed:
+                    # A new host: whatever the old one armed is not this one's. The
+                    # Identity is already out; the stop follows it on the new link.
+                    self._send(firmware.new_host(now), now)
+            elif isinstance(event, ProtocolViolation) and event.reliable:
+                # It consumed a reliable number (ACKed): say why it was not applied. One
+                # in an unreliable or handshake frame is counted, never answered.
                 self._send([CommandRefused(event.msg_type, event.reason)], now)
             elif isinstance(event, LinkFailed):
-                self.stats.link_failures += 1
+                self._link_failed(now)
         self._flush(now)
+
+    def _link_failed(self, now: float) -> None:
+        """The device end gave up the link: disarm (LINK_LOST). Nobody hears it; the
+        messages are counted as unlinked, never queued for the next host."""
+        self.stats.link_failures += 1
+        self._send(self.firmware.link_lost(now), now)
 
     def _send(self, messages: list[Message], now: float) -> None:
         if not messages:

@@ -23,6 +23,11 @@ A script file looks like this; ``at`` is seconds after the simulator started,
     action = "depth_overshoot"
     amount_um = 150
 
+    [[fault]]
+    at = 12
+    action = "drop_renews"     # the next `count` Renew frames to the pen are lost
+    count = 2
+
 Unknown actions or keys are an error: a fault script that silently did less than
 it says would make a reliability test lie.
 """
@@ -50,6 +55,7 @@ class FaultKind(enum.StrEnum):
     CARTRIDGE_PULLED = "cartridge_pulled"
     LOW_BATTERY = "low_battery"  # the battery is suddenly near empty
     LINE_NOISE = "line_noise"  # byte faults on both directions, for `duration` (0: for good)
+    DROP_RENEWS = "drop_renews"  # the next `count` Renew frames to the pen are lost
     CLEAR = "clear"  # undo physical faults: cool down, new battery, no overshoot or jam
 
 
@@ -86,7 +92,7 @@ class Fault:
 
     kind: FaultKind
     duration: float = 0.0  # seconds
-    amount: float = 0.0  # micrometres for DEPTH_OVERSHOOT, milliamps for OVER_CURRENT
+    amount: float = 0.0  # um for DEPTH_OVERSHOOT, mA for OVER_CURRENT, frames for DROP_RENEWS
     noise: LineNoise | None = None
 
     @property
@@ -108,7 +114,11 @@ class ScriptEntry:
 
 #: What a fault with amount 0 injects: the overshoot in um, the current surge in mA
 #: (enough to trip the default 1500 mA limit even with the motor idling).
-DEFAULT_AMOUNT = {FaultKind.DEPTH_OVERSHOOT: 200.0, FaultKind.OVER_CURRENT: 1500.0}
+DEFAULT_AMOUNT = {
+    FaultKind.DEPTH_OVERSHOOT: 200.0,
+    FaultKind.OVER_CURRENT: 1500.0,
+    FaultKind.DROP_RENEWS: 1.0,
+}
 _NOISE_KEYS = frozenset(f.name for f in fields(LineNoise))
 _COMMON_KEYS = frozenset({"at", "pen", "action"})
 _ALLOWED: dict[FaultKind, frozenset[str]] = {
@@ -116,6 +126,7 @@ _ALLOWED: dict[FaultKind, frozenset[str]] = {
     FaultKind.LINE_NOISE: _NOISE_KEYS | {"duration"},
     FaultKind.DEPTH_OVERSHOOT: frozenset({"amount_um"}),
     FaultKind.OVER_CURRENT: frozenset({"amount_ma"}),
+    FaultKind.DROP_RENEWS: frozenset({"count"}),
 }
 
 
@@ -155,6 +166,10 @@ def parse_entry(entry: Mapping[str, Any], where: str = "fault") -> ScriptEntry:
         amount = _number(entry, "amount_um", amount, where)
     elif kind is FaultKind.OVER_CURRENT:
         amount = _number(entry, "amount_ma", amount, where)
+    elif kind is FaultKind.DROP_RENEWS:
+        amount = _number(entry, "count", amount, where)
+        if amount != int(amount):
+            raise ValueError(f"{where}: count must be a whole number of frames, got {amount}")
     noise = None
     if kind is FaultKind.LINE_NOISE:
         params = {k: _number(entry, k, 0.0, where) for k in _NOISE_KEYS if k in entry}

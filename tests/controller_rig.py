@@ -96,6 +96,16 @@ class Rig:
         self.physical(index, lambda p, now: p.set_contact(False, now))
         return await self.wait_nth(EventKind.PASS_ENDED, before + 1)
 
+    async def wait_after(self, mark: int, *kinds: EventKind, within: float = 5.0) -> SessionEvent:
+        """The first event of one of ``kinds`` among those after the first ``mark`` seen."""
+        async with asyncio.timeout(within):
+            while True:
+                for event in self.events[mark:]:
+                    if event.kind in kinds:
+                        return event
+                await self._changed.wait()
+                self._changed.clear()
+
     async def wait_nth(self, kind: EventKind, n: int, within: float = 5.0) -> SessionEvent:
         async with asyncio.timeout(within):
             while True:

@@ -7,6 +7,7 @@ both ends over a pair of seeded LossyChannels on a simulated clock, calling
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 from dataclasses import dataclass, field
@@ -65,6 +66,18 @@ def make_identity(boot_id: int = 0x1234_5678, **changes: Any) -> Identity:
         "max_depth_um": 2500,
         "max_lease_ms": 2000,
         "host_nonce": 0,
+        "depth_accuracy_um": 20,
+        "min_speed_hz": 50,
+        "max_speed_hz": 150,
+        "default_speed_hz": 100,
+        "max_telemetry_rate_hz": 1000,
+        "default_telemetry_rate_hz": 100,
+        "max_lift_off_grace_ms": 2000,
+        "default_lift_off_grace_ms": 300,
+        "arm_battery_mv": 3500,
+        "low_battery_mv": 3450,
+        "max_temperature_cdeg": 4500,
+        "rearm_temperature_cdeg": 4200,
     }
     values.update(changes)
     return Identity(**values)
@@ -79,7 +92,11 @@ def received(events: list[Event], cls: type[E]) -> list[E]:
 
 
 def telemetry(i: int) -> Telemetry:
-    return Telemetry(i, 0, 0, 0, 0, 0, 0, 0, 0)
+    return Telemetry(i, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+
+
+def armed(token: int, lease_ms: int) -> Armed:
+    return Armed(token, lease_ms, 500, 1000, 0, 0, 42, 0)
 
 
 def frames_in(data: bytes) -> list[tuple[int, int, int]]:
@@ -129,7 +146,10 @@ def test_handshake_identifies_the_pen() -> None:
     ("changes", "words"),
     [
         ({"schema_hash": SCHEMA_HASH ^ 1}, ["schema", f"{SCHEMA_HASH:#010x}", "update"]),
-        ({"protocol_version": PROTOCOL_VERSION + 1}, ["protocol version 2", "update"]),
+        (
+            {"protocol_version": PROTOCOL_VERSION + 1},
+            ["protocol version 3", "this controller speaks 2", "update the controller"],
+        ),
     ],
     ids=["schema", "protocol"],
 )
@@ -151,7 +171,10 @@ def test_mismatched_pen_is_refused_with_a_clear_reason(
     assert w.host.refusal == reason
     # Nothing the pen says afterwards makes the link ready, and nothing can be sent.
     w.device.announce(0.5)
-    w.device.send(Armed(1, 250), 0.5)
+    if "protocol_version" in changes:
+        assert w.device.state is LinkState.IDLE  # a pen of another version never accepts
+    else:
+        w.device.send(armed(1, 250), 0.5)
     assert not of(w.d2h(), Connected)
     for t in (0.2, 1.0, 5.0):
         w.host.handle_timeout(t)
@@ -166,14 +189,48 @@ def test_pen_refuses_a_hello_of_another_protocol_version() -> None:
     events = device.receive_data(encode_frame(FrameKind.SYNC, 0, Hello.TYPE, hello.encode()), 0.0)
     assert len(events) == 1
     assert isinstance(events[0], HandshakeRefused)
-    assert "protocol version 2" in events[0].reason
+    assert "protocol version 3" in events[0].reason
     assert device.state is LinkState.IDLE
     # It still answers the nonce, so that the host can tell the operator why.
     (answer,) = FrameDecoder().feed(device.data_to_send())
     assert (answer.kind, answer.msg_type) == (FrameKind.SYNC, Identity.TYPE)
     assert decode_message(Identity.TYPE, answer.payload) == make_identity(host_nonce=NONCE)
     with pytest.raises(NotReadyError):
-        device.send(Armed(1, 250), 0.0)
+        device.send(armed(1, 250), 0.0)
+
+
+def test_a_pen_of_protocol_version_1_is_named_and_refused_not_a_violation() -> None:
+    w = Wire(identity=make_identity(protocol_version=1))
+    w.host.start_handshake(NONCE, 0.0)
+    assert of(w.h2d(), HandshakeRefused)  # the v1 pen does not take a v2 Hello either...
+    answer = w.device.data_to_send()
+    (frame,) = FrameDecoder().feed(answer)
+    assert (frame.kind, frame.msg_type, len(frame.payload)) == (FrameKind.SYNC, Identity.TYPE, 32)
+    events = w.host.receive_data(answer, 0.0)  # ...but answers, in the version 1 layout
+    assert [type(e) for e in events] == [HandshakeRefused]
+    refused = events[0]
+    assert isinstance(refused, HandshakeRefused)
+    for words in (
+        "pen PEN-0001 (firmware 1.2.3)",
+        "speaks protocol version 1",
+        "this controller speaks 2",
+        "update the pen firmware",
+    ):
+        assert words in refused.reason
+    assert refused.identity.serial_text == "PEN-0001"
+    assert refused.identity.boot_id == 0x1234_5678
+    assert refused.identity.depth_accuracy_um == 0  # not in the shared prefix: unknown
+    assert w.host.state is LinkState.REFUSED
+    assert w.host.stats.protocol_errors == 0
+
+
+def test_a_short_identity_claiming_this_version_is_a_violation() -> None:
+    host = HostConnection()
+    host.start_handshake(NONCE, 0.0)
+    payload = Identity.FORMAT.pack(*dataclasses.astuple(make_identity(host_nonce=NONCE)))[:32]
+    events = host.receive_data(encode_frame(FrameKind.SYNC, 0, Identity.TYPE, payload), 0.0)
+    assert [type(e) for e in events] == [ProtocolViolation]
+    assert host.state is LinkState.HANDSHAKING
 
 
 def test_a_new_link_needs_a_new_nonce() -> None:
@@ -194,7 +251,7 @@ def test_sending_is_checked() -> None:
         w.host.send(SetDepth(1), 0.0)
     w.handshake()
     with pytest.raises(ValueError, match="not sent by the host"):
-        w.host.send(Armed(1, 2), 0.0)
+        w.host.send(armed(1, 2), 0.0)
     with pytest.raises(ValueError, match="handshake message"):
         w.host.send(Hello(1, 2), 0.0)
     with pytest.raises(ValueError, match="SetDepth"):
@@ -277,6 +334,38 @@ def test_nak_acknowledges_what_came_before_it() -> None:
     assert w.host.stats.retransmits == 0
 
 
+def test_naks_that_acknowledge_nothing_count_toward_max_retries() -> None:
+    w = Wire(LinkConfig(max_retries=3))
+    w.handshake()
+    seq = w.host.send(SetDepth(1), 0.0)
+    w.host.data_to_send()  # lost, again and again
+    nak = encode_frame(FrameKind.NAK, seq or 0, 0)  # "I expect the one you have not got through"
+    assert w.host.handle_timeout(LinkConfig().ack_timeout) == []  # one timeout resend
+    w.host.data_to_send()
+    for i in range(2):
+        assert w.host.receive_data(nak, 0.1 + i * 0.01) == []  # resent at once, counted
+        assert frames_in(w.host.data_to_send()) == [(FrameKind.RELIABLE, seq, SetDepth.TYPE)]
+    events = w.host.receive_data(nak, 0.2)  # the fourth resend without progress: too many
+    assert [type(e) for e in events] == [LinkFailed]
+    assert w.host.state is LinkState.FAILED
+
+
+def test_a_nak_that_acknowledges_something_is_progress() -> None:
+    w = Wire(LinkConfig(max_retries=1))
+    w.handshake()
+    first = w.host.send(SetDepth(1), 0.0)
+    assert first is not None
+    for i in range(2, 6):
+        w.host.send(SetDepth(i), 0.0)
+    w.host.data_to_send()  # all lost
+    for k in range(1, 5):  # each NAK acknowledges one more: the count starts again each time
+        events = w.host.receive_data(encode_frame(FrameKind.NAK, first + k, 0), 0.01 * k)
+        assert [type(e) for e in events] == [Delivered]
+    nak = encode_frame(FrameKind.NAK, first + 4, 0)
+    assert w.host.receive_data(nak, 0.1) == []  # nothing acknowledged: one resend, counted
+    assert [type(e) for e in w.host.receive_data(nak, 0.11)] == [LinkFailed]
+
+
 def test_rtt_is_sampled_only_from_messages_sent_once() -> None:
     w = Wire()
     w.handshake()
@@ -306,19 +395,19 @@ def test_protocol_violations_are_reported_not_applied() -> None:
     bad = [
         encode_frame(FrameKind.RELIABLE, host_seq, 0x7E, b""),  # unknown type
         encode_frame(FrameKind.RELIABLE, host_seq + 1, SetDepth.TYPE, b"\x01"),  # short
-        encode_frame(FrameKind.RELIABLE, host_seq + 2, Armed.TYPE, Armed(1, 2).encode()),
+        encode_frame(FrameKind.RELIABLE, host_seq + 2, Armed.TYPE, armed(1, 2).encode()),
         encode_frame(FrameKind.UNRELIABLE, 0, Stop.TYPE, Stop(1).encode()),  # wrong kind
         encode_frame(FrameKind.RELIABLE, host_seq + 3, Renew.TYPE, Renew(1).encode()),
     ]
     events = w.device.receive_data(b"".join(bad), 0.0)
     assert not of(events, MessageReceived)
-    codes = [(v.msg_type, v.reason) for v in of(events, ProtocolViolation)]
+    codes = [(v.msg_type, v.reason, v.reliable) for v in of(events, ProtocolViolation)]
     assert codes == [
-        (0x7E, RefusalCode.UNKNOWN_MESSAGE),
-        (SetDepth.TYPE, RefusalCode.BAD_PAYLOAD),
-        (Armed.TYPE, RefusalCode.UNKNOWN_MESSAGE),
-        (Stop.TYPE, RefusalCode.BAD_PAYLOAD),
-        (Renew.TYPE, RefusalCode.BAD_PAYLOAD),
+        (0x7E, RefusalCode.UNKNOWN_MESSAGE, True),
+        (SetDepth.TYPE, RefusalCode.BAD_PAYLOAD, True),
+        (Armed.TYPE, RefusalCode.UNKNOWN_MESSAGE, True),
+        (Stop.TYPE, RefusalCode.BAD_PAYLOAD, False),  # unreliable frame: never answered
+        (Renew.TYPE, RefusalCode.BAD_PAYLOAD, True),
     ]
     assert w.device.stats.protocol_errors == 5
     # The reliable ones consumed their numbers: the next command is accepted.
@@ -385,7 +474,7 @@ def test_unreliable_numbers_wrap_past_65535() -> None:
     assert w.host.stats.unreliable_stale == 0
 
 
-def test_stale_and_duplicated_unreliable_frames_are_dropped() -> None:
+def test_stale_and_duplicated_unreliable_frames_are_delivered_marked() -> None:
     w = Wire()
     w.handshake()
     frames = []
@@ -393,10 +482,56 @@ def test_stale_and_duplicated_unreliable_frames_are_dropped() -> None:
         w.device.send(telemetry(i), 0.0)
         frames.append(w.device.data_to_send())
     order = [frames[0], frames[2], frames[1], frames[2], frames[3]]
-    got = received(w.host.receive_data(b"".join(order), 0.0), Telemetry)
-    assert [t.device_ms for t in got] == [0, 2, 3]
-    assert w.host.stats.unreliable_lost == 1  # frame 1, overtaken and then stale
+    got = of(w.host.receive_data(b"".join(order), 0.0), MessageReceived)
+    assert [(m.message.device_ms, m.in_order) for m in got] == [  # type: ignore[attr-defined]
+        (0, True),
+        (2, True),
+        (1, False),  # overtaken: late, but seen
+        (2, False),  # a duplicate: seen twice, the second time marked
+        (3, True),  # a stale frame did not move `next`
+    ]
+    assert w.host.stats.unreliable_lost == 1  # frame 1 was counted lost when 2 overtook it
+    assert w.host.stats.unreliable_stale == 2  # loss statistics stay apart from delivery
+
+
+def test_a_stale_frame_is_delivered_and_never_moves_next() -> None:
+    w = Wire()
+    w.handshake()
+    frames = []
+    for i in range(62_801):
+        w.device.send(telemetry(i), 0.0)
+        frames.append(w.device.data_to_send())
+
+    def deliver(i: int) -> list[tuple[int, bool]]:
+        got = of(w.host.receive_data(frames[i], 0.0), MessageReceived)
+        return [(m.message.device_ms, m.in_order) for m in got]  # type: ignore[attr-defined]
+
+    assert deliver(30_000) == [(30_000, True)]  # 30 000 counted lost
+    assert deliver(29_990) == [(29_990, False)]  # late: delivered, marked
+    assert deliver(30_001) == [(30_001, True)]  # `next` did not move back
+    assert (w.host.stats.unreliable_lost, w.host.stats.unreliable_stale) == (30_000, 1)
+    # After a gap of half the sequence space or more, newer frames look stale. The host
+    # is no longer blind to them: every one is delivered (marked) for it to judge.
+    assert deliver(62_800) == [(62_800, False)]  # 32 798 ahead of `next`: looks stale
     assert w.host.stats.unreliable_stale == 2
+
+
+def test_malformed_unreliable_frames_are_counted_consume_their_number_and_get_no_answer() -> None:
+    w = Wire()
+    w.handshake()
+    w.device.send(telemetry(0), 0.0)
+    w.d2h()
+    bad = encode_frame(FrameKind.UNRELIABLE, 1, Telemetry.TYPE, b"\x00" * 3)  # short
+    events = w.host.receive_data(bad, 0.0)
+    assert [type(e) for e in events] == [ProtocolViolation]
+    assert w.host.data_to_send() == b""  # never answered
+    w.device.send(telemetry(1), 0.0)  # the pen's number 1 was used by the bad frame...
+    w.device.send(telemetry(2), 0.0)
+    got = of(w.d2h(), MessageReceived)
+    # ...so its own frame 1 is now stale (late), and nothing was counted lost.
+    assert [(m.in_order) for m in got] == [False, True]
+    assert w.host.stats.unreliable_lost == 0
+    assert w.host.stats.protocol_errors == 1
 
 
 # --- sequence numbers across links ----------------------------------------------------
@@ -406,7 +541,7 @@ def test_reliable_numbers_wrap_past_65535_both_ways() -> None:
     w = Wire(LinkConfig(window=4), make_identity(boot_id=0x0001_FFF5))
     w.handshake(first_seq=0xFFF0)
     host_msgs = [SetDepth(i) for i in range(40)]
-    dev_msgs = [CartridgeInserted(i + 1) for i in range(40)]
+    dev_msgs = [CartridgeInserted(i + 1, 0) for i in range(40)]
     got_dev: list[SetDepth] = []
     got_host: list[CartridgeInserted] = []
     host_seqs: list[int | None] = []
@@ -491,7 +626,7 @@ def test_pen_that_gave_up_resumes_on_the_same_hello_without_reapplying() -> None
         w.host.send(SetDepth(i), 0.0)
     assert len(received(w.h2d(), SetDepth)) == 4
     w.device.data_to_send()  # ACKs lost: the pen->host direction is dead for a while
-    w.device.send(Armed(1, 250), 0.0)
+    w.device.send(armed(1, 250), 0.0)
     failed: list[LinkFailed] = []
     while not failed:
         deadline = w.device.next_deadline()
@@ -509,10 +644,53 @@ def test_pen_that_gave_up_resumes_on_the_same_hello_without_reapplying() -> None
     assert w.device.stats.duplicates == 4
 
 
+def test_a_resumed_link_restarts_both_unreliable_counters() -> None:
+    w = Wire(LinkConfig(max_retries=0))
+    w.host.start_handshake(NONCE, 0.0)
+    hello = w.host.data_to_send()
+    assert of(w.device.receive_data(hello, 0.0), Connected)
+    w.device.data_to_send()  # the Identity is lost: the host is still handshaking
+    for i in range(5):
+        w.device.send(telemetry(i), 0.0)  # numbered 0..4, heard by nobody
+    w.device.send(CartridgeInserted(1, 0), 0.0)
+    w.device.data_to_send()
+    assert of(w.device.handle_timeout(0.05), LinkFailed)  # the pen gives up the link
+    w.host.handle_timeout(0.1)  # the host resends the same Hello...
+    events = w.device.receive_data(w.host.data_to_send(), 0.1)
+    assert [e for e in events if isinstance(e, Connected)] == [Connected(None, NONCE, resumed=True)]
+    assert of(w.d2h(), Connected)  # ...and the Identity brings both ends up
+    w.device.send(telemetry(100), 0.1)
+    got = of(w.d2h(), MessageReceived)
+    assert [(m.message, m.in_order) for m in got] == [(telemetry(100), True)]
+    assert (w.host.stats.unreliable_lost, w.host.stats.unreliable_stale) == (0, 0)
+    w.host.send(Renew(7), 0.1)
+    assert [(m.message, m.in_order) for m in of(w.h2d(), MessageReceived)] == [(Renew(7), True)]
+    assert w.device.stats.unreliable_lost == 0
+
+
+def test_a_pen_resuming_on_a_delayed_hello_fails_a_link_the_host_thought_up() -> None:
+    w = Wire(LinkConfig(max_retries=0))
+    w.handshake()
+    w.device.send(armed(1, 250), 0.0)
+    w.device.data_to_send()  # lost: the pen gives up
+    assert of(w.device.handle_timeout(1.0), LinkFailed)
+    assert of(w.device.receive_data(w.hello, 1.1), Connected)  # a delayed copy of the Hello
+    events = w.d2h()
+    assert [type(e) for e in events] == [LinkFailed]
+    assert "resumed" in events[0].reason  # type: ignore[union-attr]
+    assert w.host.state is LinkState.FAILED
+    # A duplicated Hello answered by a pen that never gave up is not a resume:
+    w2 = Wire()
+    w2.handshake()
+    w2.device.receive_data(w2.hello, 0.5)
+    assert w2.d2h() == []
+    assert w2.host.state is LinkState.READY
+
+
 def test_pen_that_dropped_the_link_makes_the_host_fail_fast() -> None:
     w = Wire(LinkConfig(max_retries=0))
     w.handshake()
-    w.device.send(Armed(1, 250), 0.0)
+    w.device.send(armed(1, 250), 0.0)
     w.device.data_to_send()  # lost
     assert of(w.device.handle_timeout(1.0), LinkFailed)
     assert w.device.state is LinkState.IDLE
@@ -550,12 +728,12 @@ def test_pen_reboot_is_reported_and_a_new_handshake_works() -> None:
 def test_new_host_sees_what_the_previous_one_left_unacknowledged() -> None:
     w = Wire()
     w.handshake()
-    w.device.send(CartridgeInserted(9), 0.0)
+    w.device.send(CartridgeInserted(9, 0), 0.0)
     w.device.data_to_send()  # lost
     w.host = HostConnection()
     w.host.start_handshake(NONCE + 1, 1.0)
     events = w.h2d()
-    assert events == [Connected(None, NONCE + 1, (CartridgeInserted(9),))]
+    assert events == [Connected(None, NONCE + 1, (CartridgeInserted(9, 0),))]
 
 
 # --- failure bounds -------------------------------------------------------------------
@@ -690,7 +868,7 @@ def test_exactly_once_in_order_over_a_bad_line_both_ways(
             device.send(telemetry(n_tel), sim.now)
             n_tel += 1
         if tick % 25 == 0:
-            device.send(CartridgeInserted(n_evt + 1), sim.now)
+            device.send(CartridgeInserted(n_evt + 1, 0), sim.now)
             n_evt += 1
     t = sim.now
     while (host.unacknowledged or device.unacknowledged) and t < t_send_end + 5:
@@ -707,15 +885,25 @@ def test_exactly_once_in_order_over_a_bad_line_both_ways(
     assert all((b.seq - a.seq) & 0xFFFF == 1 for a, b in itertools.pairwise(acked))
     # Device events likewise on the host.
     assert received(sim.host_events, CartridgeInserted) == [
-        CartridgeInserted(i + 1) for i in range(n_evt)
+        CartridgeInserted(i + 1, 0) for i in range(n_evt)
     ]
     assert len(of(sim.device_events, Delivered)) == n_evt
     # Unreliable streams: every frame is either received or counted lost.
-    for got, sent, stats in (
-        ([m.device_ms for m in received(sim.host_events, Telemetry)], n_tel, host.stats),
-        ([m.token for m in received(sim.device_events, Renew)], n_renew, device.stats),
+    for events, sent, stats in (
+        (sim.host_events, n_tel, host.stats),
+        (sim.device_events, n_renew, device.stats),
     ):
+        arrived = [
+            e for e in of(events, MessageReceived) if isinstance(e.message, Telemetry | Renew)
+        ]
+        numbers = [
+            m.message.device_ms if isinstance(m.message, Telemetry) else m.message.token
+            for m in arrived
+        ]
+        got = [n for n, m in zip(numbers, arrived, strict=True) if m.in_order]
+        stale = [n for n, m in zip(numbers, arrived, strict=True) if not m.in_order]
         assert got == sorted(set(got))
+        assert len(stale) == stats.unreliable_stale  # every stale frame was still delivered
         tail = sent - 1 - got[-1]
         assert sent - len(got) == stats.unreliable_lost + tail
         if "duplicate" not in faults:
@@ -752,7 +940,7 @@ def test_dead_line_fails_the_link_after_bounded_retries_in_bounded_time(
     _dead(sim)
     t0 = sim.now
     sim.host.send(SetDepth(1), t0)
-    sim.device.send(CartridgeInserted(1), t0)
+    sim.device.send(CartridgeInserted(1, 0), t0)
     sim.run_until(t0 + 60.0)
     for conn, log in ((sim.host, sim.host_log), (sim.device, sim.device_log)):
         failures = [(t, e) for t, e in log if isinstance(e, LinkFailed)]
@@ -803,7 +991,7 @@ def test_arbitrary_input_never_crashes_either_end(chunks: list[bytes], state: st
     elif state == "ready":
         w.handshake()
         w.host.send(SetDepth(1), 0.0)
-        w.device.send(CartridgeInserted(1), 0.0)
+        w.device.send(CartridgeInserted(1, 0), 0.0)
     for i, chunk in enumerate(chunks):
         now = i * 0.05
         for conn in (w.host, w.device):

@@ -73,7 +73,7 @@ def outcome(*commands: PenCommand, leases: Sequence[LeaseDirective] = (), n: int
 
 
 def arm(port: str, token: int = 7) -> PenCommand:
-    return PenCommand(port, Arm(250, token))
+    return PenCommand(port, Arm(250, token, 500, 1000))
 
 
 def test_an_arm_waits_for_its_record_and_no_other_pen_waits() -> None:

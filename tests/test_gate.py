@@ -31,7 +31,6 @@ from firmware_protocol.messages import (
     Disarm,
     Hello,
     HostStopReason,
-    Identity,
     Message,
     QueryStatus,
     Renew,
@@ -43,6 +42,7 @@ from firmware_protocol.messages import (
     Stop,
     Telemetry,
 )
+from simulated_pen.firmware import FirmwareConfig, declared_identity
 
 LIMITS = SafetyLimits.from_policy(load_policy())
 FOREHEAD = ZoneContext("forehead", "forehead", max_depth_um=1000, max_passes=3, passes_done=1)
@@ -63,7 +63,7 @@ def ready(**changes: Any) -> GateContext:
     return dataclasses.replace(base, **changes)
 
 
-ARM = Arm(250, 5)
+ARM = Arm(250, 5, 1000, 1500)
 
 # code -> (context, command, a phrase the therapist must read)
 CASES: dict[RefusalReason, list[tuple[GateContext, Message, str]]] = {
@@ -133,8 +133,8 @@ CASES: dict[RefusalReason, list[tuple[GateContext, Message, str]]] = {
         (ready(), SetSpeed(151), "151 Hz"),
     ],
     RefusalReason.BAD_LEASE: [
-        (ready(), Arm(0, 5), "lease of 0 ms"),
-        (ready(), Arm(501, 5), "at most 500 ms"),
+        (ready(), Arm(0, 5, 1000, 1500), "lease of 0 ms"),
+        (ready(), Arm(501, 5, 1000, 1500), "at most 500 ms"),
     ],
     RefusalReason.STALE_LEASE: [
         (ready(), Renew(6), "not armed under this lease"),
@@ -148,7 +148,7 @@ CASES: dict[RefusalReason, list[tuple[GateContext, Message, str]]] = {
     ],
     RefusalReason.NOT_A_HOST_COMMAND: [
         (ready(), Hello(1, 2), "Hello is not a command"),
-        (ready(), Telemetry(0, 0, 0, 0, 0, 0, 0, 0, 0), "Telemetry is not a command"),
+        (ready(), Telemetry(0, 0, 0, 0, 0, 0, 0, 0, 0, 0), "Telemetry is not a command"),
     ],
 }
 
@@ -314,7 +314,7 @@ def _may_arm(ctx: GateContext) -> bool:
 @settings(max_examples=400, deadline=None)
 @given(ctx=contexts, lease=st.integers(-1, 2000))
 def test_arm_is_allowed_exactly_when_section_4_1_holds(ctx: GateContext, lease: int) -> None:
-    decision = check_command(ctx, Arm(lease, 1))
+    decision = check_command(ctx, Arm(lease, 1, 1000, 1500))
     expected = _may_arm(ctx) and 0 < lease <= ctx.limits.max_lease_ms
     assert isinstance(decision, Allowed) == expected, (ctx, decision)
     if isinstance(decision, Refused):
@@ -352,7 +352,7 @@ def test_stop_and_disarm_are_always_allowed(ctx: GateContext, reason: HostStopRe
 
 
 def test_device_messages_are_never_commands() -> None:
-    identity = Identity(1, b"PEN".ljust(12, b"\0"), 1, 0, 0, 1, 0, 2500, 1000, 0)
+    identity = declared_identity(FirmwareConfig(), serial="PEN", boot_id=1)
     decision = check_command(ready(), identity)
     assert isinstance(decision, Refused)
     assert decision.code is RefusalReason.NOT_A_HOST_COMMAND

@@ -42,7 +42,7 @@ def running(**changes: object) -> GateContext:
 
 def sample(depth: int, *, pen_set: int = 1000, strokes: int = 150, run: bool = True) -> Telemetry:
     flags = TelemetryFlag.ARMED | (TelemetryFlag.MOTOR_RUNNING if run else 0)
-    return Telemetry(1234, pen_set, depth, 120, 300, 3000, 3900, strokes, int(flags))
+    return Telemetry(1234, pen_set, depth, 120, 300, 3000, 3900, strokes, int(flags), 1)
 
 
 def test_within_setpoint_and_tolerance_is_fine() -> None:

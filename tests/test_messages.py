@@ -16,6 +16,9 @@ from firmware_protocol.framing import MAX_PAYLOAD
 from firmware_protocol.messages import (
     BY_TYPE,
     CATALOGUE,
+    FAULT_REASONS,
+    IDENTITY_PREFIX_SIZE,
+    PROTOCOL_VERSION,
     SCHEMA_HASH,
     Arm,
     Delivery,
@@ -25,8 +28,13 @@ from firmware_protocol.messages import (
     MessageDecodeError,
     RefusalCode,
     SetDepth,
+    StopReason,
     Telemetry,
+    TelemetryFlag,
+    counter_diff,
+    decode_identity_prefix,
     decode_message,
+    encode_identity,
     encode_message,
     field_names,
     schema_hash,
@@ -121,15 +129,18 @@ def test_unknown_type_and_wrong_length_messages() -> None:
 
 @pytest.mark.parametrize(
     "message",
-    [SetDepth(-1), SetDepth(70_000), Arm(250, 2**16), SetDepth(1.5)],  # type: ignore[arg-type]
+    [SetDepth(-1), SetDepth(70_000), Arm(250, 2**16, 0, 0), SetDepth(1.5)],  # type: ignore[arg-type]
 )
 def test_unencodable_fields_raise_value_error(message: Message) -> None:
     with pytest.raises(ValueError, match=type(message).__name__):
         encode_message(message)
 
 
+LIMITS = (20, 50, 150, 100, 1000, 100, 2000, 300, 3500, 3450, 4500, 4200)
+
+
 def test_identity_serial_is_nul_padded_on_the_wire() -> None:
-    ident = Identity(1, b"PEN-7", 1, 2, 3, 9, SCHEMA_HASH, 2500, 2000, 0)
+    ident = Identity(2, b"PEN-7", 1, 2, 3, 9, SCHEMA_HASH, 2500, 2000, 0, *LIMITS)
     back = decode_message(Identity.TYPE, encode_message(ident))
     assert isinstance(back, Identity)
     assert back.serial == b"PEN-7" + bytes(7)
@@ -157,12 +168,13 @@ def _variants() -> dict[str, list[Any]]:
         battery_mv: int
         strokes: int
         status_flags: int
+        runs: int
 
     Telemetry2.__name__ = "Telemetry"
     out: dict[str, list[Any]] = {}
     for label, col, value in [
         ("type id", 0, 0x8F),
-        ("format", 2, "<IHHHHHHIB"),
+        ("format", 2, "<IHHHHHHIBI"),
         ("direction", 3, Direction.HOST_TO_DEVICE),
         ("delivery", 4, Delivery.RELIABLE),
         ("field name", 1, Telemetry2),
@@ -211,3 +223,161 @@ def test_protocol_md_catalogue_table_lists_every_message() -> None:
 def test_every_field_is_documented() -> None:
     wanted = {(cls.__name__, name) for _, cls, _, _, _ in CATALOGUE for name in field_names(cls)}
     assert wanted == set(spec.FIELD_DOCS)
+
+
+# --- version 2 layouts, exactly as the host half of issue 11 reads them --------------------
+
+
+V2_LAYOUTS = {
+    "Hello": ("<BI", ["protocol_version", "host_nonce"]),
+    "Arm": ("<HHHH", ["lease_ms", "token", "depth_um", "max_depth_um"]),
+    "Identity": (
+        "<B12sBBBIIHHIHHHHHHHHHHhh",
+        [
+            "protocol_version",
+            "serial",
+            "fw_major",
+            "fw_minor",
+            "fw_patch",
+            "boot_id",
+            "schema_hash",
+            "max_depth_um",
+            "max_lease_ms",
+            "host_nonce",
+            "depth_accuracy_um",
+            "min_speed_hz",
+            "max_speed_hz",
+            "default_speed_hz",
+            "max_telemetry_rate_hz",
+            "default_telemetry_rate_hz",
+            "max_lift_off_grace_ms",
+            "default_lift_off_grace_ms",
+            "arm_battery_mv",
+            "low_battery_mv",
+            "max_temperature_cdeg",
+            "rearm_temperature_cdeg",
+        ],
+    ),
+    "Telemetry": (
+        "<IHHHHhHIBI",
+        [
+            "device_ms",
+            "depth_set_um",
+            "depth_um",
+            "speed_hz",
+            "current_ma",
+            "temperature_cdeg",
+            "battery_mv",
+            "strokes",
+            "flags",
+            "runs",
+        ],
+    ),
+    "MotorStarted": (
+        "<IHHIIQI",
+        [
+            "device_ms",
+            "depth_set_um",
+            "max_depth_um",
+            "runs",
+            "strokes",
+            "cartridge_id",
+            "cartridge_strokes",
+        ],
+    ),
+    "MotorStopped": (
+        "<IBIIHI",
+        ["device_ms", "reason", "runs", "strokes", "peak_depth_um", "cartridge_strokes"],
+    ),
+    "Armed": (
+        "<HHHHIIQI",
+        [
+            "token",
+            "lease_ms",
+            "depth_um",
+            "max_depth_um",
+            "runs",
+            "strokes",
+            "cartridge_id",
+            "cartridge_strokes",
+        ],
+    ),
+    "CartridgeInserted": ("<QI", ["cartridge_id", "cartridge_strokes"]),
+    "CartridgeRemoved": ("<QI", ["cartridge_id", "cartridge_strokes"]),
+    "Status": (
+        "<BHHQBHHHIIIHHI",
+        [
+            "flags",
+            "depth_set_um",
+            "speed_hz",
+            "cartridge_id",
+            "fault",
+            "lease_left_ms",
+            "token",
+            "arm_max_depth_um",
+            "runs",
+            "strokes",
+            "cartridge_strokes",
+            "telemetry_rate_hz",
+            "lift_off_grace_ms",
+            "device_ms",
+        ],
+    ),
+}
+V2_SIZES = {
+    "Arm": 8, "Identity": 56, "Telemetry": 25, "MotorStarted": 28, "MotorStopped": 19,
+    "Armed": 28, "CartridgeInserted": 12, "CartridgeRemoved": 12, "Status": 40,
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(V2_LAYOUTS))
+def test_version_2_layouts_are_exactly_the_agreed_ones(name: str) -> None:
+    cls = next(row[1] for row in CATALOGUE if row[1].__name__ == name)
+    fmt, names = V2_LAYOUTS[name]
+    assert cls.FORMAT.format == fmt
+    assert list(field_names(cls)) == names
+    if name in V2_SIZES:
+        assert cls.FORMAT.size == V2_SIZES[name]
+
+
+def test_version_2_enumerations() -> None:
+    assert PROTOCOL_VERSION == 2
+    assert (StopReason.LINK_LOST, StopReason.NEW_HOST, StopReason.DEPTH_LIMIT) == (13, 14, 15)
+    assert StopReason.DEPTH_LIMIT in FAULT_REASONS
+    assert StopReason.LINK_LOST not in FAULT_REASONS
+    assert StopReason.NEW_HOST not in FAULT_REASONS
+    codes = (
+        RefusalCode.SETPOINT_MISMATCH,
+        RefusalCode.BAD_LIMIT,
+        RefusalCode.ARMED,
+        RefusalCode.MOTOR_RUNNING,
+    )
+    assert codes == (12, 13, 14, 15)
+    assert TelemetryFlag.DEPTH_SET == 0x40
+
+
+def test_the_identity_prefix_is_the_same_in_every_version() -> None:
+    ident = Identity(2, b"PEN-7", 1, 2, 3, 9, SCHEMA_HASH, 2500, 2000, 77, *LIMITS)
+    payload = encode_message(ident)
+    prefix = decode_identity_prefix(payload)
+    assert prefix == Identity(2, b"PEN-7" + bytes(7), 1, 2, 3, 9, SCHEMA_HASH, 2500, 2000, 77,
+                              *([0] * len(LIMITS)))  # fmt: skip
+    # A version 1 pen sends the prefix alone; its fields sit where version 2 has them.
+    v1 = dataclasses.replace(ident, protocol_version=1)
+    v1_payload = encode_identity(v1)
+    assert len(v1_payload) == IDENTITY_PREFIX_SIZE == 32
+    assert v1_payload[1:] == payload[1:IDENTITY_PREFIX_SIZE]
+    assert decode_identity_prefix(v1_payload).serial_text == "PEN-7"
+    assert encode_identity(ident) == payload
+    with pytest.raises(MessageDecodeError, match="at least 32"):
+        decode_identity_prefix(payload[:31])
+    with pytest.raises(MessageDecodeError, match="Identity needs 56"):
+        decode_message(Identity.TYPE, v1_payload)
+
+
+@pytest.mark.parametrize(
+    ("newer", "older", "diff"),
+    [(5, 3, 2), (3, 3, 0), (0, 2**32 - 1, 1), (2, 2**32 - 3, 5), (3, 5, 2**32 - 2)],
+)
+def test_counter_diff_is_modulo_2_to_the_32(newer: int, older: int, diff: int) -> None:
+    assert counter_diff(newer, older) == diff

@@ -61,7 +61,7 @@ class Collector:
 
 
 def _telemetry(i: int) -> Telemetry:
-    return Telemetry(i, 500, 500 + i % 3, 100, 300, 3600, 3900, i * 2, 3)
+    return Telemetry(i, 500, 500 + i % 3, 100, 300, 3600, 3900, i * 2, 3, 1)
 
 
 @contextlib.asynccontextmanager

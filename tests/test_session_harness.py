@@ -1,21 +1,33 @@
-"""A fake pen and a bench that wires it to the SessionRegistry as the runtime will.
+"""The pen's own firmware and a bench that wires it to the SessionRegistry as the runtime will.
 
-Used by the session tests (unit and stateful). The fake pen follows the
-firmware rules of product.md §3 that matter to the session: it runs only while
-armed, arms only with a cartridge and a depth, a Stop or Disarm stops and
-disarms it, and it reports what it does with the catalogue's events. The bench
-delivers an Outcome the way outcome.py tells the runtime to: urgent commands
-first, then the others in order; it keeps or drops lease renewals as told and
-feeds the pen's answers back until nothing is left to do.
+Used by the session tests (unit and stateful). The pen is the simulator's pure
+firmware model, ``simulated_pen.firmware.PenFirmware``, driven with explicit time,
+so the firmware rules exist in one place: the session tests meet the same pen as
+the simulator and PROTOCOL.md section 10. Only the pen's physical world is scripted
+(``ScriptedWorld``): the needle sits at its setpoint unless a test moves it for one
+reading, strokes happen when a test says so, and nothing drifts by itself.
 
-The tests at the bottom check the harness itself, so that a broken fake cannot
+The bench delivers an Outcome the way outcome.py tells the runtime to: urgent
+commands first, then the others in order, each into ``PenFirmware.handle``; it keeps
+or drops lease renewals as told (while told to renew, the link renews every quarter
+lease, as PenLink does) and feeds the pen's answers back to the registry until
+nothing is left to do. The pen's periodic telemetry is not delivered (an unreliable
+stream may lose any sample); a test takes a sample with ``BenchPen.sample``. While a
+port is disconnected, nothing the pen says reaches the registry, and the pen never
+queues it (PROTOCOL.md section 10).
+
+The tests at the bottom check the harness itself, so that a broken harness cannot
 make the session tests pass vacuously.
 """
 
 from __future__ import annotations
 
+import random
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+
+import pytest
 
 from controller.policy import TreatmentPolicy, load_policy
 from controller.sessions import (
@@ -27,14 +39,9 @@ from controller.sessions import (
     SessionRegistry,
 )
 from firmware_protocol.messages import (
-    PROTOCOL_VERSION,
-    SCHEMA_HASH,
     Arm,
     Armed,
-    CartridgeInserted,
-    CartridgeRemoved,
     CommandRefused,
-    Disarm,
     Disarmed,
     Identity,
     Message,
@@ -43,17 +50,17 @@ from firmware_protocol.messages import (
     QueryStatus,
     RefusalCode,
     Renew,
-    Reset,
     SetDepth,
     SetLiftOffGrace,
-    SetSpeed,
     SetTelemetryRate,
-    Status,
     Stop,
     StopReason,
     Telemetry,
     TelemetryFlag,
 )
+from simulated_pen.faults import Fault, FaultKind
+from simulated_pen.firmware import FirmwareConfig, PenFirmware, declared_identity
+from simulated_pen.physics import PenPhysics, PhysicsConfig
 
 PORT = "/dev/ttyPEN0"
 #: The pens the test registries are configured with (port -> expected serial; None: any).
@@ -61,175 +68,266 @@ PORTS: dict[str, str | None] = {PORT: None, "/dev/ttyPEN1": None}
 THERAPIST = Actor("th-01", Role.THERAPIST)
 MANAGER = Actor("mg-01", Role.MANAGER)
 ADMIN = Actor("ad-01", Role.ADMIN)
+START = 1_800_000_000.0
+#: The registry's lease (controller default) and PenLink's renewal period for it.
+LEASE_S = 0.250
+RENEW_PERIOD_S = LEASE_S / 4
+#: How long a host takes to notice a pulled cable (the controller's peer silence timeout).
+NOTICE_S = 0.300
 
 
 def identity(serial: str = "PEN0001", boot_id: int = 1) -> Identity:
-    return Identity(
-        protocol_version=PROTOCOL_VERSION,
-        serial=serial.encode().ljust(12, b"\0"),
-        fw_major=1,
-        fw_minor=0,
-        fw_patch=0,
-        boot_id=boot_id,
-        schema_hash=SCHEMA_HASH,
-        max_depth_um=2500,
-        max_lease_ms=1000,
-        host_nonce=7,
-    )
+    """What the bench's pens declare (the simulator's defaults)."""
+    return declared_identity(FirmwareConfig(), serial=serial, boot_id=boot_id, host_nonce=7)
 
 
 @dataclass
-class FakePen:
-    """The pen's side: firmware rules, no physics."""
+class Clock:
+    """The time shared by a bench, its registry and its pens (seconds)."""
 
-    serial: str = "PEN0001"
-    boot_id: int = 1
-    armed: bool = False
-    token: int | None = None
-    running: bool = False
-    depth_set_um: int | None = None
-    speed_hz: int = 100
-    cartridge_id: int | None = None
-    strokes: int = 0
-    device_ms: int = 0
-    peak_um: int = 0
-    #: Every command that reached this pen, in order.
-    received: list[Message] = field(default_factory=list)
+    now: float = START
+
+    def tick(self, seconds: float = 0.01) -> float:
+        self.now += seconds
+        return self.now
+
+
+class ScriptedWorld(PenPhysics):
+    """The pen's hardware, moved only by the test: no lag, no noise, no drift.
+
+    The needle is at the actuator's target plus ``depth_offset_um`` (a test's excursion
+    for one reading); the motor turns at its set rate while powered and not stalled;
+    strokes are whatever the test adds. Heat and battery stay put unless a fault moves
+    them.
+    """
+
+    __slots__ = ("depth_offset_um",)
+
+    def __init__(self, now: float) -> None:
+        super().__init__(random.Random(0), now, PhysicsConfig(depth_noise_um=0.0))
+        self.depth_offset_um = 0.0
+
+    def advance(self, now: float) -> None:
+        self.t = max(self.t, now)
+        self.depth_um = max(0.0, self.depth_target_um + self.depth_offset_um)
+        self.speed_hz = self.motor_rate_hz if self.motor_on and not self.stalled else 0.0
+
+
+class BenchPen:
+    """One pen on the bench: the real firmware in a scripted world, on the bench's clock.
+
+    Every action happens at the clock's next tick; time passes on the pen only through
+    ``advance``, which renews the lease as the link is told to (``renew_token``).
+    Physical actions return everything the pen says, in order (telemetry excepted:
+    ``sample`` returns the one it is asked for, last).
+    """
+
+    def __init__(
+        self,
+        serial: str = "PEN0001",
+        *,
+        clock: Clock | None = None,
+        boot_id: int = 1,
+        config: FirmwareConfig | None = None,
+        chips: dict[int, int] | None = None,
+    ) -> None:
+        self.serial = serial
+        self.boot_id = boot_id
+        self.clock = clock or Clock()
+        self.now = self.clock.now
+        self.world = ScriptedWorld(self.now)
+        self.firmware = PenFirmware(
+            random.Random(serial), self.now, config, physics=self.world, cartridge_chips=chips
+        )
+        self.firmware.set_contact(True, self.now)  # a therapist's pen rests on the skin
+        #: The token the link renews (None: no renewals reach the pen).
+        self.renew_token: int | None = None
+        #: Every command that reached this pen, in order.
+        self.received: list[Message] = []
+
+    # -- what the pen is --------------------------------------------------------------
 
     def identity(self) -> Identity:
-        return identity(self.serial, self.boot_id)
+        return declared_identity(
+            self.firmware.config, serial=self.serial, boot_id=self.boot_id, host_nonce=7
+        )
+
+    @property
+    def armed(self) -> bool:
+        return self.firmware.armed
+
+    @property
+    def running(self) -> bool:
+        return self.firmware.running
+
+    @property
+    def depth_set_um(self) -> int | None:
+        return self.firmware.depth_set_um
+
+    @property
+    def speed_hz(self) -> int:
+        return self.firmware.speed_hz
+
+    @property
+    def cartridge_id(self) -> int | None:
+        return self.firmware.cartridge_id
+
+    @property
+    def token(self) -> int | None:
+        return self.firmware.token if self.firmware.armed else None
+
+    # -- time -------------------------------------------------------------------------
+
+    def advance(self, to: float) -> list[Message]:
+        """Time passes on the pen up to ``to``; the link renews every quarter lease while
+        it is told to. The events the pen produced (periodic telemetry is dropped)."""
+        fw = self.firmware
+        out: list[Message] = []
+        while self.now < to:
+            if self.renew_token is not None:
+                out += fw.handle(Renew(self.renew_token), self.now)
+            self.now = min(to, self.now + RENEW_PERIOD_S)
+            out += fw.step(self.now)
+        return [m for m in out if not isinstance(m, Telemetry)]
+
+    def _at_next_tick(self, seconds: float = 0.01) -> tuple[float, list[Message]]:
+        now = self.clock.tick(seconds)
+        return now, self.advance(now)
+
+    # -- the link ---------------------------------------------------------------------
 
     def apply(self, message: Message) -> list[Message]:
-        """Apply one host command; the events the pen sends back."""
+        """A host command arrives: the events the pen sends back."""
+        now, out = self._at_next_tick()
         self.received.append(message)
-        match message:
-            case SetDepth(depth_um=depth):
-                if not 0 <= depth <= 2500:
-                    return [CommandRefused(SetDepth.TYPE, RefusalCode.DEPTH_ABOVE_CEILING)]
-                self.depth_set_um = depth
-            case SetSpeed(rate_hz=rate):
-                if not 50 <= rate <= 150:
-                    return [CommandRefused(SetSpeed.TYPE, RefusalCode.SPEED_OUT_OF_RANGE)]
-                self.speed_hz = rate
-            case Arm(lease_ms=lease, token=token):
-                if self.cartridge_id is None:
-                    return [CommandRefused(Arm.TYPE, RefusalCode.NO_CARTRIDGE)]
-                if self.depth_set_um is None:
-                    return [CommandRefused(Arm.TYPE, RefusalCode.NO_DEPTH)]
-                self.armed, self.token = True, token
-                return [Armed(token, lease)]
-            case Renew(token=token):
-                if not self.armed or token != self.token:
-                    return [CommandRefused(Renew.TYPE, RefusalCode.BAD_TOKEN)]
-            case Disarm():
-                return self.stop(StopReason.HOST_DISARM)
-            case Stop():
-                return self.stop(StopReason.HOST_STOP)
-            case QueryStatus():
-                return [self.status()]
-            case SetLiftOffGrace() | SetTelemetryRate():
-                pass
-            case Reset():
-                raise AssertionError("the bench never resets a pen through the registry")
-            case _:
-                raise AssertionError(f"not a host command: {message!r}")
-        return []
+        return out + self.firmware.handle(message, now)
 
-    def status(self) -> Status:
-        return Status(
-            armed=int(self.armed),
-            motor_running=int(self.running),
-            depth_set_um=self.depth_set_um or 0,
-            speed_hz=self.speed_hz,
-            cartridge_id=self.cartridge_id or 0,
-            fault=0,
-            lease_left_ms=0,
-        )
+    def new_host(self) -> list[Message]:
+        """A new host said Hello: what the pen sends after its Identity."""
+        now, out = self._at_next_tick()
+        return out + self.firmware.new_host(now)
 
-    def stop(self, reason: StopReason) -> list[Message]:
-        """Stop the motor and disarm (firmware: after any stop, stays stopped)."""
-        events: list[Message] = []
-        if self.running:
-            events.append(self._motor_stopped(reason))
-        if self.armed:
-            self.armed, self.token = False, None
-            events.append(Disarmed(reason))
-        return events
+    def lose_host(self) -> list[Message]:
+        """The host is gone (cable pulled, controller killed): renewals stop and time
+        passes until a host would notice; the pen's lease runs out by itself."""
+        self.renew_token = None
+        return self._at_next_tick(NOTICE_S)[1]
 
-    def press(self) -> list[Message]:
-        if not self.armed or self.running or self.cartridge_id is None:
-            return []
-        self.running = True
-        self.peak_um = 0
-        self.device_ms += 10
-        return [MotorStarted(self.device_ms, self.depth_set_um or 0, self.strokes)]
-
-    def release(self, reason: StopReason = StopReason.BUTTON_RELEASED) -> list[Message]:
-        """The run ends but the pen stays armed (button release, lift-off)."""
-        if not self.running:
-            return []
-        return [self._motor_stopped(reason)]
-
-    def _motor_stopped(self, reason: StopReason) -> MotorStopped:
-        self.running = False
-        self.device_ms += 10
-        return MotorStopped(self.device_ms, reason, self.strokes, self.peak_um)
-
-    def sample(self, depth_um: int, strokes: int = 0) -> Telemetry:
-        if self.running:
-            self.strokes += strokes
-            self.peak_um = max(self.peak_um, depth_um)
-        self.device_ms += 10
-        flags = TelemetryFlag.MOTOR_RUNNING if self.running else 0
-        if self.armed:
-            flags |= TelemetryFlag.ARMED
-        return Telemetry(
-            device_ms=self.device_ms,
-            depth_set_um=self.depth_set_um or 0,
-            depth_um=depth_um,
-            speed_hz=self.speed_hz,
-            current_ma=300,
-            temperature_cdeg=3000,
-            battery_mv=3900,
-            strokes=self.strokes,
-            flags=int(flags),
-        )
-
-    def insert(self, cartridge_id: int) -> list[Message]:
-        events: list[Message] = []
-        if self.cartridge_id is not None:
-            events += self.remove()
-        self.cartridge_id = cartridge_id
-        return [*events, CartridgeInserted(cartridge_id)]
-
-    def remove(self) -> list[Message]:
-        if self.cartridge_id is None:
-            return []
-        events = self.stop(StopReason.CARTRIDGE_REMOVED) if self.armed or self.running else []
-        removed, self.cartridge_id = self.cartridge_id, None
-        return [*events, CartridgeRemoved(removed)]
-
-    def lose_host(self) -> None:
-        """The lease runs out with no host: stop and disarm (nobody hears the events)."""
-        self.stop(StopReason.LEASE_EXPIRED)
+    def lease_runs_out(self) -> list[Message]:
+        """Renewals are lost (whatever the link was told): time passes past the lease."""
+        token, self.renew_token = self.renew_token, None
+        out = self._at_next_tick(LEASE_S + 0.01)[1]
+        self.renew_token = token
+        return out
 
     def reboot(self) -> None:
-        self.running = self.armed = False
-        self.token = None
-        self.depth_set_um = None
-        self.strokes = 0
+        """Power cycle: a new boot id; the pen forgets its settings, not its world."""
+        now, _ = self._at_next_tick()
+        self.renew_token = None
+        self.firmware.reboot(now)
         self.boot_id += 1
+
+    # -- the therapist's hand -----------------------------------------------------------
+
+    def press(self) -> list[Message]:
+        """Press the run button on the skin (released first if still held from a pass)."""
+        now, out = self._at_next_tick()
+        fw = self.firmware
+        if fw.running:
+            return out
+        if fw.button:
+            out += fw.release_button(now)
+        out += fw.set_contact(True, now)
+        return out + fw.press_button(now)
+
+    def release(self, reason: StopReason = StopReason.BUTTON_RELEASED) -> list[Message]:
+        """End the pass: let go of the button, lift the pen off the skin for longer than
+        the grace, or let the lease run out."""
+        now, out = self._at_next_tick()
+        fw = self.firmware
+        if reason is StopReason.BUTTON_RELEASED:
+            return out + fw.release_button(now)
+        if reason is StopReason.LIFT_OFF:
+            out += fw.set_contact(False, now)
+            out += self._at_next_tick(fw.lift_off_grace_ms / 1000.0 + 0.001)[1]
+            now, more = self._at_next_tick()
+            return out + more + fw.set_contact(True, now)
+        if reason is StopReason.LEASE_EXPIRED:
+            return out + self.lease_runs_out()
+        raise ValueError(f"{reason.name} is not the end of a pass a hand can cause")
+
+    def sample(self, depth_um: int, strokes: int = 0) -> list[Message]:
+        """The needle reads ``depth_um`` now, after ``strokes`` more strokes if it runs:
+        what the pen says (its own stop first, if the reading makes it stop), then the
+        telemetry sample of that moment."""
+        now, out = self._at_next_tick()
+        world = self.world
+        if self.firmware.running:
+            world.strokes += strokes
+        world.depth_offset_um = depth_um - world.depth_target_um
+        try:
+            return out + self.firmware.sample(now)
+        finally:
+            world.depth_offset_um = 0.0
+
+    def excursion(self, depth_um: int) -> list[Message]:
+        """The needle reaches ``depth_um`` between two samples (a reading, no telemetry)."""
+        now, out = self._at_next_tick()
+        self.world.depth_offset_um = depth_um - self.world.depth_target_um
+        try:
+            return out + [m for m in self.firmware.step(now) if not isinstance(m, Telemetry)]
+        finally:
+            self.world.depth_offset_um = 0.0
+
+    def insert(self, cartridge_id: int) -> list[Message]:
+        """Put a cartridge in (pulling the one in the slot first, if any)."""
+        now, out = self._at_next_tick()
+        fw = self.firmware
+        if fw.cartridge_id is not None:
+            out += fw.remove_cartridge(now)
+        return out + fw.insert_cartridge(cartridge_id, now)
+
+    def remove(self) -> list[Message]:
+        now, out = self._at_next_tick()
+        return out + self.firmware.remove_cartridge(now)
+
+    def fault(self, reason: StopReason) -> list[Message]:
+        """Make the physical cause of a fault stop happen, then take it away again (the
+        pen cools, the battery is swapped, ...): what the pen said. A cause the pen does
+        not react to in its state (a stall with the motor off) changes nothing."""
+        fw = self.firmware
+        ceiling = fw.config.max_depth_um + fw.config.depth_accuracy_um
+        now, out = self._at_next_tick()
+        if reason is StopReason.CARTRIDGE_REMOVED:
+            return out + self.remove()
+        if reason is StopReason.DEPTH_CEILING:
+            return out + self.excursion(ceiling + 1)
+        if reason is StopReason.DEPTH_LIMIT:
+            limit = fw.arm_max_depth_um + fw.config.depth_accuracy_um + 1
+            return out + self.excursion(limit) if fw.armed else out
+        kinds = {
+            StopReason.STALL: FaultKind.STALL,
+            StopReason.OVER_CURRENT: FaultKind.OVER_CURRENT,
+            StopReason.OVER_TEMPERATURE: FaultKind.OVER_TEMPERATURE,
+            StopReason.LOW_BATTERY: FaultKind.LOW_BATTERY,
+        }
+        out += fw.inject(Fault(kinds[reason]), now)
+        if reason is StopReason.STALL:  # the motor slows, and is told from a spin-up
+            out += self._at_next_tick(0.001)[1]  # when it stays slow for 30 ms
+            out += self._at_next_tick(fw.config.stall_time_s + 0.001)[1]
+        now, more = self._at_next_tick()
+        return out + more + fw.inject(Fault(FaultKind.CLEAR), now)
 
 
 @dataclass
 class Bench:
-    """A registry, one fake pen per port, and the runtime's delivery rules."""
+    """A registry, one BenchPen per port, and the runtime's delivery rules."""
 
     registry: SessionRegistry
-    pens: dict[str, FakePen] = field(default_factory=dict)
+    clock: Clock = field(default_factory=Clock)
+    pens: dict[str, BenchPen] = field(default_factory=dict)
     connected: dict[str, bool] = field(default_factory=dict)
     renewing: dict[str, int | None] = field(default_factory=dict)
-    now: float = 1_800_000_000.0
     outcomes: list[Outcome] = field(default_factory=list)
     #: (port, command) in the order they reached the pens.
     wire: list[tuple[str, Message]] = field(default_factory=list)
@@ -237,32 +335,52 @@ class Bench:
     @classmethod
     def create(cls, policy: TreatmentPolicy | None = None) -> Bench:
         bench = cls(SessionRegistry(policy or load_policy(), ports=PORTS))
-        bench.pens[PORT] = FakePen()
+        bench.pens[PORT] = bench.new_pen()
         return bench
 
-    def tick(self, seconds: float = 0.01) -> float:
-        self.now += seconds
-        return self.now
+    def new_pen(self, serial: str = "PEN0001", **kwargs: object) -> BenchPen:
+        """A pen on this bench's clock."""
+        return BenchPen(serial, clock=self.clock, **kwargs)  # type: ignore[arg-type]
 
-    def feed(self, outcome: Outcome, port: str = PORT) -> list[Outcome]:
-        """Deliver an outcome and everything it causes; every outcome, in order."""
+    @property
+    def now(self) -> float:
+        return self.clock.now
+
+    def tick(self, seconds: float = 0.01) -> float:
+        return self.clock.tick(seconds)
+
+    def feed(
+        self, outcome: Outcome, port: str = PORT, in_flight: Iterable[Message] = ()
+    ) -> list[Outcome]:
+        """Deliver an outcome and everything it causes; every outcome, in order.
+
+        ``in_flight``: what the pen on ``port`` had already sent when the outcome's
+        commands went out; it reaches the registry before their answers.
+        """
         produced: list[Outcome] = []
         pending: deque[Outcome] = deque([outcome])
+        early: list[tuple[str, Message]] = [(port, m) for m in in_flight]
         while pending:
             current = pending.popleft()
             produced.append(current)
             self.outcomes.append(current)
-            events: deque[tuple[str, Message]] = deque()
+            events: deque[tuple[str, Message]] = deque(early)
+            early = []
             for command in (*current.urgent_commands, *current.other_commands):
                 events.extend((command.port, e) for e in self._deliver(command))
             for lease in current.leases:
-                if lease.action is LeaseAction.KEEP_RENEWING:
-                    self.renewing[lease.port] = lease.token
-                else:
-                    self.renewing[lease.port] = None
+                keep = lease.action is LeaseAction.KEEP_RENEWING
+                self.renewing[lease.port] = lease.token if keep else None
+                self._tell_link(lease.port)
             for event_port, event in events:
-                pending.append(self.registry.pen_message(event_port, event, self.tick()))
+                if self.connected.get(event_port):
+                    pending.append(self.registry.pen_message(event_port, event, self.tick()))
         return produced
+
+    def _tell_link(self, port: str) -> None:
+        pen = self.pens.get(port)
+        if pen is not None:
+            pen.renew_token = self.renewing.get(port) if self.connected.get(port) else None
 
     def _deliver(self, command: PenCommand) -> list[Message]:
         if not self.connected.get(command.port):
@@ -277,6 +395,7 @@ class Bench:
         return outcome
 
     def pen_says(self, events: list[Message], port: str = PORT) -> list[Outcome]:
+        """What the pen said reaches the registry (nothing, while the port is down)."""
         produced = []
         for event in events:
             if self.connected.get(port):
@@ -284,14 +403,19 @@ class Bench:
         return produced
 
     def connect(self, port: str = PORT) -> list[Outcome]:
+        """A handshake: the pen takes the new host (disarming, NEW_HOST) and says so
+        after its Identity, before it answers anything the controller sends."""
         self.connected[port] = True
         pen = self.pens[port]
-        return self.feed(self.registry.pen_connected(port, pen.identity(), self.tick()), port)
+        said = pen.new_host()
+        outcome = self.registry.pen_connected(port, pen.identity(), self.tick())
+        return self.feed(outcome, port, in_flight=said)
 
     def disconnect(self, port: str = PORT) -> list[Outcome]:
+        """The cable is pulled: the pen stops by its lease; the host notices the silence."""
         self.connected[port] = False
-        self.pens[port].lose_host()
         self.renewing[port] = None
+        self.pens[port].lose_host()  # nobody hears what it says
         return self.feed(self.registry.link_down(port, "cable pulled", self.tick()), port)
 
     def reboot(self, port: str = PORT) -> list[Outcome]:
@@ -305,36 +429,94 @@ class Bench:
         return produced + self.connect(port)
 
     def lease_lapses(self, port: str = PORT) -> list[Outcome]:
-        """Time passes: a pen whose lease nobody renews disarms itself."""
+        """Time passes (renewals as told): a pen whose lease nobody renews disarms itself."""
         pen = self.pens[port]
-        if pen.armed and self.renewing.get(port) != pen.token:
-            return self.pen_says(pen.stop(StopReason.LEASE_EXPIRED), port)
-        return []
+        return self.pen_says(pen.advance(self.tick(LEASE_S + 0.05)), port)
 
     def renew(self, port: str = PORT) -> None:
         """The link's renewal timer fires (PenLink sends Renew itself, as told)."""
         token = self.renewing.get(port)
         if token is not None and self.connected.get(port):
-            for event in self.pens[port].apply(Renew(token)):
-                self.feed(self.registry.pen_message(port, event, self.tick()), port)
+            self.pen_says(self.pens[port].apply(Renew(token)), port)
 
 
 # --- tests of the harness itself ------------------------------------------------------
 
 
-def test_fake_pen_follows_firmware_rules() -> None:
-    pen = FakePen()
-    assert pen.apply(Arm(250, 1)) == [CommandRefused(Arm.TYPE, RefusalCode.NO_CARTRIDGE)]
+def test_bench_pen_follows_the_firmware_rules() -> None:
+    pen = BenchPen()
+    assert pen.apply(Arm(250, 1, 500, 1000)) == [CommandRefused(Arm.TYPE, RefusalCode.NO_CARTRIDGE)]
     pen.insert(7)
-    assert pen.apply(Arm(250, 1)) == [CommandRefused(Arm.TYPE, RefusalCode.NO_DEPTH)]
-    pen.apply(SetDepth(500))
-    assert pen.apply(Arm(250, 1)) == [Armed(1, 250)]
-    assert pen.press() == [MotorStarted(pen.device_ms, 500, 0)]
-    pen.sample(480, strokes=10)
+    assert pen.apply(Arm(250, 1, 500, 1000)) == [CommandRefused(Arm.TYPE, RefusalCode.NO_DEPTH)]
+    assert pen.apply(SetDepth(500)) == []
+    (armed,) = pen.apply(Arm(250, 1, 500, 1000))
+    assert isinstance(armed, Armed) and armed.token == 1
+    assert pen.apply(SetDepth(600)) == [CommandRefused(SetDepth.TYPE, RefusalCode.ARMED)]
+    (started,) = pen.press()
+    assert isinstance(started, MotorStarted) and started.runs == 1
+    *_, sample = pen.sample(480, strokes=10)
+    assert isinstance(sample, Telemetry)
+    assert (sample.depth_um, sample.strokes) == (480, 10)
+    assert sample.flags & TelemetryFlag.MOTOR_RUNNING
     stopped = pen.apply(Stop(1))
     assert [type(e) for e in stopped] == [MotorStopped, Disarmed]
     assert not pen.armed and not pen.running
     assert pen.press() == []  # stays stopped until re-armed
+
+
+def test_bench_pen_time_runs_the_lease_unless_the_link_renews() -> None:
+    pen = BenchPen()
+    pen.insert(7)
+    pen.apply(SetDepth(500))
+    pen.apply(Arm(250, 3, 500, 1000))
+    pen.renew_token = 3
+    assert pen.advance(pen.clock.tick(2.0)) == []  # two seconds, renewed: still armed
+    assert pen.armed
+    pen.renew_token = None
+    assert pen.advance(pen.clock.tick(0.26)) == [Disarmed(StopReason.LEASE_EXPIRED)]
+
+
+def test_bench_pen_depth_beyond_the_arming_makes_the_real_pen_stop_itself() -> None:
+    pen = BenchPen()
+    pen.insert(7)
+    pen.apply(SetDepth(800))
+    pen.apply(Arm(250, 1, 800, 1000))
+    pen.press()
+    *said, sample = pen.sample(1020)  # the limit plus the accuracy: not yet
+    assert said == [] and isinstance(sample, Telemetry)
+    *said, sample = pen.sample(1021)
+    assert [(type(m), getattr(m, "reason", None)) for m in said] == [
+        (MotorStopped, StopReason.DEPTH_LIMIT),
+        (Disarmed, StopReason.DEPTH_LIMIT),
+    ]
+    assert isinstance(sample, Telemetry) and sample.depth_um == 1021
+    assert sample.flags & TelemetryFlag.FAULT_LATCHED
+
+
+@pytest.mark.parametrize(
+    "reason",
+    [
+        StopReason.STALL,
+        StopReason.OVER_CURRENT,
+        StopReason.OVER_TEMPERATURE,
+        StopReason.LOW_BATTERY,
+        StopReason.CARTRIDGE_REMOVED,
+        StopReason.DEPTH_CEILING,
+        StopReason.DEPTH_LIMIT,
+    ],
+)
+def test_bench_pen_faults_come_from_the_firmware(reason: StopReason) -> None:
+    pen = BenchPen()
+    pen.insert(7)
+    pen.apply(SetDepth(800))
+    pen.apply(Arm(2000, 1, 800, 1000))
+    pen.press()
+    said = pen.fault(reason)
+    assert [m for m in said if isinstance(m, Disarmed)] == [Disarmed(reason)]
+    assert pen.firmware.fault is reason
+    if reason is not StopReason.CARTRIDGE_REMOVED:  # the cause is gone: the pen re-arms
+        (armed,) = pen.apply(Arm(250, 2, 800, 1000))
+        assert isinstance(armed, Armed)
 
 
 def test_bench_delivers_urgent_commands_first_and_feeds_answers_back() -> None:
@@ -342,3 +524,11 @@ def test_bench_delivers_urgent_commands_first_and_feeds_answers_back() -> None:
     bench.connect()
     assert [type(m) for _, m in bench.wire] == [SetLiftOffGrace, SetTelemetryRate, QueryStatus]
     assert bench.registry.pen(PORT).link == "up"
+
+
+def test_bench_drops_what_the_pen_says_while_the_port_is_down() -> None:
+    bench = Bench.create()
+    pen = bench.pens[PORT]
+    assert bench.pen_says(pen.insert(42)) == []  # not connected: the registry hears nothing
+    bench.connect()
+    assert bench.registry.pen(PORT).cartridge_id == 42  # it learns from Status instead

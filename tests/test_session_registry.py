@@ -1,4 +1,4 @@
-"""The session registry, scenario by scenario, through the bench (fake pen + delivery rules)."""
+"""The session registry, scenario by scenario, through the bench (real firmware + delivery)."""
 
 from __future__ import annotations
 
@@ -54,16 +54,7 @@ from firmware_protocol.messages import (
     StopReason,
 )
 
-from .test_session_harness import (
-    ADMIN,
-    MANAGER,
-    PORT,
-    PORTS,
-    THERAPIST,
-    Bench,
-    FakePen,
-    identity,
-)
+from .test_session_harness import ADMIN, MANAGER, PORT, PORTS, THERAPIST, Bench, identity
 
 SID = "s1"
 
@@ -90,7 +81,7 @@ def treating(zone: str = "forehead", depth: int = 800, *, plan: str = "full_face
 def one_pass(bench: Bench, depth: int = 790, *, strokes: int = 20) -> list[Outcome]:
     pen = bench.pens[PORT]
     out = bench.pen_says(pen.press())
-    out += bench.pen_says([pen.sample(depth, strokes)])
+    out += bench.pen_says(pen.sample(depth, strokes))
     out += bench.pen_says(pen.release())
     return out
 
@@ -121,7 +112,9 @@ def test_a_full_session_counts_passes_and_reports() -> None:
     assert session is not None
     assert session.zones["forehead"].passes_done == 2
     assert [p.number for p in session.passes] == [1, 2]
-    assert session.passes[0].strokes == 20 and session.passes[0].peak_depth_um == 790
+    # The peak is the pen's deepest reading in the run: the needle stood at its 0.80 mm
+    # setpoint between the samples (one of which read 0.79 mm).
+    assert session.passes[0].strokes == 20 and session.passes[0].peak_depth_um == 800
     assert session.passes[0].cartridge_id == 42
     assert session.cartridges_used == [42]
     end = bench.act(EndSession(SID, THERAPIST))
@@ -129,7 +122,7 @@ def test_a_full_session_counts_passes_and_reports() -> None:
     assert report is not None
     forehead = next(z for z in report["zones"] if z["zone_id"] == "forehead")
     assert forehead["passes_done"] == 2 and forehead["max_depth_um"] == 1000
-    assert forehead["deepest_setpoint_um"] == 800 and forehead["peak_depth_um"] == 790
+    assert forehead["deepest_setpoint_um"] == 800 and forehead["peak_depth_um"] == 800
     assert [e.kind for e in end.events if e.kind is EventKind.SESSION_REPORT]
     assert HostStopReason.SESSION_END in stops(end)  # the pen was still armed
     assert not bench.pens[PORT].armed
@@ -172,7 +165,7 @@ def test_a_pen_fault_stop_counts_the_pass_and_faults_the_session() -> None:
     bench = treating()
     pen = bench.pens[PORT]
     bench.pen_says(pen.press())
-    outcomes = bench.pen_says(pen.stop(StopReason.OVER_TEMPERATURE))
+    outcomes = bench.pen_says(pen.fault(StopReason.OVER_TEMPERATURE))
     session = bench.registry.session(SID)
     assert session is not None
     assert session.state is SessionState.FAULTED
@@ -192,7 +185,7 @@ def test_puncture_budget_stops_the_pass_without_a_fault() -> None:
         "plans": {"scalp": {"zones": ["scalp"]}},
     }
     bench = Bench(SessionRegistry(policy_from_mapping(data), ports=PORTS))
-    bench.pens[PORT] = FakePen()
+    bench.pens[PORT] = bench.new_pen()
     bench.connect()
     bench.pen_says(bench.pens[PORT].insert(1))
     bench.act(CreateSession(SID, PORT, "c1", "scalp", THERAPIST))
@@ -202,8 +195,8 @@ def test_puncture_budget_stops_the_pass_without_a_fault() -> None:
     bench.act(ArmPen(SID, THERAPIST))
     pen = bench.pens[PORT]
     bench.pen_says(pen.press())
-    assert stops(bench.pen_says([pen.sample(500, 99)])) == []
-    outcomes = bench.pen_says([pen.sample(500, 1)])
+    assert stops(bench.pen_says(pen.sample(500, 99))) == []
+    outcomes = bench.pen_says(pen.sample(500, 1))
     assert stops(outcomes) == [HostStopReason.PUNCTURE_BUDGET]
     session = bench.registry.session(SID)
     assert session is not None
@@ -216,8 +209,10 @@ def test_overshoot_stops_at_once_on_every_sample_and_is_recorded_once() -> None:
     bench = treating(zone="cheeks", depth=1000)
     pen = bench.pens[PORT]
     bench.pen_says(pen.press())
-    first = bench.registry.pen_message(PORT, pen.sample(1100), bench.tick())
-    second = bench.registry.pen_message(PORT, pen.sample(1120), bench.tick())
+    (sample,) = pen.sample(1100)  # within the pen's own limit (1.50 mm + 20 um)
+    first = bench.registry.pen_message(PORT, sample, bench.tick())
+    (sample,) = pen.sample(1120)
+    second = bench.registry.pen_message(PORT, sample, bench.tick())
     assert stops(first)[0] == HostStopReason.DEPTH_OVERSHOOT
     assert first.urgent_commands[0].message == Stop(HostStopReason.DEPTH_OVERSHOOT)
     assert stops(second) == [HostStopReason.DEPTH_OVERSHOOT]
@@ -240,7 +235,8 @@ def test_the_urgent_sink_gets_the_stop_before_the_outcome_is_built() -> None:
     bench.pen_says(pen.press())
     early: list[object] = []
     bench.registry.urgent_sink = lambda command: early.append(command.message)
-    outcome = bench.registry.pen_message(PORT, pen.sample(1100), bench.tick())
+    (sample,) = pen.sample(1100)
+    outcome = bench.registry.pen_message(PORT, sample, bench.tick())
     assert early == [Stop(HostStopReason.DEPTH_OVERSHOOT)]
     assert outcome.sent_early == tuple(c for c in outcome.commands if c.urgent)
     assert outcome.urgent_commands == ()
@@ -252,7 +248,7 @@ def test_a_peak_depth_overshoot_between_samples_is_a_fault() -> None:
     bench = treating(zone="cheeks", depth=1000)
     pen = bench.pens[PORT]
     bench.pen_says(pen.press())
-    pen.peak_um = 1200  # deeper than any sample showed
+    assert pen.excursion(1200) == []  # deeper than any sample showed, within the pen's limit
     outcomes = bench.pen_says(pen.release())
     session = bench.registry.session(SID)
     assert session is not None and session.state is SessionState.FAULTED
@@ -262,7 +258,11 @@ def test_a_peak_depth_overshoot_between_samples_is_a_fault() -> None:
 def test_idle_telemetry_never_stops() -> None:
     bench = treating()
     pen = bench.pens[PORT]
-    assert bench.registry.pen_message(PORT, pen.sample(2400), bench.tick()) == Outcome()
+    # Deeper than the zone (1.00 mm) and the setpoint allow, yet within the pen's own limit
+    # (the arming's 1.00 mm + its 20 um accuracy): while idle the host never judges it.
+    (sample,) = pen.sample(1020)
+    assert not pen.running
+    assert bench.registry.pen_message(PORT, sample, bench.tick()) == Outcome()
 
 
 # --- depth and zone rules ------------------------------------------------------------------
@@ -392,7 +392,7 @@ def test_a_cartridge_used_on_one_client_is_refused_for_another_live_session() ->
     bench = treating()
     one_pass(bench)
     other = "/dev/ttyPEN1"
-    bench.pens[other] = FakePen(serial="PEN0002")
+    bench.pens[other] = bench.new_pen(serial="PEN0002")
     bench.connect(other)
     bench.pen_says(bench.pens[PORT].remove())
     bench.pen_says(bench.pens[other].insert(42), other)
@@ -426,7 +426,7 @@ def test_removing_the_cartridge_while_armed_is_a_pen_fault() -> None:
 def test_without_a_cartridge_report_the_registry_still_stops_renewing() -> None:
     # A pen that never says it stopped: the registry's own re-check stops it.
     bench = treating()
-    outcome = bench.registry.pen_message(PORT, CartridgeRemoved(42), bench.tick())
+    outcome = bench.registry.pen_message(PORT, CartridgeRemoved(42, 0), bench.tick())
     assert stops(outcome) == [HostStopReason.OTHER]
     assert outcome.leases[-1].action is LeaseAction.STOP_RENEWING
 
@@ -483,7 +483,7 @@ def test_another_pen_on_the_port_is_a_fault_until_the_right_pen_returns() -> Non
     bench = treating()
     original = bench.pens[PORT]
     bench.disconnect()
-    bench.pens[PORT] = FakePen(serial="PEN0999")
+    bench.pens[PORT] = bench.new_pen(serial="PEN0999")
     bench.connect()
     session = bench.registry.session(SID)
     assert session is not None and session.state is SessionState.FAULTED
@@ -508,7 +508,7 @@ def test_a_pen_failing_the_handshake_cannot_start_a_session() -> None:
 def test_the_pen_running_without_a_session_is_stopped() -> None:
     bench = Bench.create()
     bench.connect()
-    outcome = bench.registry.pen_message(PORT, MotorStarted(1, 500, 0), bench.tick())
+    outcome = bench.registry.pen_message(PORT, MotorStarted(1, 500, 1000, 1, 0, 0, 0), bench.tick())
     assert stops(outcome) == [HostStopReason.FAULT]
     assert [a.kind for a in outcome.audit] == [AuditKind.STOP]
 
@@ -518,7 +518,7 @@ def test_firmware_protocol_events_are_accepted_directly() -> None:
     now = 1_800_000_000.0
     connected = registry.handle_link_event(PORT, Connected(identity(), 7), now)
     assert registry.pen(PORT).link == "up" and connected.commands
-    registry.handle_link_event(PORT, MessageReceived(MotorStarted(1, 0, 0)), now)
+    registry.handle_link_event(PORT, MessageReceived(MotorStarted(1, 0, 0, 1, 0, 0, 0)), now)
     assert registry.pen(PORT).motor_running
     assert registry.handle_link_event(PORT, Delivered(1, Disarm()), now) == Outcome()
     registry.handle_link_event(PORT, PeerRebooted(identity(), identity(boot_id=2)), now)
@@ -694,7 +694,7 @@ def test_lease_directives_follow_the_pen() -> None:
     token = bench.registry.pen(PORT).lease_token
     assert token is not None and bench.renewing[PORT] == token
     arms = [m for _, m in bench.wire if isinstance(m, Arm)]
-    assert arms == [Arm(250, token)]
+    assert arms == [Arm(250, token, 800, 1000)]  # the approved setpoint, the zone's limit
     bench.renew()  # the link renews as told; the pen accepts
     assert bench.pens[PORT].armed
     bench.act(DisarmPen(SID, THERAPIST))
@@ -742,15 +742,13 @@ def test_a_session_only_opens_on_a_configured_pen() -> None:
 
 
 def test_a_pen_other_than_the_configured_serial_is_refused_and_audited() -> None:
-    registry = SessionRegistry(load_policy(), ports={PORT: "PEN-00042"})
-    bench = Bench(registry)
-    bench.pens[PORT] = FakePen()
+    bench = Bench(SessionRegistry(load_policy(), ports={PORT: "PEN-00042"}))
+    bench.pens[PORT] = bench.new_pen()
     outcomes = bench.connect()
     audit = [r for o in outcomes for r in o.audit if r.kind is AuditKind.REFUSAL]
     assert len(audit) == 1
     assert "PEN0001" in audit[0].message and "PEN-00042" in audit[0].message
     assert audit[0].details["code"] == "unexpected_pen"
-    bench.pen_says(bench.pens[PORT].insert(42))
     bench.act(CreateSession(SID, PORT, "client-7", "full_face", THERAPIST))
     start = bench.act(StartSession(SID, THERAPIST))
     assert start.refusal is not None and start.refusal.code is RefusalReason.UNEXPECTED_PEN

@@ -1,14 +1,15 @@
 """Random therapists, managers and misbehaving pens against the session registry.
 
-A Hypothesis state machine drives the registry through the bench (fake pen +
-the runtime's delivery rules) with random sequences of therapist actions (start,
-select zone, set depth in and out of range, arm, disarm, pause, override with
-and without a manager, end, cartridges new and reused) and pen behaviour (button
-presses, telemetry with random depths and strokes, pen faults, lease lapses,
-link loss, reboots, another pen on the port, a controller restart).
+A Hypothesis state machine drives the registry through the bench (the simulator's
+own firmware in a scripted world + the runtime's delivery rules) with random
+sequences of therapist actions (start, select zone, set depth in and out of range,
+arm, disarm, pause, override with and without a manager, end, cartridges new and
+reused) and pen behaviour (button presses, telemetry with random depths and
+strokes, pen faults, lease lapses, link loss, reboots, another pen on the port,
+a controller restart).
 
 The test keeps its own *oracle* of the safety facts, built only from what it
-did and what the fake pen did (never from the registry's state), and checks:
+did and what the pen did (never from the registry's state), and checks:
 
 * at the moment any command reaches the pen: no SetDepth above the effective
   zone limit or the device ceiling; no Arm without a started, running
@@ -21,7 +22,8 @@ did and what the fake pen did (never from the registry's state), and checks:
   a remediation; spent cartridges stay spent; the registry's state survives
   serialise -> JSON -> deserialise exactly;
 * overshoot: every telemetry sample of a running needle deeper than the zone
-  limit or the setpoint plus tolerance produces an immediate Stop.
+  limit or the setpoint plus tolerance produces an immediate Stop, unless the
+  pen stopped itself first (a reading above its arming's limit plus accuracy).
 """
 
 from __future__ import annotations
@@ -66,6 +68,8 @@ from controller.sessions import (
 from firmware_protocol.messages import (
     FAULT_REASONS,
     Arm,
+    CommandRefused,
+    Disarmed,
     HostStopReason,
     Message,
     MotorStarted,
@@ -73,9 +77,10 @@ from firmware_protocol.messages import (
     SetDepth,
     Stop,
     StopReason,
+    Telemetry,
 )
 
-from .test_session_harness import MANAGER, PORT, PORTS, THERAPIST, Bench, FakePen
+from .test_session_harness import MANAGER, PORT, PORTS, THERAPIST, Bench, BenchPen
 
 TOLERANCE_UM = 50
 CEILING_UM = 2500
@@ -114,7 +119,20 @@ class OracleBench(Bench):
     def _deliver(self, command: Any) -> list[Message]:
         if self.connected.get(command.port):
             self.machine.check_command_on_the_wire(command.message)
-        return super()._deliver(command)
+        answers = super()._deliver(command)
+        if isinstance(command.message, SetDepth) and any(
+            isinstance(a, CommandRefused) and a.msg_type == SetDepth.TYPE for a in answers
+        ):
+            # The pen kept its setpoint (armed, ARMED): the depth for the zone is unset,
+            # and the pen's own (armed) setpoint stays what the arming approved.
+            event("the pen refused a depth")
+            self.machine.depth_for_zone = None
+        return answers
+
+
+def stopped_itself(messages: list[Message]) -> bool:
+    """The pen's own fault stop is among what it said."""
+    return any(isinstance(m, Disarmed) and m.reason in FAULT_REASONS for m in messages)
 
 
 class SessionMachine(RuleBasedStateMachine):
@@ -122,7 +140,10 @@ class SessionMachine(RuleBasedStateMachine):
         super().__init__()
         self.bench = OracleBench(SessionRegistry(POLICY, ports=PORTS))
         self.bench.machine = self
-        self.pen_bank = {"PEN0001": FakePen("PEN0001"), "PEN0002": FakePen("PEN0002")}
+        self.pen_bank = {
+            "PEN0001": self.bench.new_pen("PEN0001"),
+            "PEN0002": self.bench.new_pen("PEN0002"),
+        }
         self.bench.pens[PORT] = self.pen_bank["PEN0001"]
         self.bench.connect()
         self.checked_outcomes = 0
@@ -144,7 +165,7 @@ class SessionMachine(RuleBasedStateMachine):
     # --- oracle helpers ---------------------------------------------------------------
 
     @property
-    def pen(self) -> FakePen:
+    def pen(self) -> BenchPen:
         return self.bench.pens[PORT]
 
     @property
@@ -398,16 +419,16 @@ class SessionMachine(RuleBasedStateMachine):
         self._insert(data.draw(st.sampled_from(self.cartridges_seen), label="cartridge"))
 
     def _insert(self, cartridge: int) -> None:
-        was_active = self.pen.armed or self.pen.running
         events = self.pen.insert(cartridge)
-        if was_active and self.connected:
-            self._pen_fault()
+        if stopped_itself(events) and self.connected:
+            self._pen_fault()  # a cartridge pulled while armed
         self.pen_says(events)
 
     @rule()
     def remove_cartridge(self) -> None:
         was_active = self.pen.armed or self.pen.running
         events = self.pen.remove()
+        assert stopped_itself(events) == was_active  # the pen's rule, through the harness
         if was_active and self.connected:
             self._pen_fault()
         self.pen_says(events)
@@ -438,8 +459,15 @@ class SessionMachine(RuleBasedStateMachine):
         if not self.connected:
             return
         depth = max(0, (self.pen.depth_set_um or 0) + offset)
+        *said, sample = self.pen.sample(depth, strokes)
+        assert isinstance(sample, Telemetry)
+        if stopped_itself(said):
+            # The reading passed the arming's limit plus the pen's accuracy: the pen
+            # stopped the needle itself before this sample, and says so first.
+            event("the pen stopped itself on depth")
+            self._pen_fault()
+        self.pen_says(said)
         running = self.pen.running
-        sample = self.pen.sample(depth, strokes)
         outcome = self.bench.registry.pen_message(PORT, sample, self.bench.tick())
         sent = [c.message for c in outcome.commands]
         if running:
@@ -457,8 +485,8 @@ class SessionMachine(RuleBasedStateMachine):
 
     @rule(reason=st.sampled_from(sorted(FAULT_REASONS)))
     def pen_fault(self, reason: StopReason) -> None:
-        events = self.pen.stop(reason)
-        if events and self.connected:
+        events = self.pen.fault(reason)  # the physical cause; the firmware decides
+        if stopped_itself(events) and self.connected:
             self._pen_fault()
         self.pen_says(events)
 

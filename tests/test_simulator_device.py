@@ -8,26 +8,35 @@ import pytest
 
 from firmware_protocol.connection import (
     Connected,
+    Delivered,
     HandshakeRefused,
+    LinkConfig,
+    LinkFailed,
     LinkState,
+    MessageReceived,
     PeerRebooted,
 )
+from firmware_protocol.framing import FrameKind, encode_frame
 from firmware_protocol.messages import (
     SCHEMA_HASH,
     Arm,
     Armed,
     CartridgeInserted,
+    CommandRefused,
     Disarmed,
     MotorStarted,
     MotorStopped,
     QueryStatus,
+    RefusalCode,
     Renew,
     Reset,
     SetDepth,
     Status,
+    Stop,
     StopReason,
     Telemetry,
     TelemetryFlag,
+    counter_diff,
 )
 from simulated_pen.device import SimulatedPen
 from simulated_pen.faults import (
@@ -45,7 +54,7 @@ def armed(h: PenHarness, lease_ms: int = 250, token: int = 1, depth: int = 1000)
     h.handshake()
     mark = len(h.received)
     h.send(SetDepth(depth))
-    h.send(Arm(lease_ms, token))
+    h.send(Arm(lease_ms, token, depth, 2500))
     h.wait_for(Armed, start=mark)
 
 
@@ -72,8 +81,8 @@ def test_arm_and_telemetry_over_the_link() -> None:
     assert all(m.flags & TelemetryFlag.MOTOR_RUNNING for m in tel)
     assert h.host.stats.unreliable_lost == 0
     status = h.request(QueryStatus(), Status)
-    assert status.armed == 1
-    assert status.motor_running == 1
+    assert status.flags & TelemetryFlag.ARMED
+    assert status.flags & TelemetryFlag.MOTOR_RUNNING
     assert status.cartridge_id == h.pen.firmware.cartridge_id != 0
 
 
@@ -129,7 +138,7 @@ def test_a_silent_pen_still_stops_within_its_lease_and_tells_afterwards() -> Non
     assert stopped.reason == StopReason.LEASE_EXPIRED
     assert h.of(Disarmed) == [Disarmed(StopReason.LEASE_EXPIRED)]
     started = h.of(MotorStarted)[0]
-    assert stopped.device_ms - started.device_ms <= 250
+    assert counter_diff(stopped.device_ms, started.device_ms) <= 250
     assert h.pen.stats.bytes_ignored > 0
     assert h.now - start >= 0.5
 
@@ -150,7 +159,8 @@ def test_reboot_announces_a_new_boot_id_and_the_host_sees_peer_rebooted() -> Non
     new = h.handshake(nonce=0x7777)
     assert new.boot_id == h.pen.boot_id
     status = h.request(QueryStatus(), Status)
-    assert status.armed == 0
+    assert not status.flags & TelemetryFlag.ARMED
+    assert not status.flags & TelemetryFlag.DEPTH_SET
     assert status.depth_set_um == 0
 
 
@@ -216,8 +226,8 @@ def test_the_automatic_hand_makes_passes_while_armed() -> None:
     assert len(stops) >= len(starts) - 1
     assert {m.reason for m in stops} == {StopReason.BUTTON_RELEASED}
     for a, b in zip(starts, stops, strict=False):
-        assert 900 <= b.device_ms - a.device_ms <= 2100  # holds of 1-2 s
-        assert b.strokes - a.strokes > 80
+        assert 900 <= counter_diff(b.device_ms, a.device_ms) <= 2100  # holds of 1-2 s
+        assert counter_diff(b.strokes, a.strokes) > 80
     h.advance(1.0)  # no more renewals: the lease lapses and the hand stops too
     passes = h.pen.hand.passes
     h.advance(3.0)
@@ -300,13 +310,15 @@ def test_a_bad_fault_script_is_refused_with_a_reason(doc: dict[str, object], mes
 def test_reliable_delivery_survives_line_noise() -> None:
     noise = LineNoise(drop=0.002, corrupt=0.002, duplicate=0.01, delay=0.002, jitter=0.003)
     h = PenHarness(seed=9, line_noise=noise)
-    armed(h, lease_ms=2000)
-    for depth in range(100, 2100, 100):
+    h.handshake()
+    for depth in range(100, 2100, 100):  # set while disarmed: an arming fixes the setpoint
         h.send(SetDepth(depth))
         h.advance(0.05)
-        h.send(Renew(1))
     status = h.request(QueryStatus(), Status, within=3.0)
     assert status.depth_set_um == 2000  # every setpoint applied, in order
+    mark = len(h.received)
+    h.send(Arm(2000, 1, 2000, 2500))
+    h.wait_for(Armed, within=3.0, start=mark)
     assert h.pen.armed
     tx, rx = h.pen.channel_stats()
     assert tx is not None
@@ -350,3 +362,124 @@ def test_new_host_hello_is_answered() -> None:
     h2 = PenHarness(h.pen, now=h.now)  # another host on the same pen (controller restarted)
     h2.handshake(nonce=2)
     assert any(isinstance(e, Connected) for _, e in h2.events)
+
+
+# --- version 2: the link's rules for the pen ------------------------------------------------
+
+
+def test_a_version_1_pen_is_refused_with_what_to_do() -> None:
+    h = PenHarness(seed=1, protocol_version=1)
+    h.host.start_handshake(0x1234, h.now)
+    h.advance(0.2)
+    refused = [e for _, e in h.events if isinstance(e, HandshakeRefused)]
+    assert refused and h.host.state is LinkState.REFUSED
+    reason = refused[0].reason
+    assert "SIM-0001" in reason and "speaks protocol version 1" in reason
+    assert "this controller speaks 2" in reason and "update the pen firmware" in reason
+    assert h.host.stats.protocol_errors == 0
+    assert h.pen.connection.state is LinkState.IDLE  # the pen never took the link either
+
+
+def test_a_pen_that_gives_up_the_link_disarms_and_queues_nothing() -> None:
+    h = PenHarness(seed=4)
+    armed(h, lease_ms=2000)
+    h.pen.set_contact(True, h.now)
+    h.pen.press_button(h.now)
+    h.wait_for(MotorStarted)
+    h.host_silent = True  # nothing from the host reaches the pen: no ACK, no Renew
+    h.pen.release_button(h.now)  # a reliable event the pen can never get acknowledged
+    gave_up_by = h.now + LinkConfig().reliable_failure_time() + 0.05
+    h.run(gave_up_by)
+    assert h.pen.stats.link_failures == 1
+    assert not h.pen.armed  # disarmed at once, well inside its 2 s lease
+    assert h.pen.firmware.lease_expiries == 0
+    assert h.pen.stats.messages_unlinked >= 1  # Disarmed(LINK_LOST): said to nobody
+    h.host_silent = False
+    h.send(Renew(1))  # the host's next frame gets an announcement: its link fails too
+    h.advance(0.05)
+    assert any(isinstance(e, LinkFailed) for _, e in h.events)
+    h.handshake(nonce=0x7777)
+    status = h.request(QueryStatus(), Status)
+    assert not status.flags & (TelemetryFlag.ARMED | TelemetryFlag.MOTOR_RUNNING)
+    assert (status.runs, status.fault) == (1, 0)
+    assert h.of(Disarmed) == []  # never queued for the new link
+    assert StopReason.LINK_LOST not in [m.reason for m in h.of(MotorStopped)]
+
+
+def test_a_new_host_disarms_the_pen_and_is_told_after_the_identity() -> None:
+    h = PenHarness(seed=12)
+    armed(h, lease_ms=2000)
+    h.pen.set_contact(True, h.now)
+    h.pen.press_button(h.now)
+    h.wait_for(MotorStarted)
+    h2 = PenHarness(h.pen, now=h.now)  # another controller opens the pen
+    h2.handshake(nonce=0x4242)
+    h2.advance(0.05)
+    kinds = [
+        type(e.message) if isinstance(e, MessageReceived) else type(e)
+        for _, e in h2.events
+        if not (isinstance(e, MessageReceived) and isinstance(e.message, Telemetry))
+    ]
+    assert kinds[:3] == [Connected, MotorStopped, Disarmed]
+    assert [m.reason for m in h2.of(MotorStopped)] == [StopReason.NEW_HOST]
+    assert h2.of(Disarmed) == [Disarmed(StopReason.NEW_HOST)]
+    assert not h.pen.armed and not h.pen.running
+
+
+def test_a_sample_sent_after_the_ack_of_a_stop_already_shows_it() -> None:
+    h = PenHarness(seed=3)
+    armed(h, lease_ms=2000)
+    h.pen.set_contact(True, h.now)
+    h.pen.press_button(h.now)
+    h.wait_for(MotorStarted)
+    h.advance(0.1)
+    mark = len(h.events)
+    h.send(Stop(1))
+    h.advance(0.1)
+    after = [e for _, e in h.events[mark:]]
+    acked = next(i for i, e in enumerate(after) if isinstance(e, Delivered))
+    samples = [
+        e.message
+        for e in after[acked:]
+        if isinstance(e, MessageReceived) and isinstance(e.message, Telemetry)
+    ]
+    assert len(samples) >= 9
+    assert all(not m.flags & (TelemetryFlag.ARMED | TelemetryFlag.MOTOR_RUNNING) for m in samples)
+
+
+@pytest.mark.parametrize(("dropped", "expires"), [(2, False), (3, True)])
+def test_lost_renewals_against_a_lease_renewed_four_times(dropped: int, expires: bool) -> None:
+    h = PenHarness(seed=5)
+    armed(h, lease_ms=250)
+    period = 0.250 / 4
+    h.advance(period)
+    h.send(Renew(1))
+    h.pen.inject(Fault(FaultKind.DROP_RENEWS, amount=dropped), h.now)
+    for _ in range(dropped + 2):
+        h.advance(period)
+        h.send(Renew(1))
+    assert h.pen.stats.renews_dropped == dropped
+    assert h.pen.firmware.lease_expiries == int(expires)
+    if expires:
+        granted, expired = h.pen.firmware.last_lease_expiry or (0.0, 0.0)
+        assert expired - granted == pytest.approx(0.250, abs=1e-9)  # within the lease, exactly
+
+
+def test_the_pen_answers_violations_in_reliable_frames_only() -> None:
+    h = PenHarness(seed=2)
+    h.handshake()
+    unreliable = [
+        encode_frame(FrameKind.UNRELIABLE, 0, Renew.TYPE, b"\x01"),  # short
+        encode_frame(FrameKind.UNRELIABLE, 1, Stop.TYPE, Stop(1).encode()),  # wrong kind
+        encode_frame(FrameKind.UNRELIABLE, 2, 0x7E, b""),  # unknown
+    ]
+    h.pen.receive_data(b"".join(unreliable), h.now)
+    h.advance(0.05)
+    assert h.of(CommandRefused) == []  # dropped and counted, never answered
+    assert h.pen.connection.stats.protocol_errors == 3
+    h.send(Renew(9))  # numbered 0 by the host: behind the three that consumed 0..2
+    assert h.pen.connection.stats.unreliable_stale == 1
+    expected = h.host._tx.next_seq  # the pen's next reliable number from this host
+    h.pen.receive_data(encode_frame(FrameKind.RELIABLE, expected, 0x7E, b""), h.now)
+    h.advance(0.05)
+    assert h.of(CommandRefused) == [CommandRefused(0x7E, RefusalCode.UNKNOWN_MESSAGE)]

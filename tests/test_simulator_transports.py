@@ -74,7 +74,7 @@ async def arm(host: AsyncHost, lease_ms: int, token: int = 1) -> float:
     start = len(host.received)
     host.send(SetDepth(1200))
     sent_at = host.loop.time()
-    host.send(Arm(lease_ms, token))
+    host.send(Arm(lease_ms, token, 1200, 2500))
     await host.wait_for(Armed, within=2.0, start=start)
     return sent_at
 
@@ -277,7 +277,8 @@ async def test_cli_prints_pty_paths_applies_a_fault_script_and_exits_on_sigterm(
     assert "SIM-0001: boots 2" in summary
 
 
-async def test_cli_tcp_mode_prints_socket_urls() -> None:
+@pytest.mark.parametrize("strict", [False, True], ids=["default", "strict"])
+async def test_cli_tcp_mode_prints_socket_urls(strict: bool) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -287,6 +288,7 @@ async def test_cli_tcp_mode_prints_socket_urls() -> None:
         "1",
         "--tcp",
         "0",
+        *(["--strict"] if strict else []),
         cwd=REPO,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
@@ -298,6 +300,10 @@ async def test_cli_tcp_mode_prints_socket_urls() -> None:
         assert line[1].startswith("socket://127.0.0.1:")
         async with serial_host(line[1]) as (host, _):
             assert (await host.connect()).serial_text == "SIM-0001"
+            host.send(QueryStatus())
+            _, status = await host.wait_for(Status, within=2.0)
+            # No setpoint yet: the field means nothing, and a strict pen makes that plain.
+            assert status.depth_set_um == (0xFFFF if strict else 0)
         proc.send_signal(signal.SIGINT)
         assert await asyncio.wait_for(proc.wait(), 10.0) == 0
     finally:

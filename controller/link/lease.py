@@ -1,16 +1,19 @@
 """Host side of the arming lease: when to send Renew. Pure; time is an argument.
 
 The pen disarms itself when a lease runs out (product.md §3), so the host renews
-well inside it: three renewals per lease means two may be lost on a noisy line
-before the pen stops. A controller whose event loop stalls stops renewing, and
-the pen stops by itself: that is the point.
+well inside it: four renewals per lease (every 62.5 ms of the default 250 ms) mean
+that after two consecutive lost Renews the next one still arrives with a quarter
+of the lease to spare (250 - 3 x 62.5 = 62.5 ms) for transmission and for this
+event loop being late (PROTOCOL.md section 10). With three, two lost Renews left
+no margin at all. A controller whose event loop stalls stops renewing, and the pen
+stops by itself: that is the point.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-RENEWALS_PER_LEASE = 3
+RENEWALS_PER_LEASE = 4
 
 
 @dataclass

@@ -39,6 +39,7 @@ from firmware_protocol.messages import (
     SetTelemetryRate,
     Status,
     StopReason,
+    TelemetryFlag,
 )
 
 from . import wording
@@ -391,7 +392,7 @@ def _on_status(step: Step, port: str, session: Session | None, message: Any) -> 
     assert isinstance(message, Status)
     pen = step.pen(port)
     pen.cartridge_id = message.cartridge_id or None
-    if message.armed:
+    if message.flags & TelemetryFlag.ARMED:
         pen.arm = arm_transition(pen.arm, ArmInput.PEN_ARMED)
     elif pen.arm is ArmState.ARMED:
         pen.arm = arm_transition(pen.arm, ArmInput.PEN_DISARMED)

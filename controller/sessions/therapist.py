@@ -246,11 +246,15 @@ def _arm(step: Step, session: Session, action: Any) -> None:
         # Already armed (or arming) under a live lease: nothing to do.
         step.event(EventKind.ARMING, session, already=True)
         return
-    token = step.store.take_token()
-    refusal = step.send(session.port, session, Arm(step.lease_ms, token))
+    token = step.store.next_token  # taken below only if the gate lets the Arm out
+    zone = session.zones.get(session.current_zone or "")  # the gate refuses an Arm without
+    limit = zone.max_depth_um if zone else 0  # a zone or a depth: these 0s never leave
+    arm = Arm(step.lease_ms, token, session.depth_setpoint_um or 0, limit)
+    refusal = step.send(session.port, session, arm)
     if refusal:
         step.refuse(session, session.port, action, refusal)
         return
+    step.store.take_token()
     pen.arm = arm_transition(pen.arm, ArmInput.ARM_SENT)
     pen.lease_token = token
     pen.stopping = False

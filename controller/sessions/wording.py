@@ -52,6 +52,10 @@ PEN_STOP_WORDS: Final[dict[int, tuple[str, str]]] = {
         "The pen measured a depth above its absolute maximum.",
         "Inspect the client's skin and the pen; do not use the pen again until it is checked.",
     ),
+    StopReason.DEPTH_LIMIT: (
+        "The pen measured a depth above the zone's limit and stopped itself.",
+        "Inspect the client's skin and the pen, then acknowledge the fault to continue.",
+    ),
     StopReason.LEASE_EXPIRED: (
         "The pen stopped because it stopped hearing from the controller.",
         "Check the pen's connection, then arm again.",

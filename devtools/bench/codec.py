@@ -20,13 +20,12 @@ from firmware_protocol.connection import (
 )
 from firmware_protocol.framing import FrameDecoder, FrameKind, encode_frame
 from firmware_protocol.messages import (
-    PROTOCOL_VERSION,
-    SCHEMA_HASH,
     Identity,
     Telemetry,
     decode_message,
     encode_message,
 )
+from simulated_pen.firmware import FirmwareConfig, declared_identity
 
 from .framework import BenchContext, Row, rate, repeat_rates
 
@@ -49,7 +48,8 @@ def _telemetry(rng: random.Random, n: int) -> list[Telemetry]:
             temperature_cdeg=rng.randrange(3000, 3800),
             battery_mv=rng.randrange(3700, 4100),
             strokes=i,
-            flags=0x17,
+            flags=0x57,
+            runs=1,
         )
         for i in range(n)
     ]
@@ -141,9 +141,7 @@ def run(ctx: BenchContext) -> list[Row]:
 
 
 def _identity() -> Identity:
-    return Identity(
-        PROTOCOL_VERSION, b"BENCH".ljust(12, b"\0"), 1, 0, 0, 1, SCHEMA_HASH, 2500, 2000, 0
-    )
+    return declared_identity(FirmwareConfig(), serial="BENCH", boot_id=1)
 
 
 def _pair() -> tuple[HostConnection, DeviceConnection]:

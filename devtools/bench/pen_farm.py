@@ -104,6 +104,7 @@ class Breacher:
                 3900,
                 fw.strokes,
                 fw.flags,
+                fw.runs,
             )
             self.sent_at = time.perf_counter()
             p.emit(sample, now)

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from firmware_protocol.messages import Message, MotorStarted, MotorStopped, SetDepth, Telemetry
+from firmware_protocol.messages import (
+    Message,
+    MotorStarted,
+    MotorStopped,
+    SetDepth,
+    Telemetry,
+    counter_diff,
+)
 from simulated_pen.device import SimulatedPen
 
 
@@ -23,7 +30,7 @@ class PenProbe:
         """Strokes of each run of the motor, as the pen itself reported start and stop."""
         starts = [m.strokes for m in self.sent if isinstance(m, MotorStarted)]
         stops = [m.strokes for m in self.sent if isinstance(m, MotorStopped)]
-        return [stop - start for start, stop in zip(starts, stops, strict=True)]
+        return [counter_diff(stop, start) for start, stop in zip(starts, stops, strict=True)]
 
     def commands(self, kind: type[Message]) -> list[Message]:
         return [m for m in self.handled if isinstance(m, kind)]

@@ -37,6 +37,7 @@ from controller.sessions import (
     SetZoneDepth,
     StartSession,
 )
+from simulated_pen.device import SimulatedPen
 
 from ..controller_rig import eventually, start_rig, stop_rig
 from .conftest import Record
@@ -132,9 +133,10 @@ async def test_no_request_gets_a_server_error(tmp_path: Path, record: Record) ->
                     kwargs["headers"] = {**headers, "Authorization": f"Bearer {token}"}
                 if "data" in kwargs:
                     kwargs["content"] = kwargs.pop("data")
-                # Let the pen confirm what earlier requests asked (a Stop, an Arm), so
-                # that only this request can change what is compared.
-                await eventually(lambda: _settled(service), within=2.0)
+                # Let the pen confirm what earlier requests asked (a Stop, an Arm, a
+                # refused SetDepth), so that only this request can change what is
+                # compared.
+                await eventually(lambda: _settled(service, rig.pen()), within=2.0)
                 before = _state(service)
                 response = await http.request(**kwargs)
                 if 400 <= response.status_code < 500 and _state(service) != before:
@@ -186,7 +188,11 @@ def _state(service: ControllerService) -> tuple[Any, Any]:
     return strip(service.registry.to_dict()), strip(service.journaled_registry())
 
 
-def _settled(service: ControllerService) -> bool:
+def _settled(service: ControllerService, device: SimulatedPen) -> bool:
     pen = service.registry.pen("room1")
+    # Every command acknowledged and every answer of the pen (an Armed, a Disarmed, a
+    # CommandRefused) acknowledged, so taken in by the registry: nothing still on its way.
+    if service.pens["room1"].link.conn.unacknowledged or device.connection.unacknowledged:
+        return False
     # A Stop to an armed pen is pending until it says Disarmed (a disarmed pen says nothing).
     return pen.arm is ArmState.DISARMED or (pen.arm is ArmState.ARMED and not pen.stopping)

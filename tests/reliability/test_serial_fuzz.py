@@ -29,8 +29,8 @@ from .probes import probe
 
 ROUNDS = 300
 DEPTH_UM = 1000  # what the controller sets; cheeks allows 1500
-TO_PEN = (SetDepth(2400), Arm(7, 250))
-TO_HOST = (Telemetry(1, 1000, 2400, 100, 300, 3000, 3900, 5, 0x07),)
+TO_PEN = (SetDepth(2400), Arm(7, 250, 2400, 2500))
+TO_HOST = (Telemetry(1, 1000, 2400, 100, 300, 3000, 3900, 5, 0x47, 1),)
 
 
 def near_frame(rng: random.Random, message: Message) -> bytes:
