@@ -68,6 +68,10 @@ class PenView:
     zone_id: str | None
     passes_left: int | None
     depth_setpoint_um: int | None
+    #: The pen has reported its state since it connected, and its telemetry rate has
+    #: been measured: what arming needs besides the session's own facts.
+    pen_confirmed: bool = False
+    telemetry_rate_hz: float | None = None
 
     @classmethod
     def of(cls, port: str, context: GateContext, session_id: str | None) -> PenView:
@@ -82,6 +86,8 @@ class PenView:
             zone_id=zone.zone_id if zone else None,
             passes_left=zone.passes_left if zone else None,
             depth_setpoint_um=context.depth_setpoint_um,
+            pen_confirmed=context.pen_confirmed,
+            telemetry_rate_hz=context.telemetry_rate_hz,
         )
 
 

@@ -96,6 +96,9 @@ class TreatmentPolicy:
     min_speed_hz: int
     max_speed_hz: int
     telemetry_rate_hz: int
+    #: Fewer samples per second than this (measured) and the pen is not armed, or a
+    #: running pass is stopped: the monitor could not see an overshoot in time.
+    min_telemetry_rate_hz: int
     max_passes_ceiling: int
     zones: Mapping[str, ZoneLimits]
     plans: Mapping[str, Plan]
@@ -230,6 +233,7 @@ class _PolicyFile(_Strict):
     min_speed_hz: StrictInt = Field(default=50, ge=DEVICE_MIN_SPEED_HZ, le=DEVICE_MAX_SPEED_HZ)
     max_speed_hz: StrictInt = Field(default=150, ge=DEVICE_MIN_SPEED_HZ, le=DEVICE_MAX_SPEED_HZ)
     telemetry_rate_hz: StrictInt = Field(default=100, ge=20, le=1000)
+    min_telemetry_rate_hz: StrictInt = Field(default=50, ge=10, le=1000)
     max_passes_ceiling: StrictInt = Field(default=8, ge=1, le=100)
     zones: dict[Identifier, _ZoneFile] = Field(min_length=1)
     plans: dict[Identifier, _PlanFile] = Field(min_length=1)
@@ -251,6 +255,18 @@ class _PolicyFile(_Strict):
         if value < 0 or value > Decimal("0.5"):
             raise PydanticCustomError(
                 "tolerance_range", "{value} must be between 0 and 0.5 mm", {"value": str(value)}
+            )
+        return value
+
+    @field_validator("min_telemetry_rate_hz")
+    @classmethod
+    def _rate_order(cls, value: int, info: ValidationInfo) -> int:
+        asked = info.data.get("telemetry_rate_hz")
+        if isinstance(asked, int) and value > asked:
+            raise PydanticCustomError(
+                "rate_order",
+                "{value} is above telemetry_rate_hz ({asked}): no pen could ever be armed",
+                {"value": value, "asked": asked},
             )
         return value
 
@@ -377,6 +393,7 @@ def _build(parsed: _PolicyFile, source: str) -> TreatmentPolicy:
         min_speed_hz=parsed.min_speed_hz,
         max_speed_hz=parsed.max_speed_hz,
         telemetry_rate_hz=parsed.telemetry_rate_hz,
+        min_telemetry_rate_hz=parsed.min_telemetry_rate_hz,
         max_passes_ceiling=parsed.max_passes_ceiling,
         zones=MappingProxyType(zones),
         plans=MappingProxyType(plans),
@@ -395,6 +412,7 @@ def policy_as_dict(policy: TreatmentPolicy) -> dict[str, Any]:
         "min_speed_hz": policy.min_speed_hz,
         "max_speed_hz": policy.max_speed_hz,
         "telemetry_rate_hz": policy.telemetry_rate_hz,
+        "min_telemetry_rate_hz": policy.min_telemetry_rate_hz,
         "max_passes_ceiling": policy.max_passes_ceiling,
         "zones": {
             z.zone_id: {

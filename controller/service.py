@@ -369,6 +369,8 @@ class ControllerService:
 
     def _on_telemetry(self, pen: _PenRuntime, sample: Telemetry, now: float) -> None:
         self.counters.telemetry += 1
+        if self._pen_watchers:  # someone waits for the pen's telemetry rate to be known
+            self._pen_watchers.changed(pen.port)
         if self.publisher is not None and pen.serial:
             self.publisher.add_sample(pen.serial, sample, session=pen.session_id, zone=pen.zone)
         if self._subscribers and now - pen.last_live >= 1.0 / self.live_rate_hz:

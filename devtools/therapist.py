@@ -72,7 +72,13 @@ class Tablet(Protocol):
 
 
 def _ready(view: PenView) -> bool:
-    return view.link is LinkStatus.UP and view.cartridge_id is not None
+    """Connected, its state reported, its cartridge known and its telemetry measured."""
+    return (
+        view.link is LinkStatus.UP
+        and view.cartridge_id is not None
+        and view.pen_confirmed
+        and view.telemetry_rate_hz is not None
+    )
 
 
 class Therapist:
@@ -101,7 +107,8 @@ class Therapist:
         return await self.tablet.wait_for_pen(self.port, until, within)
 
     async def pen_ready(self, within: float = 30.0) -> PenView:
-        """Wait until the pen is connected and has reported its cartridge."""
+        """Wait until the pen is connected, has reported its state and cartridge, and its
+        telemetry rate is measured (arming needs all of them)."""
         return await self.wait_for(_ready, within)
 
     # --- taps ---------------------------------------------------------------------------
@@ -138,7 +145,10 @@ class Therapist:
         self.tablet.act(EndSession(sid, self.actor))
 
     async def arm(self, sid: str, within: float = 2.0) -> SessionEvent:
-        """Arm, and return once the pen has confirmed it (TimeoutError after ``within``)."""
+        """Arm once the tablet shows the pen ready (connected, its state reported, its
+        telemetry flowing), and return once the pen has confirmed the arming
+        (TimeoutError after ``within``)."""
+        await self.pen_ready(within=within)
         return await self.tablet.act_and_wait(
             ArmPen(sid, self.actor),
             lambda e: e.kind == EventKind.ARMED and e.session_id == sid,

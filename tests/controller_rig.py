@@ -180,7 +180,10 @@ async def start_rig(
         # (a pen with an unexpected serial is connected too, though never armed).
         await therapist.wait_for(
             lambda v: (
-                v.link in (LinkStatus.UP, LinkStatus.UNEXPECTED) and v.cartridge_id is not None
+                v.link in (LinkStatus.UP, LinkStatus.UNEXPECTED)
+                and v.cartridge_id is not None
+                and v.pen_confirmed
+                and v.telemetry_rate_hz is not None
             ),
             within=10,
         )

@@ -59,6 +59,9 @@ def ready(**changes: Any) -> GateContext:
         cartridge=CartridgeStatus.FRESH,
         link=LinkStatus.UP,
         lease_token=5,
+        pen_confirmed=True,
+        pen_depth_set_um=800,
+        telemetry_rate_hz=100.0,
     )
     return dataclasses.replace(base, **changes)
 
@@ -81,6 +84,30 @@ CASES: dict[RefusalReason, list[tuple[GateContext, Message, str]]] = {
     ],
     RefusalReason.PEN_NOT_VERIFIED: [(ready(link=LinkStatus.REFUSED), ARM, "identity check")],
     RefusalReason.WRONG_PEN: [(ready(link=LinkStatus.FOREIGN), SetDepth(500), "not the pen")],
+    RefusalReason.CARTRIDGE_USED_ELSEWHERE: [
+        (ready(cartridge=CartridgeStatus.USED_UNKNOWN), ARM, "its chip reports needle strokes")
+    ],
+    RefusalReason.PEN_STATE_UNCONFIRMED: [
+        (ready(pen_confirmed=False), ARM, "has not reported its state"),
+    ],
+    RefusalReason.DEPTH_NOT_CONFIRMED: [
+        (ready(pen_depth_set_um=None), ARM, "has not confirmed the depth of 0.80 mm: it holds no"),
+        (ready(pen_depth_set_um=1500), ARM, "it holds 1.50 mm"),
+    ],
+    RefusalReason.PEN_IMPRECISE: [
+        (
+            ready(limits=dataclasses.replace(LIMITS, depth_tolerance_um=80)),
+            ARM,
+            "measures depth to within 0.08 mm; the clinic requires 0.05 mm",
+        ),
+    ],
+    RefusalReason.TELEMETRY_TOO_SLOW: [
+        (ready(telemetry_rate_hz=None), ARM, "have not started flowing"),
+        (ready(telemetry_rate_hz=5.0), ARM, "sends its depth 5 times a second"),
+    ],
+    RefusalReason.PEN_ARMED: [
+        (ready(armed=True), SetDepth(500), "cannot change under an arming"),
+    ],
     RefusalReason.UNEXPECTED_PEN: [
         (
             ready(link=LinkStatus.UNEXPECTED, pen_serial="SIM-0001", expected_serial="PEN-00042"),
@@ -225,6 +252,8 @@ def test_checks_run_most_fundamental_first() -> None:
         zone=None,
         cartridge=CartridgeStatus.SPENT,
         depth_setpoint_um=None,
+        pen_confirmed=False,
+        telemetry_rate_hz=None,
     )
     order = []
     ctx = everything_wrong
@@ -234,7 +263,9 @@ def test_checks_run_most_fundamental_first() -> None:
         {"fault": None},
         {"zone": FOREHEAD},
         {"cartridge": CartridgeStatus.FRESH},
-        {"depth_setpoint_um": 500},
+        {"depth_setpoint_um": 800},
+        {"pen_confirmed": True},
+        {"telemetry_rate_hz": 100.0},
     ):
         decision = check_command(ctx, ARM)
         assert isinstance(decision, Refused)
@@ -248,6 +279,8 @@ def test_checks_run_most_fundamental_first() -> None:
         RefusalReason.NO_ZONE_SELECTED,
         RefusalReason.CARTRIDGE_SPENT,
         RefusalReason.NO_DEPTH_SET,
+        RefusalReason.PEN_STATE_UNCONFIRMED,
+        RefusalReason.TELEMETRY_TOO_SLOW,
     ]
 
 

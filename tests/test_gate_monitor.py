@@ -56,18 +56,45 @@ def test_above_setpoint_plus_tolerance_is_an_overshoot() -> None:
     assert decision.reason is HostStopReason.DEPTH_OVERSHOOT
     assert decision.command == Stop(HostStopReason.DEPTH_OVERSHOOT)
     assert decision.is_fault
-    assert "1.051 mm" in decision.message and "1.05 mm with tolerance" in decision.message
+    assert "1.051 mm" in decision.message and "1.05 mm with the pen's accuracy" in decision.message
     assert decision.remediation
     assert decision.details["depth_um"] == 1051
     assert decision.details["setpoint_um"] == 1000
 
 
-def test_above_the_zone_limit_is_an_overshoot_even_within_tolerance() -> None:
-    ctx = running(depth_setpoint_um=1480)
-    decision = check_telemetry(ctx, sample(1510, pen_set=1480))
+def test_set_exactly_at_the_zone_limit_a_healthy_pen_is_not_stopped() -> None:
+    # Product.md §4.2: readings within the pen's declared accuracy of the limit are noise.
+    ctx = running(depth_setpoint_um=1500)
+    for depth in (1480, 1500, 1530, 1550):
+        assert check_telemetry(ctx, sample(depth, pen_set=1500)) is None, depth
+
+
+def test_beyond_the_zone_limit_by_more_than_the_accuracy_is_an_overshoot() -> None:
+    ctx = running(depth_setpoint_um=1500)
+    decision = check_telemetry(ctx, sample(1551, pen_set=1500))
     assert decision is not None
     assert decision.reason is HostStopReason.DEPTH_OVERSHOOT
-    assert "deeper than the cheeks allows (1.50 mm)" in decision.message
+    assert "deeper than the cheeks allows (1.50 mm" in decision.message
+    assert "measures to within 0.05 mm" in decision.message
+
+
+def test_a_pen_sending_too_few_samples_is_stopped_mid_pass() -> None:
+    decision = check_telemetry(running(telemetry_rate_hz=5.0), sample(1000))
+    assert decision is not None and decision.reason is HostStopReason.FAULT
+    assert "slowed to 5 a second" in decision.message
+    assert check_telemetry(running(telemetry_rate_hz=60.0), sample(1000)) is None
+
+
+def test_the_budget_is_counted_across_the_stroke_counter_wrapping() -> None:
+    ctx = running(
+        zone=dataclasses.replace(CHEEKS, puncture_budget=100), pass_start_strokes=2**32 - 60
+    )
+    assert check_telemetry(ctx, sample(1000, strokes=2**32 - 1)) is None  # 59 strokes
+    decision = check_telemetry(ctx, sample(1000, strokes=39))  # wrapped: 99 strokes
+    assert decision is None
+    decision = check_telemetry(ctx, sample(1000, strokes=40))  # 100 strokes
+    assert decision is not None and decision.reason is HostStopReason.PUNCTURE_BUDGET
+    assert decision.details["pass_strokes"] == 100
 
 
 def test_pen_setpoint_deeper_than_the_zone_is_a_fault_stop() -> None:
@@ -127,7 +154,7 @@ def test_overshoot_always_stops(limit: int, setpoint: int, depth: int, tolerance
         depth_setpoint_um=min(setpoint, limit),
     )
     decision = check_telemetry(ctx, sample(depth, pen_set=min(setpoint, limit)))
-    breach = depth > limit or depth > min(setpoint, limit) + tolerance
+    breach = depth > limit + tolerance or depth > min(setpoint, limit) + tolerance
     assert (decision is not None) == breach
     if decision is not None:
         assert decision.reason is HostStopReason.DEPTH_OVERSHOOT

@@ -38,6 +38,8 @@ from controller.sessions import (
     Role,
     SessionRegistry,
 )
+from controller.sessions.outcome import EMPTY
+from firmware_protocol.connection import Delivered, MessageReceived
 from firmware_protocol.messages import (
     Arm,
     Armed,
@@ -74,6 +76,8 @@ LEASE_S = 0.250
 RENEW_PERIOD_S = LEASE_S / 4
 #: How long a host takes to notice a pulled cable (the controller's peer silence timeout).
 NOTICE_S = 0.300
+#: Telemetry flowing after a handshake before a test goes on: a full rate window and more.
+WARM_UP_S = 0.400
 
 
 def identity(serial: str = "PEN0001", boot_id: int = 1) -> Identity:
@@ -144,6 +148,8 @@ class BenchPen:
         self.renew_token: int | None = None
         #: Every command that reached this pen, in order.
         self.received: list[Message] = []
+        #: Periodic telemetry produced as time passed, not yet taken by a bench.
+        self.pending_telemetry: list[Telemetry] = []
 
     # -- what the pen is --------------------------------------------------------------
 
@@ -180,14 +186,18 @@ class BenchPen:
 
     def advance(self, to: float) -> list[Message]:
         """Time passes on the pen up to ``to``; the link renews every quarter lease while
-        it is told to. The events the pen produced (periodic telemetry is dropped)."""
+        it is told to. The events the pen produced; its periodic telemetry is kept in
+        ``pending_telemetry`` for a bench to deliver."""
         fw = self.firmware
         out: list[Message] = []
         while self.now < to:
             if self.renew_token is not None:
                 out += fw.handle(Renew(self.renew_token), self.now)
-            self.now = min(to, self.now + RENEW_PERIOD_S)
-            out += fw.step(self.now)
+            until = min(to, self.now + RENEW_PERIOD_S)
+            while self.now < until:  # every deadline of the pen: each sample is sent
+                self.now = min(until, max(fw.next_deadline(), self.now + 1e-4))
+                out += fw.step(self.now)
+        self.pending_telemetry += [m for m in out if isinstance(m, Telemetry)]
         return [m for m in out if not isinstance(m, Telemetry)]
 
     def _at_next_tick(self, seconds: float = 0.01) -> tuple[float, list[Message]]:
@@ -364,18 +374,43 @@ class Bench:
             current = pending.popleft()
             produced.append(current)
             self.outcomes.append(current)
-            events: deque[tuple[str, Message]] = deque(early)
+            events: deque[tuple[str, Message | Delivered]] = deque(early)
             early = []
             for command in (*current.urgent_commands, *current.other_commands):
-                events.extend((command.port, e) for e in self._deliver(command))
+                answers = self._deliver(command)
+                if self.connected.get(command.port):
+                    # The pen acknowledges a command before it applies it (PROTOCOL.md §8.2).
+                    events.append((command.port, Delivered(0, command.message)))
+                events.extend((command.port, e) for e in answers)
             for lease in current.leases:
                 keep = lease.action is LeaseAction.KEEP_RENEWING
                 self.renewing[lease.port] = lease.token if keep else None
                 self._tell_link(lease.port)
             for event_port, event in events:
+                pending.extend(self._telemetry_outcomes(event_port))
                 if self.connected.get(event_port):
-                    pending.append(self.registry.pen_message(event_port, event, self.tick()))
+                    link_event = event if isinstance(event, Delivered) else MessageReceived(event)
+                    pending.append(
+                        self.registry.handle_link_event(event_port, link_event, self.tick())
+                    )
+            for pen_port in self.pens:
+                pending.extend(self._telemetry_outcomes(pen_port))
         return produced
+
+    def _telemetry_outcomes(self, port: str) -> list[Outcome]:
+        """The periodic telemetry the pen on ``port`` sent meanwhile, through the registry."""
+        pen = self.pens.get(port)
+        if pen is None or not pen.pending_telemetry:
+            return []
+        samples, pen.pending_telemetry = pen.pending_telemetry, []
+        if not self.connected.get(port):
+            return []  # nobody heard it
+        return [
+            outcome
+            for sample in samples
+            if (outcome := self.registry.handle_link_event(port, MessageReceived(sample), self.now))
+            is not EMPTY
+        ]
 
     def _tell_link(self, port: str) -> None:
         pen = self.pens.get(port)
@@ -397,6 +432,8 @@ class Bench:
     def pen_says(self, events: list[Message], port: str = PORT) -> list[Outcome]:
         """What the pen said reaches the registry (nothing, while the port is down)."""
         produced = []
+        for outcome in self._telemetry_outcomes(port):
+            produced += self.feed(outcome, port)
         for event in events:
             if self.connected.get(port):
                 produced += self.feed(self.registry.pen_message(port, event, self.tick()), port)
@@ -407,9 +444,12 @@ class Bench:
         after its Identity, before it answers anything the controller sends."""
         self.connected[port] = True
         pen = self.pens[port]
+        pen.pending_telemetry.clear()  # sent before the link: nobody heard it
         said = pen.new_host()
         outcome = self.registry.pen_connected(port, pen.identity(), self.tick())
-        return self.feed(outcome, port, in_flight=said)
+        produced = self.feed(outcome, port, in_flight=said)
+        # The link has been up a moment: telemetry flows (the monitor measures its rate).
+        return produced + self.pen_says(pen.advance(self.tick(WARM_UP_S)), port)
 
     def disconnect(self, port: str = PORT) -> list[Outcome]:
         """The cable is pulled: the pen stops by its lease; the host notices the silence."""

@@ -197,7 +197,8 @@ def test_puncture_budget_stops_the_pass_without_a_fault() -> None:
     bench.pen_says(pen.press())
     assert stops(bench.pen_says(pen.sample(500, 99))) == []
     outcomes = bench.pen_says(pen.sample(500, 1))
-    assert stops(outcomes) == [HostStopReason.PUNCTURE_BUDGET]
+    # Stop on the sample that reached the budget, and on those in flight behind it.
+    assert set(stops(outcomes)) == {HostStopReason.PUNCTURE_BUDGET}
     session = bench.registry.session(SID)
     assert session is not None
     assert session.state is SessionState.ACTIVE and session.fault is None

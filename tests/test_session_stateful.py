@@ -79,10 +79,12 @@ from firmware_protocol.messages import (
     StopReason,
     Telemetry,
 )
+from simulated_pen.firmware import FirmwareConfig
 
 from .test_session_harness import MANAGER, PORT, PORTS, THERAPIST, Bench, BenchPen
 
-TOLERANCE_UM = 50
+#: The monitor's tolerance: the pen's declared depth accuracy (Identity).
+TOLERANCE_UM = FirmwareConfig().depth_accuracy_um
 CEILING_UM = 2500
 
 
@@ -284,6 +286,7 @@ class SessionMachine(RuleBasedStateMachine):
             and self.connected
             and self.identity() == self.bound
             and not self.pen.running
+            and not self.pen.armed  # an arming's depth never changes under it
         )
         assert (outcome.refusal is None) == valid, (outcome.refusal, depth)
 
@@ -472,7 +475,8 @@ class SessionMachine(RuleBasedStateMachine):
         sent = [c.message for c in outcome.commands]
         if running:
             limit = self.limits(self.zone)[0] if self.sid and self.zone else 0
-            allowed = min(limit, (self.depth_for_zone or 0) + TOLERANCE_UM)
+            # Beyond the approved depth (or the zone's limit) by more than the pen's accuracy.
+            allowed = min(limit, self.depth_for_zone or 0) + TOLERANCE_UM
             if self.sid is None or self.zone is None or depth > allowed:
                 assert sent and isinstance(sent[0], Stop), "an overshoot did not stop at once"
                 event("overshoot stopped")

@@ -45,6 +45,7 @@ class CartridgeStatus(enum.StrEnum):
     THIS_SESSION = "this_session"  # used earlier in this same session: still usable here
     OTHER_SESSION = "other_session"  # used on another client whose session is not over
     SPENT = "spent"  # used in a finished session: never arms again (product.md §4.5)
+    USED_UNKNOWN = "used_unknown"  # its chip reports strokes the ledger knows nothing of
 
 
 #: Cartridge statuses that may arm.
@@ -53,15 +54,25 @@ USABLE_CARTRIDGES = frozenset({CartridgeStatus.FRESH, CartridgeStatus.THIS_SESSI
 
 @dataclass(frozen=True, slots=True)
 class SafetyLimits:
-    """Policy-wide limits, already narrowed by what the connected pen reports."""
+    """Policy-wide limits, already narrowed by what the connected pen declares.
+
+    ``depth_tolerance_um`` is how far a measured depth may read above what was
+    approved before it counts as an overshoot: the pen's own declared accuracy
+    (Identity.depth_accuracy_um), so that a healthy pen set exactly at a zone's limit
+    completes its passes. ``max_depth_accuracy_um`` is the coarsest accuracy the
+    clinic accepts (the policy's ``depth_tolerance_mm``): a pen declaring worse is
+    never armed.
+    """
 
     device_ceiling_um: int
     depth_tolerance_um: int
+    max_depth_accuracy_um: int
     min_speed_hz: int
     max_speed_hz: int
     max_lease_ms: int
     lift_off_grace_ms: int
     telemetry_rate_hz: int
+    min_telemetry_rate_hz: int
 
     @classmethod
     def from_policy(
@@ -69,8 +80,12 @@ class SafetyLimits:
         policy: TreatmentPolicy,
         pen_max_depth_um: int | None = None,
         pen_max_lease_ms: int | None = None,
+        *,
+        pen_accuracy_um: int | None = None,
+        pen_min_speed_hz: int | None = None,
+        pen_max_speed_hz: int | None = None,
     ) -> SafetyLimits:
-        """The policy's limits; a pen that reports a lower maximum lowers them further."""
+        """The policy's limits; a pen that declares narrower ones narrows them further."""
         ceiling = policy.device_ceiling_um
         if pen_max_depth_um:
             ceiling = min(ceiling, pen_max_depth_um)
@@ -79,12 +94,16 @@ class SafetyLimits:
             lease = min(lease, pen_max_lease_ms)
         return cls(
             device_ceiling_um=ceiling,
-            depth_tolerance_um=policy.depth_tolerance_um,
-            min_speed_hz=policy.min_speed_hz,
-            max_speed_hz=policy.max_speed_hz,
+            depth_tolerance_um=(
+                policy.depth_tolerance_um if pen_accuracy_um is None else pen_accuracy_um
+            ),
+            max_depth_accuracy_um=policy.depth_tolerance_um,
+            min_speed_hz=max(policy.min_speed_hz, pen_min_speed_hz or 0),
+            max_speed_hz=min(policy.max_speed_hz, pen_max_speed_hz or policy.max_speed_hz),
             max_lease_ms=lease,
             lift_off_grace_ms=policy.lift_off_grace_ms,
             telemetry_rate_hz=policy.telemetry_rate_hz,
+            min_telemetry_rate_hz=policy.min_telemetry_rate_hz,
         )
 
 
@@ -113,7 +132,9 @@ class GateContext:
     ``depth_setpoint_um`` is the setpoint the controller approved for the
     *selected zone* (cleared whenever the zone changes), not what the pen reports.
     ``pass_start_strokes`` is the pen's cumulative stroke count when the
-    current pass began (None when no pass is running).
+    current pass began (None when no pass is running). The ``pen_*`` fields and
+    ``telemetry_rate_hz`` are what the pen confirmed or what was measured of it,
+    never what the controller sent.
     """
 
     limits: SafetyLimits
@@ -129,3 +150,14 @@ class GateContext:
     pass_start_strokes: int | None = None
     pen_serial: str | None = None
     expected_serial: str | None = None
+    #: The pen is armed or arming as far as the controller knows (settings may not change).
+    armed: bool = False
+    #: The pen has reported its whole state since its link came up.
+    pen_confirmed: bool = False
+    #: The setpoint the pen itself confirmed (None: unknown or none).
+    pen_depth_set_um: int | None = None
+    #: A SetDepth on its way on the current link, not yet acknowledged.
+    pen_depth_pending_um: int | None = None
+    #: Telemetry samples per second of the pen's clock, over the last window; None until
+    #: a window is full.
+    telemetry_rate_hz: float | None = None

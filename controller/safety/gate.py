@@ -60,11 +60,17 @@ class RefusalReason(enum.StrEnum):
     NO_CARTRIDGE = "no_cartridge"
     CARTRIDGE_SPENT = "cartridge_spent"
     CARTRIDGE_OTHER_SESSION = "cartridge_other_session"
+    CARTRIDGE_USED_ELSEWHERE = "cartridge_used_elsewhere"
     NO_DEPTH_SET = "no_depth_set"
+    DEPTH_NOT_CONFIRMED = "depth_not_confirmed"
+    PEN_STATE_UNCONFIRMED = "pen_state_unconfirmed"
+    PEN_IMPRECISE = "pen_imprecise"
+    TELEMETRY_TOO_SLOW = "telemetry_too_slow"
     DEPTH_INVALID = "depth_invalid"
     DEPTH_ABOVE_ZONE_LIMIT = "depth_above_zone_limit"
     DEPTH_ABOVE_CEILING = "depth_above_ceiling"
     PEN_RUNNING = "pen_running"
+    PEN_ARMED = "pen_armed"
     SPEED_OUT_OF_RANGE = "speed_out_of_range"
     BAD_LEASE = "bad_lease"
     STALE_LEASE = "stale_lease"
@@ -103,11 +109,17 @@ GATE_REASONS: Final = frozenset(
         _R.NO_CARTRIDGE,
         _R.CARTRIDGE_SPENT,
         _R.CARTRIDGE_OTHER_SESSION,
+        _R.CARTRIDGE_USED_ELSEWHERE,
         _R.NO_DEPTH_SET,
+        _R.DEPTH_NOT_CONFIRMED,
+        _R.PEN_STATE_UNCONFIRMED,
+        _R.PEN_IMPRECISE,
+        _R.TELEMETRY_TOO_SLOW,
         _R.DEPTH_INVALID,
         _R.DEPTH_ABOVE_ZONE_LIMIT,
         _R.DEPTH_ABOVE_CEILING,
         _R.PEN_RUNNING,
+        _R.PEN_ARMED,
         _R.SPEED_OUT_OF_RANGE,
         _R.BAD_LEASE,
         _R.STALE_LEASE,
@@ -270,6 +282,13 @@ def cartridge_unusable(ctx: GateContext) -> Refused | None:
             f"Cartridge {ctx.cartridge_id} was already used on another client.",
             "Discard it and insert a new sterile cartridge for this client.",
         )
+    if status is CartridgeStatus.USED_UNKNOWN:
+        return Refused(
+            RefusalReason.CARTRIDGE_USED_ELSEWHERE,
+            f"Cartridge {ctx.cartridge_id} has been used before: its chip reports needle "
+            "strokes on it.",
+            "Discard it and insert a new sterile cartridge.",
+        )
     return Refused(
         RefusalReason.NO_CARTRIDGE,
         "There is no cartridge in the pen.",
@@ -326,7 +345,62 @@ def _arming_refusal(ctx: GateContext) -> Refused | None:
             f"No needle depth is set for the {zone.label}.",
             "Set the depth for this zone before arming.",
         )
-    return depth_not_allowed(ctx, zone, ctx.depth_setpoint_um)
+    return (
+        depth_not_allowed(ctx, zone, ctx.depth_setpoint_um)
+        or pen_not_confirmed(ctx)
+        or monitor_not_assured(ctx)
+    )
+
+
+def pen_not_confirmed(ctx: GateContext) -> Refused | None:
+    """The pen must have reported its state, and confirmed the approved depth itself."""
+    if not ctx.pen_confirmed:
+        return Refused(
+            RefusalReason.PEN_STATE_UNCONFIRMED,
+            "The pen has not reported its state since it connected.",
+            "Wait a moment and arm again; if it repeats, check the pen's connection.",
+        )
+    # An Arm may follow its SetDepth before the acknowledgement: the link applies them in
+    # order (a lost SetDepth takes the Arm with it), and the pen refuses an Arm whose
+    # setpoint is not its own. Otherwise only what the pen confirmed counts.
+    pending = ctx.pen_depth_pending_um
+    held = ctx.pen_depth_set_um if pending is None else pending
+    if held != ctx.depth_setpoint_um:
+        holds = "no depth" if held is None else format_mm(held)
+        approved = format_mm(ctx.depth_setpoint_um or 0)
+        return Refused(
+            RefusalReason.DEPTH_NOT_CONFIRMED,
+            f"The pen has not confirmed the depth of {approved}: it holds {holds}.",
+            "Set the depth again, then arm.",
+        )
+    return None
+
+
+def monitor_not_assured(ctx: GateContext) -> Refused | None:
+    """The depth monitor needs a precise enough pen that streams fast enough."""
+    limits = ctx.limits
+    if limits.depth_tolerance_um > limits.max_depth_accuracy_um:
+        return Refused(
+            RefusalReason.PEN_IMPRECISE,
+            f"This pen measures depth to within {format_mm(limits.depth_tolerance_um)}; "
+            f"the clinic requires {format_mm(limits.max_depth_accuracy_um)} or better.",
+            "Use another pen, or ask a manager to check the clinic's depth tolerance.",
+        )
+    rate = ctx.telemetry_rate_hz
+    if rate is None:
+        return Refused(
+            RefusalReason.TELEMETRY_TOO_SLOW,
+            "The pen's depth measurements have not started flowing yet.",
+            "Wait a moment and arm again; if it repeats, check the pen's connection.",
+        )
+    if rate < limits.min_telemetry_rate_hz:
+        return Refused(
+            RefusalReason.TELEMETRY_TOO_SLOW,
+            f"The pen sends its depth {rate:.0f} times a second; the controller needs at "
+            f"least {limits.min_telemetry_rate_hz} to watch the needle.",
+            "Check the pen's connection; if it repeats, use another pen.",
+        )
+    return None
 
 
 # --- one function per command ---------------------------------------------------------
@@ -370,7 +444,16 @@ def _check_set_depth(ctx: GateContext, command: SetDepth) -> GateDecision:
             "The needle is running; the depth cannot change during a pass.",
             "Release the pen's button, then change the depth.",
         )
-    return depth_not_allowed(ctx, zone, command.depth_um) or ALLOWED
+    refusal = depth_not_allowed(ctx, zone, command.depth_um)
+    if refusal:
+        return refusal  # the most useful answer first: this depth is never allowed here
+    if ctx.armed:
+        return Refused(
+            RefusalReason.PEN_ARMED,
+            "The pen is armed at the depth already set; it cannot change under an arming.",
+            "Disarm the pen, change the depth, then arm again.",
+        )
+    return ALLOWED
 
 
 def _check_set_speed(ctx: GateContext, command: SetSpeed) -> GateDecision:

@@ -9,14 +9,16 @@ the previous zone must not trigger a stop during a zone change.
 A sample is a reason to stop at once when the needle is running and:
 
 1. there is no zone or no approved depth setpoint for it -> ``FAULT``;
-2. the measured depth is above the zone's effective limit -> ``DEPTH_OVERSHOOT``;
-3. the measured depth is above the approved setpoint plus the tolerance
-   -> ``DEPTH_OVERSHOOT``;
+2. the measured depth is above the zone's effective limit by more than the pen's
+   declared accuracy -> ``DEPTH_OVERSHOOT``;
+3. the measured depth is above the approved setpoint by more than the pen's
+   declared accuracy -> ``DEPTH_OVERSHOOT``;
 4. the session is not active, or has an unresolved fault -> ``FAULT``;
 5. the pen's own setpoint is deeper than the zone allows (the pen disagrees
    with what was approved) -> ``FAULT``;
-6. the strokes of this pass reached the zone's puncture budget
-   -> ``PUNCTURE_BUDGET``.
+6. the pen's measured telemetry rate fell below the policy's minimum -> ``FAULT``;
+7. the strokes of this pass reached the zone's puncture budget (compared modulo
+   2**32, as the counter wraps) -> ``PUNCTURE_BUDGET``.
 
 The caller sends ``Stop(decision.reason)`` on *every* breaching sample (a Stop
 is idempotent and cheap), and records the decision once per stop.
@@ -28,7 +30,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from firmware_protocol.messages import HostStopReason, Stop, Telemetry, TelemetryFlag
+from firmware_protocol.messages import (
+    HostStopReason,
+    Stop,
+    Telemetry,
+    TelemetryFlag,
+    counter_diff,
+)
 
 from .context import GateContext, SessionState
 from .gate import format_mm
@@ -72,22 +80,26 @@ def check_telemetry(ctx: GateContext, sample: Telemetry) -> StopDecision | None:
         setpoint_um=setpoint,
         tolerance_um=ctx.limits.depth_tolerance_um,
     )
+    tolerance = ctx.limits.depth_tolerance_um
     # Depth first: the most specific reason, even when the session is no longer active.
-    if sample.depth_um > zone.max_depth_um:
+    # A reading counts as deeper only beyond the pen's declared accuracy, so a healthy pen
+    # set exactly at the zone's limit completes its passes (product.md §4.2).
+    if sample.depth_um > zone.max_depth_um + tolerance:
         return StopDecision(
             HostStopReason.DEPTH_OVERSHOOT,
             f"The needle reached {format_mm(sample.depth_um)}, deeper than the {zone.label} "
-            f"allows ({format_mm(zone.max_depth_um)}). The needle was stopped.",
+            f"allows ({format_mm(zone.max_depth_um)}, and the pen measures to within "
+            f"{format_mm(tolerance)}). The needle was stopped.",
             "Inspect the client's skin and the pen. Do not continue with this pen until it "
             "has been checked; acknowledge the fault to continue.",
             details,
         )
-    allowed = setpoint + ctx.limits.depth_tolerance_um
+    allowed = setpoint + tolerance
     if sample.depth_um > allowed:
         return StopDecision(
             HostStopReason.DEPTH_OVERSHOOT,
             f"The needle reached {format_mm(sample.depth_um)}, more than the set "
-            f"{format_mm(setpoint)} allows ({format_mm(allowed)} with tolerance). "
+            f"{format_mm(setpoint)} allows ({format_mm(allowed)} with the pen's accuracy). "
             "The needle was stopped.",
             "Inspect the client's skin and the pen, then acknowledge the fault to continue.",
             details,
@@ -102,10 +114,21 @@ def check_telemetry(ctx: GateContext, sample: Telemetry) -> StopDecision | None:
             "Set the depth again for this zone; if it happens again, stop using this pen.",
             details,
         )
+    rate = ctx.telemetry_rate_hz
+    if rate is not None and rate < ctx.limits.min_telemetry_rate_hz:
+        details["telemetry_rate_hz"] = round(rate, 1)
+        return StopDecision(
+            HostStopReason.FAULT,
+            f"The pen's depth measurements slowed to {rate:.0f} a second (at least "
+            f"{ctx.limits.min_telemetry_rate_hz} are needed to watch the needle). "
+            "The needle was stopped.",
+            "Check the pen's connection; if it repeats, use another pen.",
+            details,
+        )
     budget = zone.puncture_budget
     start = ctx.pass_start_strokes
     if budget is not None and start is not None:
-        done = sample.strokes - start
+        done = counter_diff(sample.strokes, start)  # the counter wraps at 2**32
         if done >= budget:
             details.update(pass_strokes=done, puncture_budget=budget)
             return StopDecision(

@@ -14,10 +14,10 @@ from controller.contract import EventKind
 from controller.safety.context import LinkStatus, SessionState
 from controller.safety.gate import RefusalReason, arming_refusal
 from controller.safety.monitor import StopDecision
-from firmware_protocol.messages import HostStopReason, Stop
+from firmware_protocol.messages import COUNTER_MOD, HostStopReason, Stop, counter_diff
 
 from .outcome import LeaseAction, LeaseDirective, PenCommand
-from .records import FaultRecord, Session
+from .records import FaultRecord, PassRecord, Session
 from .states import ArmInput, ArmState, SessionInput, arm_transition, session_transition
 from .step import Step
 
@@ -187,6 +187,7 @@ def lose_link(step: Step, port: str, reason: str, link: LinkStatus, *, audit: bo
     out = step.out
     was_up = pen.link is LinkStatus.UP
     pen.link = link
+    step.store.rate(port).reset()  # the next link's samples start a new window
     pen.arm = arm_transition(pen.arm, ArmInput.LINK_LOST)
     pen.lease_token = None
     pen.motor_running = pen.stopping = False
@@ -302,3 +303,127 @@ def _stop_reason_for(code: RefusalReason, state: SessionState | None) -> HostSto
     if code is RefusalReason.FAULT_UNRESOLVED:
         return HostStopReason.FAULT
     return HostStopReason.OTHER
+
+
+# --- what the pen did that the controller did not approve or did not hear ----------------
+
+
+def unapproved(step: Step, port: str, session: Session | None, what: str) -> None:
+    """The pen is armed or running without the controller's approval: stop it, fault the
+    session (product.md §4.9). Every repetition sends Stop again; it is recorded once."""
+    remediation = "Check the pen; do not treat with it again until it has been inspected."
+    stop(
+        step,
+        port,
+        session,
+        HostStopReason.FAULT,
+        f"{what} The needle was stopped.",
+        remediation,
+        {"unapproved": what},
+        always_send=True,
+    )
+    if session is not None:
+        fault(step, session, "unapproved_run", what, remediation)
+
+
+def reconcile_counters(
+    step: Step,
+    port: str,
+    *,
+    runs: int,
+    strokes: int,
+    cartridge_id: int | None,
+    cartridge_strokes: int | None,
+) -> None:
+    """Compare the pen's counters with what the controller counted; count what it missed.
+
+    ``runs`` and ``strokes`` are the pen's counters since boot (Status, Armed). Runs the
+    controller never heard of (a MotorStarted lost with a link, or decided while it was
+    restarting) become passes of the zone the pen was last armed for, each recorded as
+    recovered, with the cartridge bound to the session (product.md §4.9). After a reboot
+    the counters restarted: the cartridge's own chip tells whether the needle ran.
+    """
+    pen = step.pen(port)
+    same_boot = pen.counters_boot == pen.boot_id and pen.runs_counted is not None
+    if same_boot and pen.runs_counted is not None:
+        missed = counter_diff(runs, pen.runs_counted)
+        strokes_since = (
+            counter_diff(strokes, pen.strokes_seen) if pen.strokes_seen is not None else None
+        )
+        if missed >= COUNTER_MOD // 2:
+            missed = 0  # behind what was counted: an older report, nothing new
+        if missed:
+            _recover_passes(step, port, missed, strokes_since, cartridge_id)
+        elif strokes_since:
+            _complete_cut_pass(step, port, strokes)
+    elif (
+        cartridge_id is not None
+        and cartridge_id == pen.cartridge_id
+        and pen.cartridge_strokes is not None
+        and cartridge_strokes is not None
+        and cartridge_strokes > pen.cartridge_strokes
+    ):
+        # The pen rebooted after runs nobody heard: at least one pass happened.
+        _recover_passes(step, port, 1, cartridge_strokes - pen.cartridge_strokes, cartridge_id)
+    pen.counters_boot = pen.boot_id
+    pen.runs_counted = runs
+    pen.strokes_seen = strokes
+    step.out.state_changed = True
+
+
+def _recover_passes(
+    step: Step, port: str, count: int, strokes: int | None, cartridge_id: int | None
+) -> None:
+    pen = step.pen(port)
+    session = step.live(port)
+    arming = pen.arming
+    if session is None or arming is None or arming.session_id != session.session_id:
+        what = (
+            f"The pen ran {count} time(s) while the controller was not listening, "
+            "without an arming approved for this session."
+        )
+        unapproved(step, port, session, what)
+        return
+    zone = session.zones[arming.zone_id]
+    first_run = (pen.runs_counted or 0) + 1
+    for n in range(count):
+        session.current_pass = PassRecord(
+            zone_id=zone.zone_id,
+            number=zone.passes_done + 1,
+            cartridge_id=cartridge_id,
+            depth_setpoint_um=arming.depth_um,
+            started_at=step.now,
+            start_strokes=pen.strokes_seen or 0,
+            run=(first_run + n) % COUNTER_MOD,
+            recovered=True,
+        )
+        close_pass(step, session, "recovered", strokes=strokes if count == 1 else None)
+    if cartridge_id is not None and step.store.ledger.mark_used(
+        cartridge_id, session.session_id, step.now
+    ):
+        session.cartridges_used.append(cartridge_id)
+    step.audit(
+        AuditKind.RECOVERY,
+        session,
+        port,
+        f"{count} pass(es) on the {zone.label} were recovered from the pen's counters: the "
+        "controller did not hear them while the link was down or it was restarting"
+        + (f" ({strokes} strokes)." if strokes is not None else "."),
+        "Check the session's pass count before continuing.",
+        {"zone_id": zone.zone_id, "passes": count, "strokes": strokes, "recovered": True},
+    )
+    if zone.passes_done >= zone.max_passes:
+        step.event(
+            EventKind.ZONE_COMPLETED, session, zone_id=zone.zone_id, passes_done=zone.passes_done
+        )
+
+
+def _complete_cut_pass(step: Step, port: str, strokes: int) -> None:
+    """A pass cut by a link loss or a restart was counted without its strokes: now that the
+    pen reports its counter, and no run was missed, they are known."""
+    session = step.live(port)
+    if session is None or not session.passes:
+        return
+    record = session.passes[-1]
+    if record.strokes is None and not record.recovered and record.run is not None:
+        record.strokes = counter_diff(strokes, record.start_strokes)

@@ -24,13 +24,20 @@ class CartridgeLedger:
     def __init__(self, records: dict[int, CartridgeRecord] | None = None) -> None:
         self._records: dict[int, CartridgeRecord] = dict(records or {})
 
-    def status(self, cartridge_id: int | None, session_id: str | None) -> CartridgeStatus:
-        """The verdict on ``cartridge_id`` for ``session_id`` (None: no session asks)."""
+    def status(
+        self, cartridge_id: int | None, session_id: str | None, chip_strokes: int | None = None
+    ) -> CartridgeStatus:
+        """The verdict on ``cartridge_id`` for ``session_id`` (None: no session asks).
+
+        ``chip_strokes``: what the cartridge's own chip says it has done. A cartridge the
+        ledger has never seen used, whose chip reports strokes, was used somewhere the
+        ledger does not know of (another clinic, a lost record): never for a new client.
+        """
         if cartridge_id is None:
             return CartridgeStatus.ABSENT
         record = self._records.get(cartridge_id)
         if record is None:
-            return CartridgeStatus.FRESH
+            return CartridgeStatus.USED_UNKNOWN if chip_strokes else CartridgeStatus.FRESH
         if record.spent_at is not None:
             return CartridgeStatus.SPENT
         if record.session_id == session_id:

@@ -18,6 +18,7 @@ from controller.safety.context import CartridgeStatus, LinkStatus
 from controller.safety.gate import RefusalReason, format_mm
 from controller.safety.monitor import StopDecision
 from firmware_protocol.messages import (
+    COUNTER_MOD,
     FAULT_REASONS,
     Arm,
     Armed,
@@ -38,13 +39,25 @@ from firmware_protocol.messages import (
     SetLiftOffGrace,
     SetTelemetryRate,
     Status,
+    Stop,
     StopReason,
     TelemetryFlag,
+    counter_diff,
 )
 
 from . import wording
-from .enforcement import check_identity, close_pass, enforce, fault, lose_link, stop, stop_for
-from .outcome import LeaseAction, LeaseDirective, PenCommand
+from .enforcement import (
+    check_identity,
+    close_pass,
+    enforce,
+    fault,
+    lose_link,
+    reconcile_counters,
+    stop,
+    stop_for,
+    unapproved,
+)
+from .outcome import LeaseAction, LeaseDirective
 from .records import PassRecord, Session
 from .states import ArmInput, ArmState, arm_transition
 from .step import Step
@@ -57,15 +70,26 @@ def pen_connected(step: Step, port: str, identity: Identity) -> None:
     pen = step.pen(port)
     serial = identity.serial_text
     known = (pen.serial, pen.boot_id)
-    if known != (serial, identity.boot_id):
-        pen.cartridge_id = None  # a different pen, or it restarted: ask, do not assume
+    if pen.serial != serial:
+        # Another pen on the port: nothing counted of the previous one applies to it.
+        pen.counters_boot = pen.runs_counted = pen.strokes_seen = None
+        pen.arming = None
+        pen.cartridge_id = pen.cartridge_strokes = None
     pen.link = LinkStatus.UP
     pen.serial, pen.boot_id = serial, identity.boot_id
     pen.firmware = identity.firmware_version
     pen.max_depth_um = identity.max_depth_um or None
     pen.max_lease_ms = identity.max_lease_ms or None
+    pen.depth_accuracy_um = identity.depth_accuracy_um
+    pen.min_speed_hz = identity.min_speed_hz or None
+    pen.max_speed_hz = identity.max_speed_hz or None
+    pen.max_telemetry_rate_hz = identity.max_telemetry_rate_hz or None
+    # A pen disarms when it accepts a new host (PROTOCOL.md §10): nothing it held before
+    # is assumed until it reports its state (Status, asked below). Until then it is
+    # never armed.
     pen.arm, pen.lease_token = ArmState.DISARMED, None
     pen.motor_running = pen.stopping = False
+    _forget_confirmations(step, port)
     step.out.state_changed = True
     step.event(EventKind.PEN_CONNECTED, None, port=port, serial=serial)
     expected = step.ports.get(port)
@@ -121,10 +145,41 @@ def pen_rebooted(step: Step, port: str, current: Identity) -> None:
     pen = step.pen(port)
     lose_link(step, port, "the pen restarted", LinkStatus.DOWN, audit=False)
     pen.serial, pen.boot_id = current.serial_text, current.boot_id
-    pen.cartridge_id = None
     session = step.live(port)
     if session is not None:
         check_identity(step, session, news=True)
+
+
+def _forget_confirmations(step: Step, port: str) -> None:
+    """What the pen confirmed belongs to the link it was confirmed on."""
+    pen = step.pen(port)
+    pen.confirmed = False
+    pen.confirmed_at_ms = None
+    pen.depth_set_um = None
+    pen.depth_pending_um = None
+    step.store.rate(port).reset()
+
+
+def delivered(step: Step, port: str, message: Message) -> bool:
+    """The pen acknowledged (and so applied) one of our commands. False: nothing learned."""
+    pen = step.pen(port)
+    if isinstance(message, SetDepth):
+        pen.depth_set_um = message.depth_um
+        if pen.depth_pending_um == message.depth_um:
+            pen.depth_pending_um = None
+        step.out.state_changed = True
+        return True
+    if isinstance(message, Stop | Disarm):
+        # Applied: the pen is disarmed now, and reports so in every later frame.
+        before = pen.arm
+        pen.arm = arm_transition(pen.arm, ArmInput.STOP_CONFIRMED)
+        if pen.arm is ArmState.DISARMED and before is not ArmState.DISARMED:
+            pen.lease_token = None
+            pen.stopping = False
+            step.out.leases.append(LeaseDirective(port, LeaseAction.STOP_RENEWING))
+            step.out.state_changed = True
+        return True
+    return False
 
 
 def arm_withdrawn(step: Step, port: str, token: int, why: str) -> None:
@@ -156,10 +211,30 @@ def pen_message(step: Step, port: str, message: Message) -> bool:
 def _on_motor_started(step: Step, port: str, session: Session | None, message: Any) -> None:
     assert isinstance(message, MotorStarted)
     pen = step.pen(port)
+    approved = pen.arm is not ArmState.DISARMED
     pen.motor_running = True
     pen.stopping = False  # a new run: a stop for it is news
     step.out.state_changed = True
-    if session is None or session.current_zone is None:
+    if pen.runs_counted is not None and pen.counters_boot == pen.boot_id:
+        gap = counter_diff(message.runs, pen.runs_counted)
+        if 1 < gap < COUNTER_MOD // 2:  # runs between the last one counted and this one
+            reconcile_counters(
+                step,
+                port,
+                runs=(message.runs - 1) % COUNTER_MOD,
+                strokes=message.strokes,
+                cartridge_id=message.cartridge_id or None,
+                cartridge_strokes=message.cartridge_strokes,
+            )
+    pen.counters_boot, pen.runs_counted = pen.boot_id, message.runs
+    pen.strokes_seen = message.strokes
+    if message.cartridge_id:
+        pen.cartridge_id, pen.cartridge_strokes = message.cartridge_id, message.cartridge_strokes
+    if not approved:
+        # Confirmed disarmed (Disarmed, an acknowledged Stop, a new link): the pen may not
+        # run. Stop it, fault the session, and still count the pass below: it happened.
+        unapproved(step, port, session, "The pen started the needle while it was disarmed.")
+    elif session is None or session.current_zone is None:
         stop(
             step,
             port,
@@ -169,6 +244,7 @@ def _on_motor_started(step: Step, port: str, session: Session | None, message: A
             "Start a session and choose a zone before treating.",
             {"depth_set_um": message.depth_set_um},
         )
+    if session is None or session.current_zone is None:
         return
     zone = session.zones[session.current_zone]
     if session.current_pass is not None:  # a stop we never heard of: count it
@@ -180,6 +256,7 @@ def _on_motor_started(step: Step, port: str, session: Session | None, message: A
         depth_setpoint_um=session.depth_setpoint_um,
         started_at=step.now,
         start_strokes=message.strokes,
+        run=message.runs,
     )
     step.event(
         EventKind.PASS_STARTED,
@@ -228,6 +305,9 @@ def _on_motor_stopped(step: Step, port: str, session: Session | None, message: A
     assert isinstance(message, MotorStopped)
     pen = step.pen(port)
     pen.motor_running = False
+    pen.strokes_seen = message.strokes
+    if pen.cartridge_id is not None:
+        pen.cartridge_strokes = message.cartridge_strokes
     step.out.state_changed = True
     if session is None or session.current_pass is None:
         return
@@ -238,14 +318,12 @@ def _on_motor_stopped(step: Step, port: str, session: Session | None, message: A
         step,
         session,
         reason,
-        strokes=message.strokes - record.start_strokes,
+        strokes=counter_diff(message.strokes, record.start_strokes),  # the counter wraps
         peak_depth_um=message.peak_depth_um,
     )
     setpoint = record.depth_setpoint_um
-    allowed = min(
-        zone.max_depth_um,
-        (setpoint if setpoint is not None else 0) + step.policy.depth_tolerance_um,
-    )
+    tolerance = step.limits(port).depth_tolerance_um
+    allowed = min(zone.max_depth_um, setpoint if setpoint is not None else 0) + tolerance
     if message.peak_depth_um > allowed:
         # Between two samples the needle went too deep: the pass is over, record it.
         fault(
@@ -297,12 +375,40 @@ def _on_armed(step: Step, port: str, session: Session | None, message: Any) -> N
     if message.token != pen.lease_token:
         if pen.arm is ArmState.ARMING:
             return  # answers an older Arm; ours is still in flight (the link keeps order)
-        # Armed under a lease we are not keeping: believe it, and take it back.
+        # Armed under a lease the controller did not grant (or no longer keeps).
         pen.arm = arm_transition(pen.arm, ArmInput.PEN_ARMED)
-        out.command(PenCommand(port, Disarm()))
-        pen.stopping = True
+        unapproved(step, port, session, "The pen armed itself without the controller's Arm.")
         return
     pen.arm = arm_transition(pen.arm, ArmInput.PEN_ARMED)
+    pen.cartridge_id = message.cartridge_id or None
+    pen.cartridge_strokes = message.cartridge_strokes if message.cartridge_id else None
+    arming = pen.arming
+    if arming is None or (message.depth_um, message.max_depth_um) != (
+        arming.depth_um,
+        arming.limit_um,
+    ):
+        approved = (
+            f"{format_mm(arming.depth_um)} (limit {format_mm(arming.limit_um)})"
+            if arming
+            else "nothing"
+        )
+        unapproved(
+            step,
+            port,
+            session,
+            f"The pen armed at {format_mm(message.depth_um)} (limit "
+            f"{format_mm(message.max_depth_um)}); the controller approved {approved}.",
+        )
+        return
+    pen.depth_set_um = message.depth_um  # the pen confirms the setpoint it armed with
+    reconcile_counters(
+        step,
+        port,
+        runs=message.runs,
+        strokes=message.strokes,
+        cartridge_id=message.cartridge_id or None,
+        cartridge_strokes=message.cartridge_strokes,
+    )
     step.event(EventKind.ARMED, session, port=port, lease_ms=message.lease_ms)
     if not pen.stopping:
         out.leases.append(
@@ -332,9 +438,13 @@ def _on_disarmed(step: Step, port: str, session: Session | None, message: Any) -
 
 def _on_cartridge_inserted(step: Step, port: str, session: Session | None, message: Any) -> None:
     assert isinstance(message, CartridgeInserted)
-    step.pen(port).cartridge_id = message.cartridge_id
+    pen = step.pen(port)
+    pen.cartridge_id = message.cartridge_id
+    pen.cartridge_strokes = message.cartridge_strokes
     step.out.state_changed = True
-    status = step.store.ledger.status(message.cartridge_id, session.session_id if session else None)
+    status = step.store.ledger.status(
+        message.cartridge_id, session.session_id if session else None, message.cartridge_strokes
+    )
     step.event(
         EventKind.CARTRIDGE_INSERTED,
         session,
@@ -346,7 +456,9 @@ def _on_cartridge_inserted(step: Step, port: str, session: Session | None, messa
 
 def _on_cartridge_removed(step: Step, port: str, session: Session | None, message: Any) -> None:
     assert isinstance(message, CartridgeRemoved)
-    step.pen(port).cartridge_id = None
+    pen = step.pen(port)
+    pen.cartridge_id = None
+    pen.cartridge_strokes = None
     step.out.state_changed = True
     step.event(
         EventKind.CARTRIDGE_REMOVED,
@@ -366,8 +478,10 @@ def _on_command_refused(step: Step, port: str, session: Session | None, message:
         if pen.arm is ArmState.DISARMED:
             pen.lease_token = None
         step.out.leases.append(LeaseDirective(port, LeaseAction.STOP_RENEWING))
-    if message.msg_type == SetDepth.TYPE and session is not None:
-        session.depth_setpoint_um = None  # the pen did not take it: it is not set
+    if message.msg_type == SetDepth.TYPE:
+        pen.depth_pending_um = None
+        if session is not None:
+            session.depth_setpoint_um = None  # the pen did not take it: it is not set
     command = wording.COMMAND_NAMES.get(message.msg_type, f"command {message.msg_type:#04x}")
     try:
         why = RefusalCode(message.reason).name.lower().replace("_", " ")
@@ -389,15 +503,67 @@ def _on_command_refused(step: Step, port: str, session: Session | None, message:
 
 
 def _on_status(step: Step, port: str, session: Session | None, message: Any) -> None:
+    """The pen's whole state: the controller's records are compared with it (§4.9)."""
     assert isinstance(message, Status)
     pen = step.pen(port)
-    pen.cartridge_id = message.cartridge_id or None
-    if message.flags & TelemetryFlag.ARMED:
+    step.out.state_changed = True
+    active = message.flags & (TelemetryFlag.ARMED | TelemetryFlag.MOTOR_RUNNING)
+    if active and pen.arm is ArmState.DISARMED:
+        pen.arm = arm_transition(pen.arm, ArmInput.PEN_ARMED)
+        unapproved(
+            step, port, session, "The pen reports itself armed; the controller did not arm it."
+        )
+    elif message.flags & TelemetryFlag.ARMED:
         pen.arm = arm_transition(pen.arm, ArmInput.PEN_ARMED)
     elif pen.arm is ArmState.ARMED:
         pen.arm = arm_transition(pen.arm, ArmInput.PEN_DISARMED)
         pen.lease_token = None
-    step.out.state_changed = True
+    if pen.depth_pending_um is None:  # a SetDepth sent after the query is not in it yet
+        pen.depth_set_um = message.depth_set_um if message.flags & TelemetryFlag.DEPTH_SET else None
+        _reconcile_setpoint(step, port, session)
+    cartridge = message.cartridge_id or None
+    chip = message.cartridge_strokes if cartridge else None
+    reconcile_counters(
+        step,
+        port,
+        runs=message.runs,
+        strokes=message.strokes,
+        cartridge_id=cartridge,
+        cartridge_strokes=chip,
+    )
+    pen.cartridge_id, pen.cartridge_strokes = cartridge, chip
+    pen.confirmed = True
+    pen.confirmed_at_ms = message.device_ms
+
+
+def _reconcile_setpoint(step: Step, port: str, session: Session | None) -> None:
+    """An approved depth the pen does not hold is no longer approved: set it again."""
+    pen = step.pen(port)
+    if session is None or session.depth_setpoint_um is None:
+        return
+    if session.depth_setpoint_um == pen.depth_set_um:
+        return
+    held = "no depth" if pen.depth_set_um is None else format_mm(pen.depth_set_um)
+    message = (
+        f"The pen holds {held}, not the {format_mm(session.depth_setpoint_um)} approved for "
+        "this zone; the depth is cleared."
+    )
+    session.depth_setpoint_um = None
+    step.audit(
+        AuditKind.REFUSAL,
+        session,
+        port,
+        message,
+        "Set the depth again before arming.",
+        {"code": str(RefusalReason.DEPTH_NOT_CONFIRMED), "pen_depth_set_um": pen.depth_set_um},
+    )
+    step.event(
+        EventKind.REFUSED,
+        session,
+        code=str(RefusalReason.DEPTH_NOT_CONFIRMED),
+        message=message,
+        remediation="Set the depth again before arming.",
+    )
 
 
 def _ignore(step: Step, port: str, session: Session | None, message: Any) -> None:

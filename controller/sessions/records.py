@@ -60,6 +60,12 @@ class PassRecord(_Record):
     depth_setpoint_um: int | None
     started_at: float
     start_strokes: int
+    #: The pen's run counter for this run (MotorStarted.runs); None for passes recorded
+    #: before protocol v2 or recovered without one.
+    run: int | None = None
+    #: True when the controller never heard the run and counted it from the pen's
+    #: counters after an outage (product.md §4.9).
+    recovered: bool = False
     ended_at: float | None = None
     strokes: int | None = None
     peak_depth_um: int | None = None
@@ -99,8 +105,24 @@ class Session(_Record):
     refusals: int = 0
 
 
+class ArmingRecord(_Record):
+    """One Arm the controller approved: for which session and zone, at what depth."""
+
+    session_id: str
+    zone_id: str
+    token: int
+    depth_um: int
+    limit_um: int
+
+
 class PenState(_Record):
-    """What the controller knows about the pen on one port."""
+    """What the controller knows about the pen on one port.
+
+    Facts the pen has *confirmed* are kept apart from what the controller sent:
+    ``depth_set_um`` is the setpoint the pen acknowledged or reported, never the
+    one a command merely carried; ``confirmed`` says the pen has reported its whole
+    state (Status) since the link came up. Until then nothing may be armed.
+    """
 
     port: str
     # DOWN, UP or REFUSED; FOREIGN is the gate's judgement against a session, never stored.
@@ -110,12 +132,36 @@ class PenState(_Record):
     firmware: str | None = None
     max_depth_um: int | None = None
     max_lease_ms: int | None = None
+    #: The pen's declared depth accuracy (Identity): the monitor's tolerance.
+    depth_accuracy_um: int | None = None
+    #: The pen's declared stroke-rate range and fastest telemetry (Identity).
+    min_speed_hz: int | None = None
+    max_speed_hz: int | None = None
+    max_telemetry_rate_hz: int | None = None
     cartridge_id: int | None = None
+    #: What the inserted cartridge's chip reports it has done (strokes), last heard.
+    cartridge_strokes: int | None = None
     arm: ArmState = ArmState.DISARMED
     lease_token: int | None = None
     motor_running: bool = False
     # A Stop/Disarm is on its way: do not record the same stop again on every sample.
     stopping: bool = False
+    #: The pen reported its state (Status) since the link came up.
+    confirmed: bool = False
+    #: The pen's own device clock when it did (Status.device_ms): older samples predate it.
+    confirmed_at_ms: int | None = None
+    #: The setpoint the pen confirmed (SetDepth acknowledged, Status, Armed); None: unknown.
+    depth_set_um: int | None = None
+    #: A SetDepth sent and not yet acknowledged: a Status older than it does not show it.
+    depth_pending_um: int | None = None
+    #: What the latest Arm approved: where runs the controller did not hear of are
+    #: counted (reconciliation), and what the pen's Armed must echo.
+    arming: ArmingRecord | None = None
+    #: The pen's counters as last reconciled: boot they belong to, the last run counted
+    #: as a pass, and the stroke counter then.
+    counters_boot: int | None = None
+    runs_counted: int | None = None
+    strokes_seen: int | None = None
 
 
 class CartridgeRecord(_Record):

@@ -38,6 +38,7 @@ Safety properties (product.md §4), and where they come from:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -55,17 +56,24 @@ from firmware_protocol.connection import (
     PeerRebooted,
     ProtocolViolation,
 )
-from firmware_protocol.messages import Identity, Message, Telemetry, TelemetryFlag
+from firmware_protocol.messages import (
+    COUNTER_MOD,
+    Identity,
+    Message,
+    Telemetry,
+    TelemetryFlag,
+    counter_diff,
+)
 
 from . import pen_events
 from .actions import Action
-from .enforcement import close_pass, fire, stop_for
+from .enforcement import close_pass, fire, stop_for, unapproved
 from .ledger import CartridgeLedger
 from .outcome import EMPTY, LeaseAction, LeaseDirective, Outcome, OutcomeBuilder, UrgentSink
 from .records import PenState, Session
 from .report import build_report
 from .states import LIVE_STATES, ArmState, SessionInput
-from .step import Step
+from .step import Step, zone_context
 from .store import FORMAT_VERSION, RegistryStore
 from .therapist import handle_action
 
@@ -196,7 +204,12 @@ class SessionRegistry:
             pen.lease_token = None
             pen.motor_running = False
             pen.stopping = False
-            pen.cartridge_id = None  # unknown until the pen reports its Status
+            # Nothing the pen confirmed before is assumed until it reports again (Status);
+            # its counters and last arming stay, to reconcile what happened meanwhile.
+            pen.confirmed = False
+            pen.confirmed_at_ms = None
+            pen.depth_set_um = None
+            pen.depth_pending_um = None
             out.leases.append(LeaseDirective(pen.port, LeaseAction.STOP_RENEWING))
         for session in list(self._store.sessions.values()):
             if session.state not in LIVE_STATES:
@@ -241,7 +254,14 @@ class SessionRegistry:
         """Feed one ``firmware_protocol`` link event (from HostConnection or PenLink)."""
         match event:
             case MessageReceived():
+                if isinstance(event.message, Telemetry):
+                    return self._on_telemetry(port, event.message, now, event.in_order)
                 return self.pen_message(port, event.message, now)
+            case Delivered():
+                step = self._step(now)
+                if not pen_events.delivered(step, port, event.message):
+                    return EMPTY
+                return step.out.build()
             case Connected() if event.identity is not None:
                 return self.pen_connected(port, event.identity, now)
             case LinkFailed():
@@ -250,7 +270,7 @@ class SessionRegistry:
                 return self.pen_rebooted(port, event.previous, event.current, now)
             case HandshakeRefused():
                 return self.handshake_refused(port, event.reason, event.identity, now)
-            case Delivered() | ProtocolViolation() | Connected():
+            case ProtocolViolation() | Connected():
                 return EMPTY
         return EMPTY  # pragma: no cover - the union is exhausted above
 
@@ -293,15 +313,78 @@ class SessionRegistry:
             return EMPTY
         return step.out.build()
 
-    def _on_telemetry(self, port: str, sample: Telemetry, now: float) -> Outcome:
-        # The hot path (every sample of every pen): no Step unless the monitor says stop.
+    def _on_telemetry(
+        self, port: str, sample: Telemetry, now: float, in_order: bool = True
+    ) -> Outcome:
+        # The hot path (every sample of every pen): no Step unless something must be done.
         store = self._store
-        if not store.pen(port).motor_running and not sample.flags & TelemetryFlag.MOTOR_RUNNING:
-            return EMPTY  # an idle needle is not judged (see monitor.py): skip the context
+        pen = store.pen(port)
+        flags = sample.flags
+        if in_order:
+            store.rate(port).add(sample.device_ms)
+        if (
+            not pen.motor_running
+            and not flags & TelemetryFlag.MOTOR_RUNNING
+            and (not flags & TelemetryFlag.ARMED or pen.arm is not ArmState.DISARMED)
+        ):
+            return EMPTY  # an idle needle, armed as far as we know or not at all
         step = self._step(now)
         session = store.live(port)
-        decision = check_telemetry(step.context(port, session), sample)
+        if in_order and _runs_unapproved(pen, sample):
+            unapproved(
+                step,
+                port,
+                session,
+                "The pen reports itself armed or running after it confirmed it was disarmed.",
+            )
+            return step.out.build()
+        if in_order:
+            ctx = step.context(port, session)
+        else:
+            # An older sample (duplicated or overtaken on the line) is judged too, against
+            # the pass it was taken in; an idle one was not a puncture.
+            if not flags & TelemetryFlag.MOTOR_RUNNING:
+                return EMPTY
+            ctx = _context_of_run(step, port, session, sample.runs)
+        decision = check_telemetry(ctx, sample)
         if decision is None:
             return EMPTY  # the common case: nothing changes, nothing to journal
         stop_for(step, port, session, decision)
         return step.out.build()
+
+
+def _runs_unapproved(pen: PenState, sample: Telemetry) -> bool:
+    """An in-order sample showing the pen armed or running while the controller holds it
+    confirmed disarmed, taken after the pen last reported its state.
+
+    The pen applies a Stop before it sends any later frame (PROTOCOL.md §10), and the
+    line keeps order, so such a sample is the pen acting without approval.
+    """
+    if pen.arm is not ArmState.DISARMED or pen.stopping or not pen.confirmed:
+        return False
+    if not sample.flags & (TelemetryFlag.ARMED | TelemetryFlag.MOTOR_RUNNING):
+        return False
+    since = pen.confirmed_at_ms
+    return since is None or counter_diff(sample.device_ms, since) < COUNTER_MOD // 2
+
+
+def _context_of_run(step: Step, port: str, session: Session | None, run: int) -> GateContext:
+    """The gate context as it was during the pen's run ``run`` (for a late sample)."""
+    ctx = step.context(port, session)
+    if session is None:
+        return ctx
+    passes = [session.current_pass] if session.current_pass else []
+    record = next((p for p in [*passes, *reversed(session.passes)] if p.run == run), None)
+    if record is None:
+        return ctx
+    zone = session.zones[record.zone_id]
+    return dataclasses.replace(
+        ctx,
+        session_state=SessionState.ACTIVE,
+        fault=None,
+        zone=zone_context(zone),
+        depth_setpoint_um=record.depth_setpoint_um,
+        pass_start_strokes=record.start_strokes,
+        motor_running=True,
+        telemetry_rate_hz=None,  # the rate is judged on samples in order only
+    )

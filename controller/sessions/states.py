@@ -148,6 +148,7 @@ class ArmInput(enum.StrEnum):
     PEN_ARMED = "pen_armed"  # Armed event, or Status.armed
     ARM_REFUSED = "arm_refused"  # CommandRefused for our Arm
     PEN_DISARMED = "pen_disarmed"  # Disarmed event, Status not armed, Renew refused
+    STOP_CONFIRMED = "stop_confirmed"  # the pen acknowledged a Stop or Disarm: applied
     LINK_LOST = "link_lost"  # the pen disarms within its lease by itself (§4.6)
     PEN_REBOOTED = "pen_rebooted"
 
@@ -175,6 +176,9 @@ ARM_TRANSITIONS: Final[dict[tuple[ArmState, ArmInput], ArmState]] = {
     (_A.ARMING,    _AI.PEN_REBOOTED):     _A.DISARMED,
     (_A.ARMED,     _AI.ARM_SENT):         _A.ARMING,    # re-arm after an unconfirmed stop
     (_A.ARMED,     _AI.PEN_DISARMED):     _A.DISARMED,
+    (_A.ARMED,     _AI.STOP_CONFIRMED):   _A.DISARMED,
+    # (ARMING, STOP_CONFIRMED): no row. That Stop went out before the Arm in flight
+    # (the link keeps order), so the Arm's answer is still to come.
     (_A.ARMED,     _AI.LINK_LOST):        _A.DISARMED,
     (_A.ARMED,     _AI.PEN_REBOOTED):     _A.DISARMED,
 }

@@ -22,6 +22,7 @@ from firmware_protocol.messages import Message
 from .actions import Action, OverrideZone, SelectZone, SetZoneDepth
 from .outcome import OutcomeBuilder, PenCommand, SessionEvent
 from .records import PenState, Session, ZoneProgress
+from .states import ArmState
 from .store import RegistryStore
 from .wording import not_now
 
@@ -61,7 +62,14 @@ class Step:
 
     def limits(self, port: str) -> SafetyLimits:
         pen = self.pen(port)
-        return SafetyLimits.from_policy(self.policy, pen.max_depth_um, pen.max_lease_ms)
+        return SafetyLimits.from_policy(
+            self.policy,
+            pen.max_depth_um,
+            pen.max_lease_ms,
+            pen_accuracy_um=pen.depth_accuracy_um,
+            pen_min_speed_hz=pen.min_speed_hz,
+            pen_max_speed_hz=pen.max_speed_hz,
+        )
 
     def context(self, port: str, session: Session | None) -> GateContext:
         """The snapshot the gate and the monitor judge this pen and session by."""
@@ -82,32 +90,34 @@ class Step:
         else:
             link = LinkStatus.UP
         ledger = self.store.ledger
+        common: dict[str, Any] = {
+            "limits": self.limits(port),
+            "cartridge_id": pen.cartridge_id,
+            "link": link,
+            "motor_running": pen.motor_running,
+            "lease_token": pen.lease_token,
+            "pen_serial": pen.serial,
+            "expected_serial": expected,
+            "armed": pen.arm is not ArmState.DISARMED,
+            "pen_confirmed": pen.confirmed,
+            "pen_depth_set_um": pen.depth_set_um,
+            "pen_depth_pending_um": pen.depth_pending_um,
+            "telemetry_rate_hz": self.store.rate(port).rate(),
+        }
         if session is None:
             return GateContext(
-                limits=self.limits(port),
-                cartridge_id=pen.cartridge_id,
-                cartridge=ledger.status(pen.cartridge_id, None),
-                link=link,
-                motor_running=pen.motor_running,
-                lease_token=pen.lease_token,
-                pen_serial=pen.serial,
-                expected_serial=expected,
+                cartridge=ledger.status(pen.cartridge_id, None, pen.cartridge_strokes),
+                **common,
             )
         zone = session.zones.get(session.current_zone) if session.current_zone else None
         return GateContext(
-            limits=self.limits(port),
             session_state=session.state,
             zone=zone_context(zone) if zone else None,
             depth_setpoint_um=session.depth_setpoint_um,
-            cartridge_id=pen.cartridge_id,
-            cartridge=ledger.status(pen.cartridge_id, session.session_id),
-            link=link,
+            cartridge=ledger.status(pen.cartridge_id, session.session_id, pen.cartridge_strokes),
             fault=session.fault.detail if session.fault else None,
-            motor_running=pen.motor_running,
-            lease_token=pen.lease_token,
             pass_start_strokes=session.current_pass.start_strokes if session.current_pass else None,
-            pen_serial=pen.serial,
-            expected_serial=expected,
+            **common,
         )
 
     # --- what the step produces ----------------------------------------------------------

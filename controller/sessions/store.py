@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Final
 
+from controller.safety.rate import RateMeter
+
 from .ledger import CartridgeLedger
 from .records import PenState, Session
 from .states import LIVE_STATES
@@ -27,6 +29,8 @@ class RegistryStore:
         #: port -> the session that holds it (at most one live session per port).
         self.live_by_port: dict[str, str] = {}
         self.next_token = 1
+        #: Measured telemetry rate per port: a measurement, not a record (never journaled).
+        self.rates: dict[str, RateMeter] = {}
 
     # --- lookups -------------------------------------------------------------------------
 
@@ -36,6 +40,13 @@ class RegistryStore:
         if pen is None:
             pen = self.pens[port] = PenState(port=port)
         return pen
+
+    def rate(self, port: str) -> RateMeter:
+        """The telemetry rate meter of the pen on ``port``."""
+        meter = self.rates.get(port)
+        if meter is None:
+            meter = self.rates[port] = RateMeter()
+        return meter
 
     def live(self, port: str) -> Session | None:
         """The session holding ``port``, if any."""

@@ -44,7 +44,7 @@ from .actions import (
 )
 from .enforcement import close_pass, enforce, fire, stop
 from .outcome import LeaseAction, LeaseDirective, PenCommand
-from .records import Session, ZoneOverride, ZoneProgress
+from .records import ArmingRecord, Session, ZoneOverride, ZoneProgress
 from .report import build_report
 from .states import ArmInput, ArmState, SessionInput, arm_transition, session_transition
 from .step import Step, zone_context
@@ -212,7 +212,8 @@ def _set_depth(step: Step, session: Session, action: Any) -> None:
     if refusal:
         step.refuse(session, session.port, action, refusal)
         return
-    session.depth_setpoint_um = action.depth_um
+    session.depth_setpoint_um = action.depth_um  # approved; the pen confirms it by its ACK
+    step.pen(session.port).depth_pending_um = action.depth_um
     step.out.state_changed = True
     step.event(
         EventKind.DEPTH_SET,
@@ -257,6 +258,14 @@ def _arm(step: Step, session: Session, action: Any) -> None:
     step.store.take_token()
     pen.arm = arm_transition(pen.arm, ArmInput.ARM_SENT)
     pen.lease_token = token
+    assert session.current_zone is not None  # the gate allowed the Arm
+    pen.arming = ArmingRecord(
+        session_id=session.session_id,
+        zone_id=session.current_zone,
+        token=token,
+        depth_um=arm.depth_um,
+        limit_um=arm.max_depth_um,
+    )
     pen.stopping = False
     step.out.state_changed = True
     step.event(

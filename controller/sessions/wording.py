@@ -70,6 +70,10 @@ PEN_REFUSAL_WORDS: Final[dict[int, str]] = {
     RefusalCode.SPEED_OUT_OF_RANGE: "Choose another stroke rate.",
     RefusalCode.LOW_BATTERY: "Charge or swap the battery.",
     RefusalCode.OVER_TEMPERATURE: "Let the pen cool down.",
+    RefusalCode.SETPOINT_MISMATCH: "Set the depth again, then arm.",
+    RefusalCode.BAD_LIMIT: "Set the depth again for this zone, then arm.",
+    RefusalCode.ARMED: "Disarm the pen, change the depth, then arm again.",
+    RefusalCode.MOTOR_RUNNING: "Release the pen's button, then arm.",
 }
 
 #: Command names as the audit log and the tablet show them.
