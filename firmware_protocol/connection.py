@@ -417,6 +417,11 @@ class _Endpoint:
         return events
 
     @property
+    def unreliable_sent(self) -> int:
+        """The number the next unreliable frame will carry (u16)."""
+        return self._unrel_tx
+
+    @property
     def unacknowledged(self) -> int:
         """Reliable messages sent or waiting that the peer has not acknowledged."""
         return len(self._tx.window) + len(self._tx.backlog)

@@ -33,6 +33,7 @@ from firmware_protocol.connection import (
     MessageReceived,
     ProtocolViolation,
 )
+from firmware_protocol.framing import FrameKind, encode_frame
 from firmware_protocol.messages import (
     PROTOCOL_VERSION,
     SCHEMA_HASH,
@@ -217,6 +218,21 @@ class SimulatedPen:
         """
         self._send([message], self._clock(now))
         self._flush(now)
+
+    def emit_stale(self, message: Message, now: float, behind: int) -> None:
+        """Send an unreliable message numbered ``behind`` frames behind the pen's counter.
+
+        A misbehaving pen (its counter went back) or a frame overtaken on the line: the
+        host receives it as stale. For the tests that prove every sample is judged.
+        """
+        if message.DELIVERY is not _UNRELIABLE:
+            raise ValueError("only unreliable messages are numbered that way")
+        conn = self.connection
+        if conn.state is not LinkState.READY:
+            return
+        seq = (conn.unreliable_sent - behind) & 0xFFFF
+        self._out += encode_frame(FrameKind.UNRELIABLE, seq, message.TYPE, message.encode())
+        self._flush(self._clock(now))
 
     def data_to_send(self) -> bytes:
         """Bytes for the host, accumulated since the last call."""

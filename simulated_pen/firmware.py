@@ -132,6 +132,9 @@ class FirmwareConfig:
     # it; the motor never starts outside the limit. PROTOCOL.md section 10.3: <= 250 ms.
     arm_settle_ms: int = 250
     firmware_version: tuple[int, int, int] = (2, 0, 0)
+    # The stroke counter's value at boot. Real pens start at 0; a test starts a pen near
+    # 2**32 to see every counter comparison survive the wrap.
+    strokes_at_boot: int = 0
     strict: bool = False  # use every tolerance PROTOCOL.md gives against the host
     physics: PhysicsConfig = field(default_factory=PhysicsConfig)
 
@@ -280,7 +283,7 @@ class PenFirmware:
         self.armed_at = _INF
         self.running = False
         self.runs = 0  # motor runs since boot (wraps at 2**32 on the wire)
-        self._strokes = 0  # strokes since boot
+        self._strokes = self.config.strokes_at_boot  # strokes since boot
         self._stroke_mark = 0  # whole physical strokes already counted
         self.last_host_stop_reason: int | None = None
         self.reset_requested = False

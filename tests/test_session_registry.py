@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from decimal import Decimal
 from typing import Any
@@ -43,6 +44,7 @@ from firmware_protocol.connection import (
 )
 from firmware_protocol.messages import (
     Arm,
+    Armed,
     CartridgeRemoved,
     CommandRefused,
     Disarm,
@@ -52,6 +54,7 @@ from firmware_protocol.messages import (
     SetDepth,
     Stop,
     StopReason,
+    TelemetryFlag,
 )
 
 from .test_session_harness import ADMIN, MANAGER, PORT, PORTS, THERAPIST, Bench, identity
@@ -755,3 +758,85 @@ def test_a_pen_other_than_the_configured_serial_is_refused_and_audited() -> None
     assert start.refusal is not None and start.refusal.code is RefusalReason.UNEXPECTED_PEN
     assert "PEN0001" in start.refusal.message and "PEN-00042" in start.refusal.message
     assert not bench.pens[PORT].armed
+
+
+# --- confirmed state (issue 11) ----------------------------------------------------------
+
+
+def test_a_run_made_while_the_link_was_down_is_recovered_from_the_counters() -> None:
+    bench = treating()
+    pen = bench.pens[PORT]
+    bench.connected[PORT] = False  # the host hears nothing; the pen is still armed
+    pen.press()
+    pen.sample(800, strokes=25)
+    pen.release()
+    bench.registry.link_down(PORT, "silent", bench.tick())
+    outcomes = bench.connect()
+    ended = [e for o in outcomes for e in o.events if e.kind is EventKind.PASS_ENDED]
+    assert [e.detail["reason"] for e in ended] == ["recovered"]
+    session = bench.registry.session(SID)
+    assert session is not None
+    assert zone_of(bench, "forehead").passes_done == 1
+    assert session.passes[-1].recovered and session.passes[-1].strokes == 25
+    assert 42 in session.cartridges_used
+    recovery = [a for o in outcomes for a in o.audit if a.kind is AuditKind.RECOVERY]
+    assert recovery and "recovered from the pen's counters" in recovery[0].message
+
+
+def test_a_pen_that_reports_itself_armed_on_a_new_link_is_stopped_and_faulted() -> None:
+    bench = treating()
+    bench.disconnect()
+    bench.connect()
+    session = bench.registry.session(SID)
+    assert session is not None and session.state is SessionState.INTERRUPTED
+    status = bench.pens[PORT].firmware.status(bench.now)
+    lying = dataclasses.replace(status, flags=status.flags | TelemetryFlag.ARMED)
+    outcome = bench.registry.pen_message(PORT, lying, bench.tick())
+    assert stops(outcome) == [HostStopReason.FAULT]
+    session = bench.registry.session(SID)
+    assert session is not None and session.state is SessionState.FAULTED
+    assert session.fault is not None and session.fault.kind == "unapproved_run"
+
+
+def test_an_armed_answer_with_other_values_than_approved_is_stopped() -> None:
+    bench = Bench.create()
+    bench.connect()
+    bench.pen_says(bench.pens[PORT].insert(42))
+    bench.act(CreateSession(SID, PORT, "client-7", "full_face", THERAPIST))
+    bench.act(StartSession(SID, THERAPIST))
+    bench.act(SelectZone(SID, "forehead", THERAPIST))
+    bench.act(SetZoneDepth(SID, 800, THERAPIST))
+    outcome = bench.registry.handle(ArmPen(SID, THERAPIST), bench.tick())  # not delivered
+    (arm,) = [c.message for c in outcome.commands if isinstance(c.message, Arm)]
+    deeper = Armed(arm.token, arm.lease_ms, 900, 1000, 0, 0, 42, 0)
+    answer = bench.registry.pen_message(PORT, deeper, bench.tick())
+    assert stops(answer) == [HostStopReason.FAULT]
+    assert not [d for d in answer.leases if d.action is LeaseAction.KEEP_RENEWING]
+
+
+def test_an_acknowledged_stop_confirms_the_pen_disarmed() -> None:
+    bench = treating()
+    outcome = bench.registry.handle(StopPen(SID, THERAPIST), bench.tick())
+    (stop,) = [c.message for c in outcome.commands if isinstance(c.message, Stop)]
+    assert bench.registry.pen(PORT).arm is ArmState.ARMED  # sent is not confirmed
+    bench.registry.handle_link_event(PORT, Delivered(0, stop), bench.tick())
+    assert bench.registry.pen(PORT).arm is ArmState.DISARMED
+
+
+def test_a_cartridge_whose_chip_reports_strokes_is_refused_for_a_new_client() -> None:
+    bench = Bench.create()
+    bench.pens[PORT] = bench.new_pen(chips={77: 500})  # used somewhere the ledger never saw
+    bench.connect()
+    bench.pen_says(bench.pens[PORT].insert(77))
+    bench.act(CreateSession(SID, PORT, "client-7", "full_face", THERAPIST))
+    bench.act(StartSession(SID, THERAPIST))
+    bench.act(SelectZone(SID, "forehead", THERAPIST))
+    bench.act(SetZoneDepth(SID, 800, THERAPIST))
+    assert refused(bench, ArmPen(SID, THERAPIST)) is RefusalReason.CARTRIDGE_USED_ELSEWHERE
+    assert not bench.pens[PORT].armed
+
+
+def test_a_setdepth_is_refused_while_the_pen_is_armed() -> None:
+    bench = treating()
+    assert refused(bench, SetZoneDepth(SID, 700, THERAPIST)) is RefusalReason.PEN_ARMED
+    assert bench.pens[PORT].depth_set_um == 800

@@ -13,7 +13,20 @@ import sys
 import time
 from pathlib import Path
 
-from controller.sessions import EventKind, ResumeSession
+import pytest
+
+from controller.safety.gate import RefusalReason
+from controller.service import ActionRefused
+from controller.sessions import (
+    ArmPen,
+    CreateSession,
+    EndSession,
+    EventKind,
+    ResumeSession,
+    SelectZone,
+    SetZoneDepth,
+    StartSession,
+)
 from firmware_protocol.messages import StopReason
 from simulated_pen.runner import PenRunner
 
@@ -175,3 +188,55 @@ async def _controller(state: Path, url: str) -> asyncio.subprocess.Process:
         stdout=asyncio.subprocess.PIPE,
         cwd=REPO,
     )
+
+
+async def test_a_run_while_the_controller_is_dead_is_recovered_as_a_pass(tmp_path: Path) -> None:
+    """kill -9 while the pen is armed and idle; the therapist presses within the lease.
+
+    Nobody hears the run: the restarted controller learns of it from the pen's
+    counters, counts it as a pass, binds the cartridge, and the next client is
+    refused that cartridge (product.md §4.5, §4.9).
+    """
+    state = tmp_path / "state"
+    async with PenRunner(seed=12) as runner:
+        (slot,) = await runner.start(1, "pty")
+        pen = slot.pen
+        cartridge = pen.firmware.cartridge_id
+        proc = await _controller(state, slot.address)
+        assert proc.stdout is not None
+        try:
+            sid = (await _line(proc.stdout, "armed")).split()[1]
+            proc.send_signal(signal.SIGKILL)
+            await proc.wait()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        runner.apply(pen, lambda p, now: p.set_contact(True, now))
+        runner.apply(pen, lambda p, now: p.press_button(now))
+        assert pen.running  # within the lease: the needle runs with no controller
+        await eventually(lambda: not pen.running, within=2.0)  # the lease stops it
+        runner.apply(pen, lambda p, now: p.release_button(now))
+        strokes = pen.firmware.strokes
+
+        rig, collector = await start_rig(tmp_path, state_dir=state, runner=runner, slots=[slot])
+        try:
+            await rig.wait_event(EventKind.PASS_ENDED, reason="recovered")
+            session = rig.service.session(sid)
+            assert session is not None
+            assert session.zones["cheeks"].passes_done == 1
+            assert session.passes[-1].recovered and session.passes[-1].strokes == strokes
+            assert cartridge in session.cartridges_used
+            rig.service.act(EndSession(sid, THERAPIST))
+            svc = rig.service
+            sid2 = svc.new_session_id()
+            svc.act(CreateSession(sid2, rig.port(), "client-ref-2", "full_face", THERAPIST))
+            svc.act(StartSession(sid2, THERAPIST))
+            svc.act(SelectZone(sid2, "cheeks", THERAPIST))
+            svc.act(SetZoneDepth(sid2, 1000, THERAPIST))
+            with pytest.raises(ActionRefused) as info:
+                svc.act(ArmPen(sid2, THERAPIST))
+            assert info.value.refusal.code is RefusalReason.CARTRIDGE_SPENT
+            assert not pen.armed
+        finally:
+            await stop_rig(rig, collector, close_runner=False)
