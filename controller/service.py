@@ -35,13 +35,13 @@ from firmware_protocol.messages import Telemetry
 from .audit import AuditLog, AuditRecord, read_recent
 from .config import PenEndpoint, ServiceSettings
 from .durable_writer import DurableWriter
+from .errors import ActionRefused
 from .executor import OutcomeExecutor
 from .journal import Journal
 from .link import LinkDown, LinkUp, PenLink, PenLinkConfig
 from .link.pen_link import LinkEvent
 from .live import LiveTelemetry, PenCondition, PenView, PenWatchers, Subscription
 from .policy import Plan, TreatmentPolicy, ZoneLimits, load_policy
-from .safety.gate import Refused
 from .sessions import (
     Action,
     CreateSession,
@@ -74,14 +74,6 @@ _LOGGED_EVENTS = frozenset(
         EventKind.SESSION_REPORT,
     }
 )
-
-
-class ActionRefused(Exception):  # noqa: N818 - it is an answer, not a bug
-    """The registry refused an action; ``refusal`` says why in the therapist's words."""
-
-    def __init__(self, refusal: Refused) -> None:
-        super().__init__(f"{refusal.message} {refusal.remediation}")
-        self.refusal = refusal
 
 
 @dataclass

@@ -17,9 +17,9 @@ import contextlib
 from collections.abc import Callable
 from typing import Protocol
 
+from controller.errors import ActionRefused
 from controller.live import PenCondition, PenView, Subscription
 from controller.safety.context import LinkStatus, SessionState
-from controller.service import ActionRefused
 from controller.sessions import (
     AcknowledgeFault,
     Action,

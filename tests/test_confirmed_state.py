@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from controller.audit import AuditKind, read_records
+from controller.errors import ActionRefused
 from controller.safety.context import SessionState
 from controller.safety.gate import RefusalReason
-from controller.service import ActionRefused
 from controller.sessions import (
     ArmPen,
     CreateSession,

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from controller.audit import AuditKind, AuditRecord, read_records
+from controller.errors import ActionRefused
 from controller.safety.gate import RefusalReason
-from controller.service import ActionRefused
 from controller.sessions import (
     CreateSession,
     EndSession,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from controller.errors import ActionRefused
 from controller.safety.context import LinkStatus, SessionState
-from controller.service import ActionRefused
 from controller.sessions import CreateSession, EndSession, SetZoneDepth
 
 from .controller_rig import THERAPIST, Rig, start_rig, stop_rig

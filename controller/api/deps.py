@@ -15,9 +15,9 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.requests import HTTPConnection
 
 from controller.audit import AuditRecord
+from controller.errors import ActionRefused
 from controller.live import Subscription
 from controller.policy import Plan, ZoneLimits
-from controller.service import ActionRefused
 from controller.sessions import Action, SessionEvent
 from controller.sessions.records import Session
 

@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from controller.config import load_settings
+from controller.errors import ActionRefused
 from controller.live import PenView
 from controller.policy import TreatmentPolicy, load_policy
 from controller.safety.context import LinkStatus
-from controller.service import ActionRefused, ControllerService
+from controller.service import ControllerService
 from controller.sessions import Actor, EventKind, Role
 from devtools.therapist import EventFeed, Therapist
 

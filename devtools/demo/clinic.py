@@ -19,8 +19,9 @@ import random
 
 import structlog
 
+from controller.errors import ActionRefused
 from controller.policy import TreatmentPolicy
-from controller.service import ActionRefused, ControllerService
+from controller.service import ControllerService
 from controller.sessions import Actor, EventKind, OverrideZone, Role
 from devtools.therapist import EventFeed
 from simulated_pen.faults import Fault, FaultKind

@@ -24,8 +24,9 @@ from hypothesis import strategies as st
 
 from controller.api import UserStore, create_app
 from controller.config import load_settings
+from controller.errors import ActionRefused
 from controller.safety.context import SessionState
-from controller.service import ActionRefused, ControllerService
+from controller.service import ControllerService
 from controller.sessions import (
     Actor,
     ArmState,

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from controller.errors import ActionRefused
 from controller.safety.gate import RefusalReason
-from controller.service import ActionRefused
 from controller.sessions import (
     ArmPen,
     CreateSession,

@@ -14,7 +14,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 from fastapi import Path as PathParam
 
-from controller.service import ActionRefused
+from controller.errors import ActionRefused
 from controller.sessions import (
     AcknowledgeFault,
     Action,
