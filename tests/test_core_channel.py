@@ -27,6 +27,8 @@ from controller.policy import load_policy
 from controller.sessions import Actor, ArmPen, Role, SessionEvent
 from firmware_protocol.messages import Telemetry
 
+from .controller_rig import eventually
+
 THERAPIST = Actor("t-1", Role.THERAPIST)
 PAYLOAD = Telemetry(1, 500, 498, 100, 300, 2500, 4000, 10, 0x03, 1).encode()
 
@@ -130,9 +132,7 @@ async def test_events_and_telemetry_reach_the_edge_in_order_and_are_acknowledged
             got.append(await sub.queue.get())
     assert [g.detail["n"] for g in got if isinstance(g, SessionEvent)] == [0, 1]
     assert any(isinstance(g, LiveTelemetry) and g.session_id == "s1" for g in got)
-    async with asyncio.timeout(5):
-        while pair.channel._unacked:  # the edge acknowledged what it secured
-            await asyncio.sleep(0.01)
+    await eventually(lambda: not pair.channel._unacked)  # the edge secured and acknowledged
     assert sum(len(i.records) for i in pair.items) == 3
 
 
@@ -156,9 +156,7 @@ async def test_a_flood_of_requests_is_answered_busy_not_queued(pair: Pair) -> No
         for n in range(1000, 1100)
     )
     transport.write(frames)  # 100 requests in one write
-    async with asyncio.timeout(5):
-        while pair.channel.counters.busy + pair.channel.counters.requests < 100:
-            await asyncio.sleep(0.01)
+    await eventually(lambda: pair.channel.counters.busy + pair.channel.counters.requests >= 100)
     assert pair.channel.counters.busy >= 50
     assert len(pair.core.requests) <= 50
 
@@ -182,9 +180,7 @@ async def test_unacknowledged_items_are_sent_again_to_a_new_edge(pair: Pair) -> 
     )
     await client.start()
     try:
-        async with asyncio.timeout(5):
-            while not items:
-                await asyncio.sleep(0.01)
+        await eventually(lambda: bool(items))
         assert items[0].records[0].payload == PAYLOAD
     finally:
         await client.stop()
