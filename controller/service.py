@@ -392,7 +392,7 @@ class ControllerService:
         """Queue the outcome's journal and audit records; the future of the last one."""
         commit: concurrent.futures.Future[Any] | None = None
         if outcome.state_changed:
-            commit = self._save_registry(port)
+            commit = self._save_registry(port, outcome.also_changed)
         if outcome.audit:
             entries = list(outcome.audit)
             commit = self.writer.submit(lambda: self.audit.extend(entries), "audit")
@@ -456,7 +456,9 @@ class ControllerService:
             "ledger": self.journal.load_all("cartridge"),
         }
 
-    def _save_registry(self, port: str | None) -> concurrent.futures.Future[None]:
+    def _save_registry(
+        self, port: str | None, also: Iterable[str] = ()
+    ) -> concurrent.futures.Future[None]:
         """Journal what the input on ``port`` can have changed (None: everything live).
 
         Whole-registry snapshots grew with the clinic's history and stalled every
@@ -471,7 +473,7 @@ class ControllerService:
         else:
             ports = {port}
             sessions = {registry.live_session_id(port), self._journaled_live.get(port)}
-        parts = registry.to_parts({s for s in sessions if s}, ports)
+        parts = registry.to_parts({s for s in (*sessions, *also) if s}, ports)
         docs: list[tuple[str, str, Mapping[str, Any]]] = [
             (*REGISTRY_DOC, {"format": parts["format"], "next_token": parts["next_token"]})
         ]

@@ -164,6 +164,7 @@ async def test_4_a_pen_running_after_a_confirmed_stop_is_stopped_and_faulted(rig
     svc = rig.service
     sid = await rig.start_treating("cheeks", 1000)
     svc.act(StopPen(sid, THERAPIST))
+    await rig.wait_event(EventKind.STOP_SENT, reason="therapist")
     await eventually(lambda: svc.registry.pen(rig.port()).arm == "disarmed", within=2.0)
     mark = len(rig.events)
     # The pen claims, in order, to be armed and running although it confirmed the Stop.
@@ -180,7 +181,7 @@ async def test_4_a_motor_start_while_disarmed_is_stopped_and_still_counted(rig: 
     svc = rig.service
     sid = await rig.start_treating("cheeks", 1000)
     svc.act(DisarmPen(sid, THERAPIST))
-    await eventually(lambda: svc.registry.pen(rig.port()).arm == "disarmed", within=2.0)
+    await rig.wait_event(EventKind.DISARMED, reason="host_disarm")
     mark = len(rig.events)
 
     def motor_started(p: SimulatedPen, now: float) -> None:

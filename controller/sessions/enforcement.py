@@ -198,6 +198,10 @@ def lose_link(step: Step, port: str, reason: str, link: LinkStatus, *, audit: bo
     session = step.live(port)
     if session is None or session.pen_serial is None:
         return
+    if session.current_pass is not None:
+        # The pass goes on counting strokes on the cartridge after the link is gone; it is
+        # counted here, so the chip's later count must not make another pass of it.
+        pen.cartridge_strokes = None
     close_pass(step, session, "link_lost")
     if fire(step, session, SessionInput.LINK_LOST, reason) and audit:
         step.audit(
@@ -374,15 +378,17 @@ def reconcile_counters(
 def _recover_passes(
     step: Step, port: str, count: int, strokes: int | None, cartridge_id: int | None
 ) -> None:
+    """Count ``count`` runs nobody heard as passes of the session whose arming they ran
+    under, whether it is still live or has ended since (its cartridge then spent)."""
     pen = step.pen(port)
-    session = step.live(port)
     arming = pen.arming
-    if session is None or arming is None or arming.session_id != session.session_id:
+    session = step.store.sessions.get(arming.session_id) if arming else None
+    if arming is None or session is None or session.port != port:
         what = (
             f"The pen ran {count} time(s) while the controller was not listening, "
             "without an arming approved for this session."
         )
-        unapproved(step, port, session, what)
+        unapproved(step, port, step.live(port), what)
         return
     zone = session.zones[arming.zone_id]
     first_run = (pen.runs_counted or 0) + 1
@@ -398,10 +404,12 @@ def _recover_passes(
             recovered=True,
         )
         close_pass(step, session, "recovered", strokes=strokes if count == 1 else None)
-    if cartridge_id is not None and step.store.ledger.mark_used(
-        cartridge_id, session.session_id, step.now
-    ):
+    ledger = step.store.ledger
+    if cartridge_id is not None and ledger.mark_used(cartridge_id, session.session_id, step.now):
         session.cartridges_used.append(cartridge_id)
+    if session.state is SessionState.ENDED:
+        ledger.spend_session(session.session_id, step.now)  # a finished client's: spent
+        step.out.also_changed.add(session.session_id)
     step.audit(
         AuditKind.RECOVERY,
         session,

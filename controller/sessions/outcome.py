@@ -87,6 +87,9 @@ class Outcome:
     refusal: Refused | None = None
     state_changed: bool = False
     sent_early: tuple[PenCommand, ...] = ()
+    #: Sessions changed besides the one live on the input's port (an ended session
+    #: given a pass recovered from the pen's counters): the journal must save them too.
+    also_changed: frozenset[str] = frozenset()
 
     @property
     def urgent_commands(self) -> tuple[PenCommand, ...]:
@@ -109,6 +112,7 @@ class OutcomeBuilder:
     state_changed: bool = False
     urgent_sink: UrgentSink | None = None
     sent_early: list[PenCommand] = field(default_factory=list)
+    also_changed: set[str] = field(default_factory=set)
 
     def command(self, command: PenCommand) -> None:
         """Add a command; an urgent one goes to the sink at once, if there is one."""
@@ -126,6 +130,7 @@ class OutcomeBuilder:
             refusal=self.refusal,
             state_changed=self.state_changed,
             sent_early=tuple(self.sent_early),
+            also_changed=frozenset(self.also_changed),
         )
 
 
