@@ -84,6 +84,7 @@ def pen_connected(step: Step, port: str, identity: Identity) -> None:
     pen.min_speed_hz = identity.min_speed_hz or None
     pen.max_speed_hz = identity.max_speed_hz or None
     pen.max_telemetry_rate_hz = identity.max_telemetry_rate_hz or None
+    step.store.limits.pop(port, None)  # the pen's declared limits may have changed
     # A pen disarms when it accepts a new host (PROTOCOL.md §10): nothing it held before
     # is assumed until it reports its state (Status, asked below). Until then it is
     # never armed.

@@ -61,8 +61,13 @@ class Step:
         return self.store.live(port)
 
     def limits(self, port: str) -> SafetyLimits:
+        """The policy's limits narrowed by what the pen declared (cached until it connects
+        again: they change only with its Identity)."""
+        cached = self.store.limits.get(port)
+        if cached is not None:
+            return cached
         pen = self.pen(port)
-        return SafetyLimits.from_policy(
+        limits = self.store.limits[port] = SafetyLimits.from_policy(
             self.policy,
             pen.max_depth_um,
             pen.max_lease_ms,
@@ -70,6 +75,7 @@ class Step:
             pen_min_speed_hz=pen.min_speed_hz,
             pen_max_speed_hz=pen.max_speed_hz,
         )
+        return limits
 
     def context(self, port: str, session: Session | None) -> GateContext:
         """The snapshot the gate and the monitor judge this pen and session by."""
@@ -90,34 +96,34 @@ class Step:
         else:
             link = LinkStatus.UP
         ledger = self.store.ledger
-        common: dict[str, Any] = {
-            "limits": self.limits(port),
-            "cartridge_id": pen.cartridge_id,
-            "link": link,
-            "motor_running": pen.motor_running,
-            "lease_token": pen.lease_token,
-            "pen_serial": pen.serial,
-            "expected_serial": expected,
-            "armed": pen.arm is not ArmState.DISARMED,
-            "pen_confirmed": pen.confirmed,
-            "pen_depth_set_um": pen.depth_set_um,
-            "pen_depth_pending_um": pen.depth_pending_um,
-            "telemetry_rate_hz": self.store.rate(port).rate(),
-        }
-        if session is None:
-            return GateContext(
-                cartridge=ledger.status(pen.cartridge_id, None, pen.cartridge_strokes),
-                **common,
-            )
-        zone = session.zones.get(session.current_zone) if session.current_zone else None
+        zone = None
+        if session is not None and session.current_zone is not None:
+            progress = session.zones.get(session.current_zone)
+            zone = zone_context(progress) if progress else None
+        current = session.current_pass if session is not None else None
         return GateContext(
-            session_state=session.state,
-            zone=zone_context(zone) if zone else None,
-            depth_setpoint_um=session.depth_setpoint_um,
-            cartridge=ledger.status(pen.cartridge_id, session.session_id, pen.cartridge_strokes),
-            fault=session.fault.detail if session.fault else None,
-            pass_start_strokes=session.current_pass.start_strokes if session.current_pass else None,
-            **common,
+            limits=self.limits(port),
+            session_state=session.state if session is not None else None,
+            zone=zone,
+            depth_setpoint_um=session.depth_setpoint_um if session is not None else None,
+            cartridge_id=pen.cartridge_id,
+            cartridge=ledger.status(
+                pen.cartridge_id,
+                session.session_id if session is not None else None,
+                pen.cartridge_strokes,
+            ),
+            link=link,
+            fault=session.fault.detail if session is not None and session.fault else None,
+            motor_running=pen.motor_running,
+            lease_token=pen.lease_token,
+            pass_start_strokes=current.start_strokes if current is not None else None,
+            pen_serial=pen.serial,
+            expected_serial=expected,
+            armed=pen.arm is not ArmState.DISARMED,
+            pen_confirmed=pen.confirmed,
+            pen_depth_set_um=pen.depth_set_um,
+            pen_depth_pending_um=pen.depth_pending_um,
+            telemetry_rate_hz=self.store.rate(port).rate(),
         )
 
     # --- what the step produces ----------------------------------------------------------

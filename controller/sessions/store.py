@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
+from controller.safety.context import SafetyLimits
 from controller.safety.rate import RateMeter
 
 from .ledger import CartridgeLedger
@@ -31,6 +32,8 @@ class RegistryStore:
         self.next_token = 1
         #: Measured telemetry rate per port: a measurement, not a record (never journaled).
         self.rates: dict[str, RateMeter] = {}
+        #: Each pen's limits (policy narrowed by its Identity): derived, never journaled.
+        self.limits: dict[str, SafetyLimits] = {}
 
     # --- lookups -------------------------------------------------------------------------
 
