@@ -31,7 +31,17 @@ class InfluxUnavailable(InfluxError):  # noqa: N818 - a condition, not a bug
 
 
 class InfluxRejected(InfluxError):  # noqa: N818
-    """The server refused the data (4xx); retrying the same data will fail again."""
+    """The server refused the data (4xx); retrying the same data will fail again.
+
+    ``status`` is the HTTP status and ``detail`` InfluxDB's error text, so callers
+    decide on them (401/403: credentials; 404 "database not found") without
+    parsing the message.
+    """
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(f"InfluxDB refused the write ({status}): {detail}")
+        self.status = status
+        self.detail = detail
 
 
 class InfluxQueryError(InfluxError):
@@ -104,7 +114,7 @@ class InfluxClient:
         detail = _error_text(resp)
         if resp.status_code >= 500 or resp.status_code in (408, 429):
             raise InfluxUnavailable(f"InfluxDB answered {resp.status_code}: {detail}")
-        raise InfluxRejected(f"InfluxDB refused the write ({resp.status_code}): {detail}")
+        raise InfluxRejected(resp.status_code, detail)
 
     async def query(
         self, q: str, *, epoch: str | None = "ns", method: str = "GET"

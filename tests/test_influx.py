@@ -52,8 +52,10 @@ async def test_write_is_idempotent_and_queryable(influxd: ServerProcess) -> None
 async def test_errors_are_classified(influxd: ServerProcess) -> None:
     async with _client(influxd) as client:
         await client.create_database()
-        with pytest.raises(InfluxRejected, match="400"):
+        with pytest.raises(InfluxRejected, match="400") as refused:
             await client.write("not line protocol at all")
+        assert refused.value.status == 400  # an attribute: nobody parses the message
+        assert refused.value.detail
         with pytest.raises(InfluxQueryError):
             await client.query("SELEKT nonsense")
     async with _client(influxd, db="missing") as client:
