@@ -21,7 +21,7 @@ def test_fifo_acknowledge_and_reopen(tmp_path: Path) -> None:
     first = box.pending(4)
     assert [m.topic for m in first] == ["t/0", "t/1", "t/2", "t/3"]
     assert [m.topic for m in box.pending(2, after_id=first[-1].id)] == ["t/4", "t/5"]
-    box.acknowledge([m.id for m in first])
+    box.delivered([m.id for m in first])
     assert box.counters.depth == 6
     assert box.counters.bytes == 6 * len(b"payload-0000")
     box.close()
@@ -93,41 +93,62 @@ def test_survives_kill_9(tmp_path: Path) -> None:
 def test_stream_numbers_are_gapless_and_survive_reopen(tmp_path: Path) -> None:
     box = Outbox(tmp_path / "o.db")
 
-    def build(seq: int) -> NewMessage:
-        return NewMessage("t", str(seq).encode())
+    def build(seqs: list[int]) -> NewMessage:
+        return NewMessage("t", ",".join(map(str, seqs)).encode())
 
-    box.put_sequenced([("a", build), ("a", build), ("b", build)])
+    box.put_numbered([("a", "telemetry"), ("a", "telemetry"), ("b", "telemetry")], build)
+    box.put_numbered([("a", "events")], build)
     box.close()
     box = Outbox(tmp_path / "o.db")
-    assert box.next_seq("a") == 2
-    box.put_sequenced([("a", build)])
-    assert [m.payload for m in box.pending(10)] == [b"0", b"1", b"0", b"2"]
+    assert box.next_seq("a", "telemetry") == 2
+    box.put_numbered([("a", "telemetry")], build)
+    assert [m.payload for m in box.pending(10)] == [b"0,1,0", b"0", b"2"]
+    assert all(m.acked_end_to_end for m in box.pending(10))
 
 
-def test_requeue_recent_puts_back_the_last_acknowledged_seconds(tmp_path: Path) -> None:
-    box = Outbox(tmp_path / "o.db", replay_s=2.0)
-    box.put_many(_msg(i) for i in range(6))
-    ids = [m.id for m in box.pending(10)]
-    box.acknowledge(ids[:2], now=100.0)  # older than the window once the rest is acked
-    box.acknowledge(ids[2:4], now=105.0)
-    box.acknowledge(ids[4:5], now=106.5)
-    assert box.counters.depth == 1
+def _bundle(box: Outbox, *devices: str) -> None:
+    box.put_numbered(
+        [(d, "telemetry") for d in devices], lambda seqs: NewMessage("b", repr(seqs).encode())
+    )
+
+
+def test_a_numbered_message_leaves_when_its_last_key_is_acknowledged(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db")
+    _bundle(box, "p1", "p2")  # p1/0, p2/0
+    _bundle(box, "p1", "p2")  # p1/1, p2/1
+    box.put(NewMessage("status", b"s", retain=True))
+    first, second, status = box.pending(10)
+    box.delivered([first.id, second.id])  # a PUBACK is not enough for numbered messages
+    assert box.counters.depth == 3
+    assert box.acknowledge_keys("p1", "telemetry", [(0, 1)]) == []  # p2 still missing
+    assert box.acknowledge_keys("p2", "telemetry", [(0, 0)]) == [first.id]
+    assert box.acknowledge_keys("p2", "telemetry", [(0, 0)]) == []  # twice: ignored
+    assert box.acknowledge_keys("p9", "events", [(0, 99)]) == []  # unknown: ignored
     box.close()
-    # Reopened much later (the broker was down a long time): the window is measured
-    # from the last acknowledgement, not from now.
-    box = Outbox(tmp_path / "o.db", replay_s=2.0)
-    assert box.requeue_recent() == 3
-    assert [m.topic for m in box.pending(10)] == ["t/2", "t/3", "t/4", "t/5"]
-    assert (box.counters.depth, box.counters.requeued) == (4, 3)
-    assert box.counters.bytes == 4 * len(b"payload-0000")
-    assert box.requeue_recent() == 0  # nothing acknowledged since
-    box.acknowledge([m.id for m in box.pending(10)], now=200.0)
+    box = Outbox(tmp_path / "o.db")  # what is still owed survives a restart
+    assert [m.id for m in box.pending(10)] == [second.id, status.id]
+    assert box.waiting_for_broker() == 1
+    assert box.acknowledge_many([("p2", "telemetry", [(1, 1)])]) == [second.id]
+    box.delivered([status.id])
+    assert (box.counters.depth, box.counters.bytes) == (0, 0)
+    assert (box.counters.acknowledged, box.counters.delivered) == (1, 1)
+
+
+def test_a_dropped_bundle_takes_its_keys_along(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db", max_messages=2)
+    for _ in range(3):
+        _bundle(box, "p1")
+    assert box.counters.dropped_oldest == 1
+    assert box.acknowledge_keys("p1", "telemetry", [(0, 0)]) == []  # gone with its message
+    assert len(box.acknowledge_keys("p1", "telemetry", [(1, 2)])) == 2
     assert box.counters.depth == 0
+    assert box.next_seq("p1", "telemetry") == 3  # the dropped number is not reused
 
 
-def test_without_a_replay_window_acknowledged_means_gone(tmp_path: Path) -> None:
-    box = Outbox(tmp_path / "o.db", replay_s=0)
-    box.put_many(_msg(i) for i in range(3))
-    box.acknowledge([m.id for m in box.pending(10)])
-    assert box.requeue_recent() == 0
-    assert box.pending(10) == []
+def test_get_returns_only_what_still_waits(tmp_path: Path) -> None:
+    box = Outbox(tmp_path / "o.db")
+    _bundle(box, "p1")
+    _bundle(box, "p1")
+    ids = [m.id for m in box.pending(10)]
+    box.acknowledge_keys("p1", "telemetry", [(0, 0)])
+    assert [m.id for m in box.get(ids)] == ids[1:]
