@@ -12,12 +12,23 @@ import tomllib
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
+
+#: The shortest clinic secret accepted for pseudonyms (telemetry.events.Pseudonymizer).
+PSEUDONYM_KEY_MIN_CHARS = 32
 
 
 class ConfigError(ValueError):
@@ -49,13 +60,36 @@ class MqttSettings(_Section):
     username: str | None = None
     password: str | None = None
     topic_root: str = Field(default="pen/v1", min_length=1)
-    replay_s: float = Field(
-        default=5.0,
-        ge=0,
-        le=3600,
-        description="on reconnect, re-send what the broker acknowledged in its last seconds; "
-        "must exceed the broker's autosave_interval",
+    batch_interval_s: float = Field(
+        default=0.05, gt=0, le=5, description="telemetry committed and bundled this often"
     )
+    status_interval_s: float = Field(
+        default=10.0, gt=0, le=3600, description="pen statuses republished this often"
+    )
+    ack_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=3600,
+        description="publish again what ingest has not acknowledged after this long "
+        "(doubling up to ack_timeout_max_s while nothing is acknowledged)",
+    )
+    ack_timeout_max_s: float = Field(default=60.0, gt=0, le=86_400)
+    reorder_s: float = Field(
+        default=2.0,
+        gt=0,
+        le=600,
+        description="a message still unacknowledged this long after a later one was "
+        "acknowledged is published again",
+    )
+    max_in_flight: int = Field(
+        default=5_000, ge=1, le=1_000_000, description="outbox messages unacknowledged at once"
+    )
+
+    @model_validator(mode="after")
+    def _timeouts_ordered(self) -> MqttSettings:
+        if self.ack_timeout_max_s < self.ack_timeout_s:
+            raise ValueError("ack_timeout_max_s must be at least ack_timeout_s")
+        return self
 
 
 class InfluxSection(_Section):
@@ -138,6 +172,12 @@ class ServiceSettings(PenctlSettings):
     """Everything `penctl serve` needs; see the module docstring for sources."""
 
     clinic_id: str = Field(default="clinic-0001", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    pseudonym_key: SecretStr | None = Field(
+        default=None,
+        description="the clinic's secret for pseudonymising client references before MQTT "
+        "(HMAC-SHA256); the same on every controller of the clinic, e.g. "
+        "`openssl rand -hex 32`. Unset: a key generated once in state_dir/pseudonym.key",
+    )
     state_dir: Path = Path("var/controller")
     policy_file: Path | None = None
     pens: list[PenEndpoint] = Field(default_factory=list)
@@ -145,6 +185,16 @@ class ServiceSettings(PenctlSettings):
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     influx: InfluxSection = Field(default_factory=InfluxSection)
     api: ApiSettings = Field(default_factory=ApiSettings)
+
+    @field_validator("pseudonym_key")
+    @classmethod
+    def _key_strong_enough(cls, key: SecretStr | None) -> SecretStr | None:
+        if key is not None and len(key.get_secret_value()) < PSEUDONYM_KEY_MIN_CHARS:
+            raise ValueError(
+                f"the clinic's secret needs at least {PSEUDONYM_KEY_MIN_CHARS} characters "
+                f"(e.g. `openssl rand -hex 32`), this one has {len(key.get_secret_value())}"
+            )
+        return key
 
 
 def load_settings(path: Path | None = None, **overrides: Any) -> ServiceSettings:
