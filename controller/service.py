@@ -19,7 +19,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import gc
-import json
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -54,6 +53,7 @@ from .sessions import (
     SessionRegistry,
 )
 from .sessions.records import Session
+from .telemetry.events import Pseudonymizer
 from .telemetry.outbox import Outbox
 from .telemetry.publisher import TelemetryPublisher
 
@@ -153,12 +153,13 @@ class ControllerService:
             self.pens[port] = _PenRuntime(port, endpoint, link)
         self.publisher: TelemetryPublisher | None = None
         if self.settings.mqtt.enabled:
-            self.outbox = Outbox(state / "outbox.db", replay_s=self.settings.mqtt.replay_s)
+            self.outbox = Outbox(state / "outbox.db")
             self.publisher = TelemetryPublisher(
                 self.settings.mqtt,
                 self.outbox,
                 clinic_id=self.settings.clinic_id,
                 controller_id=self.controller_id,
+                pseudonymize=Pseudonymizer.configured(self.settings.pseudonym_key, state),
             )
         self._subscribers: set[Subscription] = set()
         self._meta: dict[str, tuple[str | None, str | None]] = {}
@@ -183,10 +184,16 @@ class ControllerService:
             self._tasks.append(asyncio.create_task(pen.link.run(), name=f"link-{pen.port}"))
         if self.publisher is not None:
             self._tasks.append(asyncio.create_task(self.publisher.run(), name="publisher"))
+            self._tasks.append(asyncio.create_task(self._status_loop(), name="pen statuses"))
 
     async def stop(self) -> None:
         for pen in self.pens.values():
             await pen.link.close()
+        if self.publisher is not None:
+            # Retained statuses stay true: every pen and the controller say offline.
+            self.sync_records()
+            self._publish_statuses(stopping=True)
+            await self.publisher.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -348,15 +355,31 @@ class ControllerService:
         else:
             outcome = self.registry.handle_link_event(port, event, now)
         self._execute(outcome, port)
-        if self.publisher is not None and isinstance(event, LinkUp | LinkDown):
-            serial = pen.serial
-            if serial:
+        if isinstance(event, LinkUp | LinkDown):
+            self._publish_statuses([port])
+
+    async def _status_loop(self) -> None:
+        # Retained statuses stay true: refreshed link counters, and a controller
+        # that stops refreshing them is noticed (docs/MQTT.md).
+        while True:
+            await asyncio.sleep(self.settings.mqtt.status_interval_s)
+            self._publish_statuses()
+
+    def _publish_statuses(
+        self, ports: Iterable[str] | None = None, *, stopping: bool = False
+    ) -> None:
+        if self.publisher is None:
+            return
+        for port in self.pens if ports is None else ports:
+            pen, state = self.pens[port], self.registry.pen(port)
+            if pen.serial:
                 self.publisher.set_status(
-                    serial,
-                    online=isinstance(event, LinkUp),
-                    state="up" if isinstance(event, LinkUp) else "down",
-                    firmware=event.identity.firmware_version if isinstance(event, LinkUp) else None,
-                    link=_numeric(pen.link.stats()),
+                    pen.serial,
+                    online=state.link == "up" and not stopping,
+                    state="stopped" if stopping else state.link,
+                    firmware=state.firmware,
+                    session=pen.session_id,
+                    link=pen.link.stats(),
                 )
 
     def _on_telemetry(self, pen: _PenRuntime, sample: Telemetry, now: float) -> None:
@@ -532,39 +555,18 @@ class ControllerService:
         serial = pen.serial if pen else None
         if not serial:
             return
-        detail = dict(event.detail)
-        values: dict[str, int | float | bool | str] = {}
-        for key, value in detail.items():
-            if key in ("zone_id", "message", "code", "reason", "kind"):
-                continue
-            if isinstance(value, bool | int | float | str):
-                values[key] = value
-            elif value is not None:
-                values[key] = json.dumps(value, sort_keys=True, default=str)[:200]
         therapist, plan = self._session_meta(event.session_id)
         self.publisher.add_event(
             serial,
             event.kind.value,
+            event.detail,
             session=event.session_id,
             therapist=therapist,
             plan=plan,
-            zone=detail.get("zone_id") or (pen.zone if pen else None),
-            code=_str_or_none(detail.get("code") or detail.get("reason") or detail.get("kind")),
-            message=_str_or_none(detail.get("message"), 500),
-            values=dict(list(values.items())[:32]),
+            zone=pen.zone if pen else None,
         )
 
 
 def _port_name(index: int, endpoint: PenEndpoint) -> str:
     """The registry's name for a configured pen: its name, or pen1, pen2, ..."""
     return endpoint.name or f"pen{index + 1}"
-
-
-def _str_or_none(value: object, limit: int = 64) -> str | None:
-    return None if value is None else str(value)[:limit]
-
-
-def _numeric(stats: dict[str, Any]) -> dict[str, int | float]:
-    return {
-        k: v for k, v in stats.items() if isinstance(v, int | float) and not isinstance(v, bool)
-    }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -15,15 +16,16 @@ from controller.ingest.points import (
     event_lines,
     event_values,
     message_points,
+    pen_offline_lines,
     status_lines,
     telemetry_fields,
     telemetry_lines,
 )
 from controller.telemetry.schema import (
+    ControllerStatus,
     DeviceStatus,
     EventRecord,
     TelemetryBatch,
-    bundle_payload,
     device_topic,
     dump,
 )
@@ -42,8 +44,18 @@ def _batch(**kw: object) -> TelemetryBatch:
     return TelemetryBatch.model_validate(fields)
 
 
+def bundle_bytes(clinic: str, controller: str, batches: list[TelemetryBatch]) -> bytes:
+    """A bundle's JSON without the model's checks, so tests can make bad ones."""
+    doc = {
+        "clinic": clinic,
+        "controller": controller,
+        "batches": [b.model_dump(exclude_none=True) for b in batches],
+    }
+    return json.dumps(doc).encode()
+
+
 def _bundle(controller: str) -> bytes:
-    return bundle_payload("north-1", controller, [dump(_batch())])
+    return bundle_bytes("north-1", controller, [_batch()])
 
 
 def _event(kind: str = "pass_ended", **kw: object) -> EventRecord:
@@ -158,19 +170,20 @@ def test_status_point() -> None:
         ("pen/v1/c/device/d/telemetry", dump(_batch()), "topic_mismatch"),
         ("pen/v1/c/device/d/firmware", b"{}", "unknown_topic"),
         ("pen/v2/c/device/d/telemetry", b"{}", "unknown_topic"),
-        ("pen/v1/c/controller/x/status", b"{}", "unknown_topic"),
+        ("pen/v1/c/controller/x/status", b"{}", "schema"),
+        ("pen/v1/c/controller/x/ack", b"{}", "unknown_topic"),
         ("pen/v1/c/clinic/x/telemetry", b"{}", "unknown_topic"),
         ("pen/v1/c/controller/x/telemetry", b'{"clinic":"c","controller":"x"}', "schema"),
         ("pen/v1/north-1/controller/x/telemetry", _bundle("y"), "topic_mismatch"),
         ("pen/v1/south/controller/x/telemetry", _bundle("x"), "topic_mismatch"),
         (
             "pen/v1/north-1/controller/x/telemetry",
-            bundle_payload("north-1", "x", [dump(_batch()), dump(_batch(clinic="south"))]),
+            bundle_bytes("north-1", "x", [_batch(), _batch(clinic="south")]),
             "schema",
         ),
         (
             "pen/v1/north-1/controller/x/telemetry",
-            bundle_payload("north-1", "x", [dump(_batch(clinic="south"))]),
+            bundle_bytes("north-1", "x", [_batch(clinic="south")]),
             "schema",
         ),
     ],
@@ -184,9 +197,38 @@ def test_malformed_messages_are_classified(topic: str, payload: bytes, reason: s
 def test_a_bundle_gives_the_points_of_its_batches() -> None:
     one, two = _batch(), _batch(device="PEN-8", seq=9)
     topic = "pen/v1/north-1/controller/ctl-1/telemetry"
-    points = message_points(topic, bundle_payload("north-1", "ctl-1", [dump(one), dump(two)]))
+    points = message_points(topic, bundle_bytes("north-1", "ctl-1", [one, two]))
     assert points.lines == telemetry_lines(one) + telemetry_lines(two)
     assert points.newest_ts_ns == max(one.samples[-1][0], two.samples[-1][0])
+    # Acknowledged to the bundle's controller, entry by entry.
+    assert points.controller == ("north-1", "ctl-1")
+    assert points.keys == (("PEN-7", "telemetry", 4), ("PEN-8", "telemetry", 9))
+
+
+def test_an_event_is_acknowledged_to_its_controller() -> None:
+    topic = device_topic("pen/v1", "north-1", "PEN-7", "events")
+    points = message_points(topic, dump(_event(controller="ctl-1")))
+    assert (points.controller, points.keys) == (("north-1", "ctl-1"), (("PEN-7", "events", 9),))
+    anonymous = message_points(topic, dump(_event()))  # an older producer: nobody waits
+    assert (anonymous.controller, anonymous.keys) == (None, ())
+
+
+def test_a_controller_going_offline_takes_its_online_pens_along() -> None:
+    topic = "pen/v1/north-1/controller/ctl-1/status"
+    will = ControllerStatus(clinic="north-1", controller="ctl-1", online=False, ts_ns=0)
+    points = message_points(topic, dump(will))
+    assert points.offline == will
+    assert points.lines[0].startswith("controller_status,clinic=north-1,controller=ctl-1 ")
+    online = ControllerStatus(clinic="north-1", controller="ctl-1", online=True, ts_ns=T0)
+    assert message_points(topic, dump(online)).offline is None
+    lines = pen_offline_lines(
+        ControllerStatus(clinic="north-1", controller="ctl-1", online=False, ts_ns=T0),
+        {"PEN-1": (True, "ctl-1"), "PEN-2": (False, "ctl-1"), "PEN-3": (True, "ctl-2")},
+    )
+    assert lines == [
+        "device_status,clinic=north-1,device=PEN-1 online=false,"
+        f'state="controller_offline",controller="ctl-1" {T0}'
+    ]
 
 
 def test_message_points_newest_timestamp() -> None:

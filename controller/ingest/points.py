@@ -18,6 +18,7 @@ Rules that keep the database healthy for years of a clinic chain:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final, Literal, TypeVar
@@ -30,6 +31,7 @@ from ..influx import FieldValue, format_line
 from ..telemetry.schema import (
     DEFAULT_ROOT,
     SAMPLE_FIELDS,
+    ControllerStatus,
     DeviceStatus,
     EventRecord,
     TelemetryBatch,
@@ -46,6 +48,7 @@ ZONES: Final = "zones"
 SAFETY: Final = "safety"
 CARTRIDGES: Final = "cartridges"
 DEVICE_STATUS: Final = "device_status"
+CONTROLLER_STATUS: Final = "controller_status"
 
 MEASUREMENTS: Final = (
     TELEMETRY,
@@ -56,6 +59,7 @@ MEASUREMENTS: Final = (
     SAFETY,
     CARTRIDGES,
     DEVICE_STATUS,
+    CONTROLLER_STATUS,
 )
 
 # The session registry's event kinds (controller.sessions.EventKind) that feed the
@@ -82,12 +86,24 @@ class MalformedMessage(ValueError):  # noqa: N818 - a verdict on data, not a bug
         self.detail = detail
 
 
+#: (device, stream, seq): one numbered entry a controller waits to see acknowledged.
+AckKey = tuple[str, str, int]
+
+
 @dataclass(frozen=True, slots=True)
 class Points:
-    """The line-protocol lines of one MQTT message and its newest timestamp."""
+    """The line-protocol lines of one MQTT message and what writing them settles.
+
+    ``controller`` (clinic, controller id) is whom ``keys`` are acknowledged to once
+    the lines are written (None: nobody waits); ``offline`` is set for a controller's
+    offline status or last will, whose pens ingest then marks offline too.
+    """
 
     lines: list[str]
     newest_ts_ns: int
+    controller: tuple[str, str] | None = None
+    keys: tuple[AckKey, ...] = ()
+    offline: ControllerStatus | None = None
 
 
 def message_points(topic: str, payload: bytes, root: str = DEFAULT_ROOT) -> Points:
@@ -98,9 +114,17 @@ def message_points(topic: str, payload: bytes, root: str = DEFAULT_ROOT) -> Poin
             "unknown_topic", f"not a device or controller topic under {root}/: {topic!r}"
         )
     clinic, kind, ident, stream = parsed
-    model: type[TelemetryBatch] | type[EventRecord] | type[DeviceStatus] | type[TelemetryBundle]
+    model: (
+        type[TelemetryBatch]
+        | type[EventRecord]
+        | type[DeviceStatus]
+        | type[TelemetryBundle]
+        | type[ControllerStatus]
+    )
     if kind == "controller" and stream == "telemetry":
         model = TelemetryBundle
+    elif kind == "controller" and stream == "status":
+        model = ControllerStatus
     elif kind == "controller":
         raise MalformedMessage("unknown_topic", f"unknown controller stream in {topic!r}")
     elif stream == "telemetry":
@@ -122,7 +146,16 @@ def message_points(topic: str, payload: bytes, root: str = DEFAULT_ROOT) -> Poin
             )
         lines = [line for batch in record.batches for line in telemetry_lines(batch)]
         newest = max(batch.samples[-1][0] for batch in record.batches)
-        return Points(lines, newest)
+        keys = tuple((b.device, "telemetry", b.seq) for b in record.batches)
+        return Points(lines, newest, (clinic, ident), keys)
+    if isinstance(record, ControllerStatus):
+        if (record.clinic, record.controller) != (clinic, ident):
+            raise MalformedMessage(
+                "topic_mismatch",
+                f"status is {record.clinic}/{record.controller}, topic says {clinic}/{ident}",
+            )
+        lines = controller_status_lines(record)
+        return Points(lines, record.ts_ns, offline=None if record.online else record)
     if (record.clinic, record.device) != (clinic, ident):
         raise MalformedMessage(
             "topic_mismatch",
@@ -131,7 +164,10 @@ def message_points(topic: str, payload: bytes, root: str = DEFAULT_ROOT) -> Poin
     if isinstance(record, TelemetryBatch):
         return Points(telemetry_lines(record), max(row[0] for row in record.samples))
     if isinstance(record, EventRecord):
-        return Points(event_lines(record), record.ts_ns)
+        if record.controller is None:
+            return Points(event_lines(record), record.ts_ns)
+        key = (record.device, "events", record.seq)
+        return Points(event_lines(record), record.ts_ns, (clinic, record.controller), (key,))
     return Points(status_lines(record), record.ts_ns)
 
 
@@ -290,12 +326,52 @@ def status_lines(status: DeviceStatus) -> list[str]:
     fields: dict[str, FieldValue] = {"online": status.online, "state": status.state}
     _put(fields, "firmware", status.firmware)
     _put(fields, "session", status.session)
+    _put(fields, "controller", status.controller)
     for key, value in status.link.items():
         fields[f"link_{key}"] = float(value)
     return [
         format_line(
             DEVICE_STATUS, {"clinic": status.clinic, "device": status.device}, fields, status.ts_ns
         )
+    ]
+
+
+def controller_status_lines(status: ControllerStatus) -> list[str]:
+    """A ``controller_status`` point per controller status message (or last will).
+
+    The will is made when the controller connects and carries no time of its own
+    (``ts_ns`` 0): it is filed under the time ingest reads it.
+    """
+    ts = status.ts_ns or time.time_ns()
+    return [
+        format_line(
+            CONTROLLER_STATUS,
+            {"clinic": status.clinic, "controller": status.controller},
+            {"online": status.online},
+            ts,
+        )
+    ]
+
+
+def pen_offline_lines(
+    status: ControllerStatus, last: Mapping[str, tuple[bool, str | None]]
+) -> list[str]:
+    """``device_status`` points taking offline the pens a dead or stopped controller served.
+
+    ``last`` maps each device of the clinic to its newest status (online, controller);
+    the pens still online under ``status.controller`` get an offline point, state
+    ``controller_offline``.
+    """
+    ts = status.ts_ns or time.time_ns()
+    return [
+        format_line(
+            DEVICE_STATUS,
+            {"clinic": status.clinic, "device": device},
+            {"online": False, "state": "controller_offline", "controller": status.controller},
+            ts,
+        )
+        for device, (online, controller) in sorted(last.items())
+        if online and controller == status.controller
     ]
 
 

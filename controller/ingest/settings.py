@@ -51,7 +51,15 @@ class IngestSection(BaseModel):
     batch_messages: int = Field(default=500, ge=1, le=50_000)
     # 20k lines per /write measured ~20% faster than 5k through ingest (penctl bench ingest)
     batch_points: int = Field(default=20_000, ge=1, le=1_000_000)
-    batch_seconds: float = Field(default=0.1, gt=0, le=60)
+    batch_seconds: float = Field(
+        default=0.1, gt=0, le=60, description="the longest a batch waits for more messages"
+    )
+    writers: int = Field(
+        default=2,
+        ge=1,
+        le=16,
+        description="batches written to InfluxDB at once (InfluxDB takes more in parallel)",
+    )
     receive_maximum: int = Field(
         default=2_000,
         ge=1,

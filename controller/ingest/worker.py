@@ -2,18 +2,22 @@
 
 Flow, per broker connection::
 
-    broker --PUBLISH (QoS 1)--> aiomqtt queue (bounded) --> reader --> batcher --> writer
-    batcher: parse + map to points (points.py), close a batch by count or age
-    writer:  write the batch to InfluxDB, dead-letter what can never be written,
-             then PUBACK every message of the batch in arrival order; one batch is
-             written while the next is parsed
+    broker --PUBLISH (QoS 1)--> aiomqtt queue (bounded) --> reader --> batcher --> writers
+    batcher: parse + map to points (points.py); a batch closes when a writer is
+             free (nothing else waits for one), or by count or age
+    writers: ``ingest.writers`` of them, each writes a batch to InfluxDB and
+             dead-letters what can never be written (writer.py), then tells the
+             controllers what of their streams is durable (the ack topic); PUBACKs
+             go out in arrival order once every earlier batch is done too
 
 Guarantees and why they hold:
 
-* Nothing is acknowledged before its points are in InfluxDB (or its dead letter
-  is committed), so a killed worker, a lost connection or an InfluxDB outage can
-  only cause redelivery, never loss. Redelivery is harmless: timestamps come from
-  the payload, so the same points are overwritten.
+* Nothing is acknowledged, to the broker or to a controller, before its points
+  are in InfluxDB (or its dead letter is committed), so a killed worker, a lost
+  connection or an InfluxDB outage can only cause redelivery, never loss.
+  Redelivery is harmless: timestamps come from the payload, so the same points
+  are overwritten, whichever writer writes them and in whatever order (a point's
+  content is fixed by its stream entry, so concurrent writers need no ordering).
 * While InfluxDB is unavailable the batcher retries the same batch with bounded
   exponential backoff. The broker stops sending once ``receive_maximum``
   messages are unacknowledged and queues the rest in our durable session.
@@ -36,7 +40,6 @@ import asyncio
 import contextlib
 import fcntl
 import json
-import re
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import asdict, dataclass, field
@@ -50,10 +53,13 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from ..influx import InfluxClient, InfluxError, InfluxRejected, InfluxUnavailable
-from .deadletters import DeadLetter, DeadLetterStore
-from .points import MalformedMessage, Points, message_points
+from ..influx import InfluxClient, InfluxError
+from ..telemetry.aiomqtt_compat import manual_acks
+from ..telemetry.schema import ack_topic, dump
+from .deadletters import DeadLetterStore
+from .points import MalformedMessage, message_points
 from .settings import IngestSettings
+from .writer import BatchWriter, Received, acks
 
 log = structlog.get_logger(__name__)
 
@@ -70,27 +76,6 @@ class SubscriptionRefused(aiomqtt.MqttError):
     """The broker refused a subscription (usually an ACL); retried like a lost connection."""
 
 
-def manual_acks(client: aiomqtt.Client) -> Callable[[aiomqtt.Message], None]:
-    """Switch ``client`` to manual acknowledgements; returns the function that acks a message.
-
-    aiomqtt 2.5 has no manual-ack API yet; this is the workaround documented in its
-    issue empicano/aiomqtt#345, using paho-mqtt's own (paho >= 2.0) ``manual_ack_set``
-    and ``ack`` on the wrapped client. Call it *before* connecting: a durable
-    session's queued messages arrive right after CONNACK, and paho would already have
-    acknowledged them by the time code inside ``async with client`` runs.
-    QoS 1 acks must be sent in the order the messages arrived (MQTT 5 §4.6).
-    """
-    paho = client._client
-    paho.manual_ack_set(True)
-
-    def ack(message: aiomqtt.Message) -> None:
-        # Without a connection paho returns an error code and sends nothing; the
-        # broker then redelivers the message to our session, which is harmless.
-        paho.ack(message.mid, message.qos)
-
-    return ack
-
-
 @dataclass
 class IngestCounters:
     """What the worker has done since it started (redeliveries included)."""
@@ -105,6 +90,8 @@ class IngestCounters:
     malformed: int = 0  # messages that could not be parsed or mapped
     rejected_points: int = 0  # single lines InfluxDB refused
     dead_letters: int = 0  # malformed + rejected_points, all committed
+    controller_acks: int = 0  # ack messages published to controllers
+    pens_marked_offline: int = 0  # device_status points derived from a controller's will
     connects: int = 0
     connection_losses: int = 0
     newest_ts_ns: int = 0  # newest sample/event time written so far
@@ -155,13 +142,6 @@ class _Resync(aiomqtt.MqttError):
     """Reconnect to have the broker redeliver what the worker had to drop."""
 
 
-@dataclass(slots=True)
-class _Received:
-    message: aiomqtt.Message
-    points: Points | None
-    malformed: MalformedMessage | None
-
-
 class IngestWorker:
     """One ingest worker. ``await run()`` until ``stop()``; counters in ``counters``.
 
@@ -175,8 +155,8 @@ class IngestWorker:
         self.counters = IngestCounters()
         self.ready = asyncio.Event()  # set once subscribed (after each connect, too)
         self._stopping = asyncio.Event()
-        self._influx: InfluxClient | None = None
-        self._dead: DeadLetterStore | None = None
+        self._writer: BatchWriter | None = None
+        self._live_client: aiomqtt.Client | None = None  # while connected, for the goodbye
         cfg = settings.ingest
         self.client_id = f"penctl-ingest-{cfg.group}-{cfg.worker_id}"
         self.root = settings.mqtt.topic_root
@@ -185,6 +165,8 @@ class IngestWorker:
         self.subscriptions = [f"{share}/device/+/{stream}" for stream in cfg.streams]
         if "telemetry" in cfg.streams:  # controllers publish telemetry in bundles
             self.subscriptions.append(f"{share}/controller/+/telemetry")
+        if "status" in cfg.streams:  # a controller's will takes its pens offline
+            self.subscriptions.append(f"{share}/controller/+/status")
         self.stats_topic = f"{self.root}/{cfg.clinic or '_ingest'}/ingest/{cfg.worker_id}/stats"
 
     @property
@@ -216,8 +198,15 @@ class IngestWorker:
         with self._state_lock():
             async with InfluxClient(self.settings.influx_settings()) as influx:
                 with DeadLetterStore(self.dead_letter_path, self.settings.ingest.worker_id) as dead:
-                    self._influx, self._dead = influx, dead
-                    await self._prepare_database()
+                    cfg = self.settings.ingest
+                    self._writer = BatchWriter(
+                        influx,
+                        dead,
+                        self.counters,
+                        backoff_initial_s=cfg.backoff_initial_s,
+                        backoff_max_s=cfg.backoff_max_s,
+                    )
+                    await self._prepare_database(influx)
                     log.info(
                         "ingest_started",
                         worker=self.settings.ingest.worker_id,
@@ -237,6 +226,8 @@ class IngestWorker:
         stop = asyncio.create_task(self._stopping.wait())
         try:
             await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if stop.done():
+                await self._goodbye()
         finally:
             await cancel_and_wait([task, stop])
         if not task.cancelled():
@@ -260,12 +251,22 @@ class IngestWorker:
         finally:
             handle.close()  # releases the lock (the kernel does so on SIGKILL too)
 
-    async def _prepare_database(self) -> None:
+    async def _goodbye(self) -> None:
+        """A clean stop leaves the retained stats saying offline (the will does not fire)."""
+        client = self._live_client
+        if client is None:
+            return
+        with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+            async with asyncio.timeout(2.0):
+                await client.publish(
+                    self.stats_topic, self._stats_payload(online=False), qos=1, retain=True
+                )
+
+    async def _prepare_database(self, influx: InfluxClient) -> None:
         if not self.settings.ingest.create_database:
             return
-        assert self._influx is not None
         try:
-            await self._influx.create_database()
+            await influx.create_database()
         except InfluxError as exc:
             # Not fatal: InfluxDB may be down (writes will wait for it) or the user may
             # lack admin rights on a database that already exists.
@@ -319,7 +320,11 @@ class IngestWorker:
                     await self._subscribe(client)
                     delay = cfg.backoff_initial_s
                     log.info("mqtt_connected", client_id=self.client_id)
-                    await self._consume(client, ack, overflow)
+                    self._live_client = client
+                    try:
+                        await self._consume(client, ack, overflow)
+                    finally:
+                        self._live_client = None
             except _Resync as exc:
                 self.ready.clear()
                 self.counters.resyncs += 1
@@ -357,12 +362,18 @@ class IngestWorker:
         cfg = self.settings.ingest
         # A short hand-over queue; the backlog waits in aiomqtt's bounded queue.
         inbox: asyncio.Queue[aiomqtt.Message] = asyncio.Queue(maxsize=cfg.batch_messages)
-        # One batch may be written while the next is parsed; at most one waits.
-        flushes: asyncio.Queue[list[_Received]] = asyncio.Queue(maxsize=1)
+        # Batches being written concurrently while the next is parsed; at most one waits.
+        flushes: asyncio.Queue[tuple[int, list[Received]]] = asyncio.Queue(maxsize=1)
+        in_order = _InOrder(ack)
         tasks = [
             asyncio.create_task(self._receive(client, inbox)),
-            asyncio.create_task(self._batch_loop(inbox, flushes, idle_s)),
-            asyncio.create_task(self._writer(flushes, ack, overflow)),
+            asyncio.create_task(
+                self._batch_loop(inbox, flushes, idle_s, lambda: len(client.messages), overflow)
+            ),
+            *(
+                asyncio.create_task(self._write_loop(client, flushes, in_order))
+                for _ in range(cfg.writers)
+            ),
         ]
         if not idle_s:
             tasks.append(asyncio.create_task(self._stats_loop(client)))
@@ -388,14 +399,17 @@ class IngestWorker:
     async def _batch_loop(
         self,
         inbox: asyncio.Queue[aiomqtt.Message],
-        flushes: asyncio.Queue[list[_Received]],
+        flushes: asyncio.Queue[tuple[int, list[Received]]],
         idle_s: float,
+        buffered: Callable[[], int],
+        overflow: _Overflow,
     ) -> None:
         cfg = self.settings.ingest
         loop = asyncio.get_running_loop()
-        batch: list[_Received] = []
+        batch: list[Received] = []
         points = 0
         deadline = 0.0
+        index = 0  # batches are acknowledged to the broker in this order
         while True:
             if batch:
                 timeout: float | None = deadline - loop.time()
@@ -408,7 +422,8 @@ class IngestWorker:
                 if not batch:
                     await flushes.join()  # idle (retire mode only): all written and acked
                     return
-                await flushes.put(batch)
+                await flushes.put((index, batch))
+                index += 1
                 batch, points = [], 0
                 continue
             unyielded = 0
@@ -432,142 +447,57 @@ class IngestWorker:
                     message = inbox.get_nowait()
                 except asyncio.QueueEmpty:
                     break
-            if len(batch) >= cfg.batch_messages or points >= cfg.batch_points:
-                await flushes.put(batch)
+            full = len(batch) >= cfg.batch_messages or points >= cfg.batch_points
+            # Nothing else arrived and no batch waits for a writer: write now, so a
+            # quiet stream is not held for batch_seconds (end-to-end latency). Under
+            # load a batch waits for a free writer and grows meanwhile.
+            drained = inbox.empty() and not buffered()
+            if full or (inbox.empty() and flushes.empty()) or (drained and overflow.dropped):
+                await flushes.put((index, batch))
+                index += 1
                 batch, points = [], 0
-
-    async def _writer(
-        self,
-        flushes: asyncio.Queue[list[_Received]],
-        ack: Callable[[aiomqtt.Message], None],
-        overflow: _Overflow,
-    ) -> None:
-        # One writer per connection, so batches are acknowledged in arrival order.
-        while True:
-            batch = await flushes.get()
-            await self._flush(batch, ack)
-            flushes.task_done()
-            if overflow.dropped:
+            if drained and overflow.dropped:
                 # The broker overran our buffer (Mosquitto 2.0.11 stops honouring
                 # Receive Maximum once acknowledgements flow) and the dropped messages
-                # are unacknowledged: reconnecting makes the broker send them again.
+                # are unacknowledged: once what was kept is written and acknowledged,
+                # reconnecting makes the broker send them again.
+                await flushes.join()
                 self.counters.overflow_drops += overflow.dropped
                 raise _Resync(f"{overflow.dropped} messages dropped by a full buffer")
 
-    def _parse(self, message: aiomqtt.Message) -> _Received:
+    async def _write_loop(
+        self,
+        client: aiomqtt.Client,
+        flushes: asyncio.Queue[tuple[int, list[Received]]],
+        in_order: _InOrder,
+    ) -> None:
+        # Several per connection: batches are written concurrently and acknowledged
+        # to the broker in arrival order (_InOrder).
+        assert self._writer is not None
+        while True:
+            index, batch = await flushes.get()
+            started = time.monotonic()
+            durable = await self._writer.write(batch)
+            for message in acks(durable, self.settings.ingest.worker_id, time.time_ns()):
+                topic = ack_topic(self.root, message.clinic, message.controller)
+                await client.publish(topic, dump(message), qos=1)
+                self.counters.controller_acks += 1
+            in_order.done(index, batch)
+            self.counters.batches += 1
+            self.counters.last_batch_s = time.monotonic() - started
+            flushes.task_done()
+
+    def _parse(self, message: aiomqtt.Message) -> Received:
         self.counters.messages += 1
         payload = message.payload
         if not isinstance(payload, bytes | bytearray):
             payload = str(payload).encode()
         try:
-            return _Received(
+            return Received(
                 message, message_points(str(message.topic), bytes(payload), self.root), None
             )
         except MalformedMessage as exc:
-            return _Received(message, None, exc)
-
-    async def _flush(self, batch: list[_Received], ack: Callable[[aiomqtt.Message], None]) -> None:
-        started = time.monotonic()
-        lines: list[str] = []
-        origin: list[int] = []  # batch index of each line
-        newest = 0
-        for i, received in enumerate(batch):
-            if received.points is not None:
-                lines.extend(received.points.lines)
-                origin.extend([i] * len(received.points.lines))
-                newest = max(newest, received.points.newest_ts_ns)
-        refused = await self._write_bisecting(lines, 0)
-
-        letters = [
-            DeadLetter(
-                str(r.message.topic), _payload(r.message), r.malformed.reason, r.malformed.detail
-            )
-            for r in batch
-            if r.malformed is not None
-        ]
-        letters += [
-            DeadLetter(
-                str(batch[origin[i]].message.topic),
-                _payload(batch[origin[i]].message),
-                "rejected",
-                f"{reason}\nline: {lines[i]}",
-            )
-            for i, reason in refused
-        ]
-        if letters:
-            assert self._dead is not None
-            self._dead.add(letters)  # committed before anything is acknowledged
-            for letter in letters:
-                self.counters.by_reason[letter.reason] = (
-                    self.counters.by_reason.get(letter.reason, 0) + 1
-                )
-                log.warning(
-                    "dead_letter",
-                    topic=letter.topic,
-                    reason=letter.reason,
-                    detail=letter.detail[:300],
-                )
-            self.counters.malformed += sum(1 for r in batch if r.malformed is not None)
-            self.counters.rejected_points += len(refused)
-            self.counters.dead_letters += len(letters)
-
-        for received in batch:  # in arrival order, as MQTT requires
-            ack(received.message)
-        self.counters.batches += 1
-        if len(refused) < len(lines):
-            self.counters.newest_ts_ns = max(self.counters.newest_ts_ns, newest)
-        self.counters.last_batch_s = time.monotonic() - started
-
-    async def _write_bisecting(self, lines: list[str], offset: int) -> list[tuple[int, str]]:
-        """Write lines; on InfluxRejected split to find the refused ones.
-
-        Returns (index, reason) of each line InfluxDB refused on its own. The other
-        lines are written (InfluxDB 1.x may already have written them in a partial
-        write; writing them again is harmless).
-        """
-        if not lines:
-            return []
-        try:
-            await self._write_retrying(lines)
-            return []
-        except InfluxRejected as exc:
-            self.counters.write_rejections += 1
-            if len(lines) == 1:
-                return [(offset, str(exc))]
-        half = len(lines) // 2
-        return await self._write_bisecting(lines[:half], offset) + await self._write_bisecting(
-            lines[half:], offset + half
-        )
-
-    async def _write_retrying(self, lines: list[str]) -> None:
-        """Write until InfluxDB takes it; raises InfluxRejected only for bad data."""
-        cfg = self.settings.ingest
-        assert self._influx is not None
-        delay = cfg.backoff_initial_s
-        while True:
-            try:
-                self.counters.points_written += await self._influx.write(lines)
-                self.counters.written_at_ns = time.time_ns()
-                return
-            except InfluxUnavailable as exc:
-                problem = str(exc)
-            except InfluxRejected as exc:
-                status = _rejection_status(exc)
-                if status in (401, 403):
-                    # Credentials, not data: dead-lettering would throw good points away.
-                    problem = f"not authorised, waiting for an operator: {exc}"
-                elif status == 404 and "database not found" in str(exc):
-                    problem = str(exc)
-                    with contextlib.suppress(InfluxError):
-                        await self._influx.create_database()
-                else:
-                    raise
-            self.counters.write_retries += 1
-            log.warning(
-                "influx_write_retry", error=problem[:300], points=len(lines), retry_in_s=delay
-            )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, cfg.backoff_max_s)
+            return Received(message, None, exc)
 
     # --- stats ---------------------------------------------------------------------
 
@@ -635,19 +565,22 @@ async def cancel_and_wait(tasks: list[asyncio.Task[Any]]) -> None:
         raise asyncio.CancelledError
 
 
+class _InOrder:
+    """PUBACKs in arrival order although batches finish in any order (MQTT 5 §4.6)."""
+
+    def __init__(self, ack: Callable[[aiomqtt.Message], None]) -> None:
+        self._ack = ack
+        self._next = 0
+        self._done: dict[int, list[Received]] = {}
+
+    def done(self, index: int, batch: list[Received]) -> None:
+        self._done[index] = batch
+        while self._next in self._done:
+            for received in self._done.pop(self._next):
+                self._ack(received.message)
+            self._next += 1
+
+
 def _refused(code: object) -> bool:
     # MQTT 5 SUBACK reason codes: 0x00-0x02 grant a QoS, 0x80 and above refuse.
     return code.is_failure if isinstance(code, ReasonCode) else int(str(code)) >= 0x80
-
-
-def _payload(message: aiomqtt.Message) -> bytes:
-    payload = message.payload
-    if isinstance(payload, bytes | bytearray):
-        return bytes(payload)
-    return str(payload).encode()
-
-
-def _rejection_status(exc: InfluxRejected) -> int | None:
-    # controller.influx puts the HTTP status in the message: "refused the write (401): ..."
-    match = re.search(r"\((\d{3})\)", str(exc))
-    return int(match.group(1)) if match else None

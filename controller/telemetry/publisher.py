@@ -1,22 +1,28 @@
-"""Telemetry publisher: samples and events -> durable outbox -> MQTT v5 broker.
+"""Telemetry publisher: samples, events and statuses -> durable outbox -> MQTT v5 broker.
 
-The controller's pen callbacks call ``add_sample``/``add_event``/``set_status``;
-these are synchronous and cheap. Samples are batched in memory per pen for at
-most ``batch_interval`` (100 ms by default) and then committed to the outbox in
-one transaction; events and statuses are committed at once. Only the outbox
-feeds the broker, so the broker being down changes nothing upstream.
+Input (synchronous and cheap, the whole interface a controller needs):
+``add_sample`` per pen sample, ``add_event`` per registry event (shaped here:
+codes, pseudonyms, no free text; :mod:`.events`), ``set_status`` per pen status.
+Samples are kept in memory per pen and, every ``batch_interval`` (50 ms by
+default), committed as **one** TelemetryBundle of every pen's batch in one
+outbox transaction; events and statuses are committed at once. Only the outbox
+feeds the broker, so the broker or ingest being down changes nothing upstream.
 
-What a kill -9 can lose: the samples of the current, not yet committed batch
+What a kill -9 can lose: the samples of the current, not yet committed flush
 (at most ``batch_interval`` of telemetry), exactly like the bytes still in the
 serial driver. Everything committed is published after restart.
 
-The sender follows aiomqtt's documented reconnect loop: connect, publish,
-and on ``MqttError`` wait (with backoff) and connect again. It takes up to
-``inflight`` outbox rows at a time and publishes them at once (QoS 1), the
-telemetry batches among them as one TelemetryBundle per clinic (see schema.py
-for why); a row leaves the outbox only after the PUBACK of the message that
-carried it, so a reconnect may publish a batch twice, which ingest absorbs
-(deterministic timestamps).
+Delivery is acknowledged end to end (docs/MQTT.md): ingest publishes on
+``{root}/{clinic}/controller/{controller}/ack`` which ``(device, stream, seq)``
+it has durably written, and a bundle or event leaves the outbox only then.
+:class:`.delivery.DeliveryWindow` decides what is sent again and when (after a
+reconnect, when later messages were acknowledged, after a timeout), so nothing
+depends on PUBACK reason codes, on who else subscribes, or on what a broker
+keeps across a crash. Statuses are retained state, refreshed by the controller
+every few seconds: they leave the outbox on the broker's PUBACK.
+
+The sender follows aiomqtt's documented reconnect loop: connect, work, and on
+``MqttError`` wait (with backoff) and connect again.
 """
 
 from __future__ import annotations
@@ -24,70 +30,57 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Coroutine
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiomqtt
 import structlog
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
+from pydantic import ValidationError
 
 from firmware_protocol.messages import Telemetry
 
 from ..config import MqttSettings
+from .delivery import DeliveryWindow
+from .events import Pseudonymizer, shape_event
 from .outbox import NewMessage, Outbox, OutboxMessage
 from .schema import (
     MAX_BUNDLE_BATCHES,
+    Ack,
     ControllerStatus,
     DeviceStatus,
     EventKind,
     EventRecord,
     TelemetryBatch,
-    bundle_payload,
+    TelemetryBundle,
+    ack_topic,
     controller_status_topic,
     controller_telemetry_topic,
     device_topic,
     dump,
-    parse_topic,
     sample_row,
 )
 
 log = structlog.get_logger(__name__)
 
-SESSION_EXPIRY_S = 3600
-NO_MATCHING_SUBSCRIBERS = 0x10
-RETRY_INITIAL_S = 0.5
-RETRY_MAX_S = 5.0
-MAX_BUNDLE_BYTES = 256 * 1024  # well under any broker's message size limit
+MAX_BUNDLE_SAMPLES = 2_000  # ~170 KiB of JSON: well under any broker's message limit
+CLOSE_TIMEOUT_S = 2.0
 
 
 @dataclass
 class PublisherCounters:
     samples: int = 0
     batches: int = 0
+    bundles: int = 0
     events: int = 0
-    published: int = 0
+    statuses: int = 0
+    invalid: int = 0  # events or statuses that failed the schema (a bug; logged)
+    published: int = 0  # MQTT messages sent, resends included
+    acks: int = 0  # ack messages from ingest
+    bad_acks: int = 0  # ack messages that were not for us or not valid
     connects: int = 0
     connect_failures: int = 0
-    undelivered: int = 0  # PUBACKs saying "no matching subscribers" or refusing
     last_error: str = ""
-
-
-@dataclass
-class _Publication:
-    """One MQTT message and the outbox rows it carries (several for a bundle)."""
-
-    topic: str
-    payload: bytes
-    qos: int
-    retain: bool
-    rows: list[OutboxMessage]
-
-    def full(self, extra_bytes: int) -> bool:
-        """Whether a bundle cannot take one more batch of ``extra_bytes``."""
-        size = sum(len(r.payload) for r in self.rows)
-        return len(self.rows) >= MAX_BUNDLE_BATCHES or size + extra_bytes > MAX_BUNDLE_BYTES
 
 
 @dataclass
@@ -95,6 +88,10 @@ class _Pending:
     session: str | None
     zone: str | None
     rows: list[list[int]] = field(default_factory=list)
+
+
+class _Closed(Exception):  # noqa: N818 - control flow inside the connection's TaskGroup
+    pass
 
 
 class TelemetryPublisher:
@@ -107,7 +104,8 @@ class TelemetryPublisher:
         *,
         clinic_id: str,
         controller_id: str,
-        batch_interval: float = 0.1,
+        pseudonymize: Pseudonymizer,
+        batch_interval: float | None = None,
         max_batch: int = 500,
         inflight: int = 100,
         reconnect_max: float = 5.0,
@@ -116,14 +114,29 @@ class TelemetryPublisher:
         self.outbox = outbox
         self.clinic_id = clinic_id
         self.controller_id = controller_id
-        self.batch_interval = batch_interval
+        self.pseudonymize = pseudonymize
+        self.batch_interval = (
+            settings.batch_interval_s if batch_interval is None else batch_interval
+        )
         self.max_batch = max_batch
         self.inflight = inflight
         self.reconnect_max = reconnect_max
         self.counters = PublisherCounters()
+        self.window = DeliveryWindow(
+            max_in_flight=settings.max_in_flight,
+            reorder_s=settings.reorder_s,
+            rto_s=settings.ack_timeout_s,
+            rto_max_s=settings.ack_timeout_max_s,
+        )
         self.connected = asyncio.Event()
-        self._pending: dict[str, _Pending] = {}
+        root = settings.topic_root
+        self._status_topic = controller_status_topic(root, clinic_id, controller_id)
+        self._ack_topic = ack_topic(root, clinic_id, controller_id)
+        self._pending: dict[str, list[_Pending]] = {}
         self._wake = asyncio.Event()
+        self._progress = asyncio.Event()  # something left the outbox or was sent
+        self._closing = asyncio.Event()
+        self._done = asyncio.Event()
         self._last_ts: dict[str, int] = {}
 
     # -- producer side (synchronous) -------------------------------------------------
@@ -137,44 +150,64 @@ class TelemetryPublisher:
         zone: str | None = None,
         ts_ns: int | None = None,
     ) -> None:
-        """Queue one telemetry sample; it is committed with the next batch."""
+        """Queue one telemetry sample; it is committed with the next flush."""
         ts = self._timestamp(device, ts_ns)
-        pending = self._pending.get(device)
-        if pending is None or pending.session != session or pending.zone != zone:
-            if pending is not None:
-                self._commit_samples(device)
-            pending = self._pending[device] = _Pending(session, zone)
-        pending.rows.append(sample_row(ts, telemetry))
+        batches = self._pending.setdefault(device, [])
+        last = batches[-1] if batches else None
+        if (
+            last is None
+            or (last.session, last.zone) != (session, zone)
+            or len(last.rows) >= self.max_batch
+        ):
+            last = _Pending(session, zone)
+            batches.append(last)
+        last.rows.append(sample_row(ts, telemetry))
         self.counters.samples += 1
-        if len(pending.rows) >= self.max_batch:
-            self._commit_samples(device)
 
     def add_event(
         self,
         device: str,
         kind: EventKind,
+        detail: Mapping[str, Any],
         *,
+        session: str | None = None,
+        therapist: str | None = None,
+        plan: str | None = None,
+        zone: str | None = None,
         ts_ns: int | None = None,
-        **fields: object,
     ) -> None:
-        """Commit one event record now (events are never dropped by the outbox)."""
-        ts = self._timestamp(device, ts_ns)
-        topic = device_topic(self.settings.topic_root, self.clinic_id, device, "events")
+        """Commit one session event now, shaped for MQTT (:func:`.events.shape_event`).
 
-        def build(seq: int) -> NewMessage:
-            record = EventRecord.model_validate(
-                {
-                    "clinic": self.clinic_id,
-                    "device": device,
-                    "seq": seq,
-                    "ts_ns": ts,
-                    "kind": kind,
-                    **fields,
-                }
-            )
+        ``detail`` is the registry event's detail as it is; ``zone`` the pen's zone,
+        used when the detail names none. Events are never dropped by the outbox.
+        """
+        ts = self._timestamp(device, ts_ns)
+        shaped = shape_event(kind, detail, self.pseudonymize)
+        topic = device_topic(self.settings.topic_root, self.clinic_id, device, "events")
+        fields = {
+            "clinic": self.clinic_id,
+            "device": device,
+            "controller": self.controller_id,
+            "ts_ns": ts,
+            "kind": kind,
+            "session": session,
+            "therapist": therapist,
+            "plan": plan,
+            "zone": shaped.zone or zone,
+            "code": shaped.code,
+            "values": shaped.values,
+        }
+
+        def build(seqs: list[int]) -> NewMessage:
+            record = EventRecord.model_validate({**fields, "seq": seqs[0]})
             return NewMessage(topic, dump(record), droppable=False)
 
-        self.outbox.put_sequenced([(f"{device}/events", build)])
+        try:
+            self.outbox.put_numbered([(device, "events")], build)
+        except ValidationError as exc:  # a bug, but never one that stops a pen
+            self.counters.invalid += 1
+            log.error("event not publishable", kind=kind, device=device, error=str(exc))
+            return
         self.counters.events += 1
         self._wake.set()
 
@@ -186,58 +219,98 @@ class TelemetryPublisher:
         state: str,
         firmware: str | None = None,
         session: str | None = None,
-        link: dict[str, int | float] | None = None,
+        link: Mapping[str, Any] | None = None,
     ) -> None:
-        """Commit the pen's retained status message."""
-        status = DeviceStatus(
-            clinic=self.clinic_id,
-            device=device,
-            ts_ns=time.time_ns(),
-            online=online,
-            state=state,
-            firmware=firmware,
-            session=session,
-            link=link or {},
-        )
+        """Commit the pen's retained status message (call again to refresh it).
+
+        ``link`` is the link's statistics; the numeric ones are published.
+        """
+        try:
+            status = DeviceStatus(
+                clinic=self.clinic_id,
+                device=device,
+                controller=self.controller_id,
+                ts_ns=time.time_ns(),
+                online=online,
+                state=state,
+                firmware=firmware,
+                session=session,
+                link={
+                    k: v
+                    for k, v in (link or {}).items()
+                    if isinstance(v, int | float) and not isinstance(v, bool)
+                },
+            )
+        except ValidationError as exc:
+            self.counters.invalid += 1
+            log.error("status not publishable", device=device, error=str(exc))
+            return
         topic = device_topic(self.settings.topic_root, self.clinic_id, device, "status")
-        self.outbox.put(NewMessage(topic, dump(status), retain=True, droppable=False))
+        # Droppable: a newer status replaces it on the broker anyway.
+        self.outbox.put(NewMessage(topic, dump(status), retain=True))
+        self.counters.statuses += 1
         self._wake.set()
 
     def flush(self) -> None:
-        """Commit every pending sample batch to the outbox."""
-        for device in list(self._pending):
-            self._commit_samples(device)
+        """Commit every pending sample batch to the outbox, as bundles."""
+        if not self._pending:
+            return
+        pending = [(d, p) for d, batches in self._pending.items() for p in batches if p.rows]
+        self._pending.clear()
+        bundle: list[tuple[str, _Pending]] = []
+        samples = 0
+        for device, batch in pending:
+            if bundle and (
+                samples + len(batch.rows) > MAX_BUNDLE_SAMPLES or len(bundle) >= MAX_BUNDLE_BATCHES
+            ):
+                self._commit_bundle(bundle)
+                bundle, samples = [], 0
+            bundle.append((device, batch))
+            samples += len(batch.rows)
+        if bundle:
+            self._commit_bundle(bundle)
 
     # -- sender ----------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Flush batches and publish the outbox until cancelled."""
+        """Flush batches and publish the outbox until cancelled or closed."""
         flusher = asyncio.create_task(self._flush_loop())
         try:
-            await self._send_loop()
+            await self._connection_loop()
         finally:
             flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await flusher
             self.flush()
+            self._done.set()
+
+    async def close(self) -> None:
+        """Say goodbye: publish what waits for the broker (the statuses just set), then
+        the controller's retained offline status, and disconnect cleanly.
+
+        ``run()`` returns afterwards. Without a broker, nothing waits: the outbox
+        keeps the statuses for the next start.
+        """
+        self.flush()
+        self._closing.set()
+        self._wake.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_TIMEOUT_S + 1.0):
+                await self._done.wait()
 
     async def _flush_loop(self) -> None:
         while True:
             await asyncio.sleep(self.batch_interval)
             self.flush()
 
-    async def _send_loop(self) -> None:
+    async def _connection_loop(self) -> None:
         delay = 0.1
-        status_topic = controller_status_topic(
-            self.settings.topic_root, self.clinic_id, self.controller_id
-        )
         offline = ControllerStatus(
             clinic=self.clinic_id, controller=self.controller_id, online=False, ts_ns=0
         )
-        will = aiomqtt.Will(status_topic, dump(offline), qos=1, retain=True)
-        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-        properties.SessionExpiryInterval = SESSION_EXPIRY_S
-        while True:
+        will = aiomqtt.Will(self._status_topic, dump(offline), qos=1, retain=True)
+        while not self._closing.is_set():
+            failed = False
             try:
                 async with aiomqtt.Client(
                     self.settings.host,
@@ -246,104 +319,120 @@ class TelemetryPublisher:
                     password=self.settings.password,
                     identifier=f"controller-{self.clinic_id}-{self.controller_id}",
                     protocol=aiomqtt.ProtocolVersion.V5,
+                    # No session to keep: acknowledgements missed while away are
+                    # replaced by sending everything unacknowledged again.
+                    clean_start=True,
                     will=will,
-                    properties=properties,
                     keepalive=10,
                     timeout=10,
                 ) as client:
                     self.counters.connects += 1
                     delay = 0.1
-                    online = ControllerStatus(
-                        clinic=self.clinic_id,
-                        controller=self.controller_id,
-                        online=True,
-                        ts_ns=time.time_ns(),
-                    )
-                    await client.publish(status_topic, dump(online), qos=1, retain=True)
-                    # The broker may have died holding what it had acknowledged but
-                    # not saved yet (see outbox.py): send the last moments again.
-                    replayed = self.outbox.requeue_recent()
-                    self.connected.set()
-                    log.info(
-                        "mqtt connected",
-                        host=self.settings.host,
-                        port=self.settings.port,
-                        replayed=replayed,
-                    )
-                    await _until_disconnected(client, self._drain(client))
-            except aiomqtt.MqttError as exc:
-                self.connected.clear()
+                    await self._connected(client)
+            except* _Closed:
+                pass  # the goodbye is said; the loop ends
+            except* aiomqtt.MqttError as group:
+                failed = True
+                self.counters.last_error = str(group.exceptions[0])
+            self.connected.clear()
+            if failed:
                 self.counters.connect_failures += 1
-                self.counters.last_error = str(exc)
-                log.warning("mqtt unavailable; retrying", error=str(exc), retry_in=delay)
-                await asyncio.sleep(delay)
+                log.warning("mqtt unavailable; retrying", error=self.counters.last_error)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._closing.wait()
                 delay = min(delay * 2, self.reconnect_max)
+        self.connected.clear()
 
-    async def _drain(self, client: aiomqtt.Client) -> None:
-        confirmations = _PublishConfirmations(client)
-        retry_in = RETRY_INITIAL_S
+    async def _connected(self, client: aiomqtt.Client) -> None:
+        await client.subscribe(self._ack_topic, qos=1)
+        online = ControllerStatus(
+            clinic=self.clinic_id, controller=self.controller_id, online=True, ts_ns=time.time_ns()
+        )
+        await client.publish(self._status_topic, dump(online), qos=1, retain=True)
+        resent = self.window.reset()  # the broker may have lost anything unacknowledged
+        self.connected.set()
+        log.info("mqtt connected", host=self.settings.host, port=self.settings.port, resend=resent)
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._receive_acks(client))
+                tasks.create_task(self._send(client))
+                tasks.create_task(self._goodbye(client))
+        finally:
+            self.connected.clear()
+
+    async def _receive_acks(self, client: aiomqtt.Client) -> None:
+        # Also the connection's watchdog: the iterator ends as soon as paho notices
+        # a dead connection, while a publish would wait for its PUBACK until timeout.
+        async for message in client.messages:
+            payload = message.payload
+            try:
+                if not isinstance(payload, bytes | bytearray):
+                    raise ValueError("not bytes")
+                ack = Ack.model_validate_json(payload)
+                if (ack.clinic, ack.controller) != (self.clinic_id, self.controller_id):
+                    raise ValueError(f"an ack for {ack.clinic}/{ack.controller}")
+            except ValueError as exc:  # ValidationError is one
+                self.counters.bad_acks += 1
+                log.warning("bad ack", error=str(exc)[:200])
+                continue
+            self.counters.acks += 1
+            done = self.outbox.acknowledge_many((r.device, r.stream, r.seqs) for r in ack.ranges)
+            self.window.acked(done, asyncio.get_running_loop().time())
+            self._progress.set()
+            self._wake.set()
+        raise aiomqtt.MqttError("message stream ended")
+
+    async def _send(self, client: aiomqtt.Client) -> None:
+        loop = asyncio.get_running_loop()
+        cursor = 0  # rows up to this id were sent on this connection
+        window = self.window
         while True:
-            rows = self.outbox.pending(self.inflight)
+            now = loop.time()
+            again = window.due(now)
+            rows: list[OutboxMessage] = []
+            if again:
+                rows = self.outbox.get(again)
+                window.forget(set(again) - {r.id for r in rows})  # acknowledged meanwhile
+            room = min(window.room(), self.inflight)
+            if room > 0:
+                new = self.outbox.pending(room, after_id=cursor)
+                if new:
+                    cursor = new[-1].id
+                rows += new
             if not rows:
                 self._wake.clear()
-                await self._wake.wait()
+                deadline = window.next_deadline()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout_at(deadline):
+                        await self._wake.wait()
                 continue
-            publications = self._publications(rows)
-            codes = await asyncio.gather(
-                *(confirmations.publish(p.topic, p.payload, p.qos, p.retain) for p in publications)
-            )
-            delivered = [
-                row.id
-                for p, code in zip(publications, codes, strict=True)
-                if _delivered(code, p.retain)
-                for row in p.rows
-            ]
-            self.outbox.acknowledge(delivered)
-            self.counters.published += len(delivered)
-            refused = len(rows) - len(delivered)
-            if not refused:
-                retry_in = RETRY_INITIAL_S
-                continue
-            # The broker took the messages but has nobody to give them to (or refused
-            # them): they stay in the outbox and go again, without spinning.
-            self.counters.undelivered += refused
-            self.counters.last_error = f"PUBACK reason codes {sorted(set(codes) - {0})}"
-            log.warning(
-                "broker did not deliver; keeping messages",
-                refused=refused,
-                retry_in=retry_in,
-                codes=sorted(set(codes)),
-            )
-            await asyncio.sleep(retry_in)
-            retry_in = min(retry_in * 2, RETRY_MAX_S)
+            await asyncio.gather(*(self._publish(client, r) for r in rows))
+            self.counters.published += len(rows)
+            window.sent((r.id for r in rows if r.acked_end_to_end), now)
+            self.outbox.delivered([r.id for r in rows if not r.acked_end_to_end])
+            self._progress.set()
 
-    def _publications(self, rows: list[OutboxMessage]) -> list[_Publication]:
-        """Outbox rows as MQTT messages: telemetry batches bundled, the rest one by one.
+    async def _publish(self, client: aiomqtt.Client, row: OutboxMessage) -> None:
+        await client.publish(row.topic, row.payload, qos=row.qos, retain=row.retain)
 
-        A bundle takes the place of its first batch; bundles never mix clinics.
-        """
-        root = self.settings.topic_root
-        out: list[_Publication] = []
-        bundles: list[tuple[str, _Publication]] = []
-        open_bundles: dict[str, _Publication] = {}  # per clinic, until full
-        for row in rows:
-            parsed = parse_topic(row.topic, root)
-            if parsed is None or (parsed[1], parsed[3]) != ("device", "telemetry"):
-                out.append(_Publication(row.topic, row.payload, row.qos, row.retain, [row]))
-                continue
-            clinic = parsed[0]
-            bundle = open_bundles.get(clinic)
-            if bundle is None or bundle.full(len(row.payload)):
-                topic = controller_telemetry_topic(root, clinic, self.controller_id)
-                bundle = open_bundles[clinic] = _Publication(topic, b"", row.qos, False, [])
-                bundles.append((clinic, bundle))
-                out.append(bundle)
-            bundle.rows.append(row)
-        for clinic, bundle in bundles:
-            bundle.payload = bundle_payload(
-                clinic, self.controller_id, [r.payload for r in bundle.rows]
-            )
-        return out
+    async def _goodbye(self, client: aiomqtt.Client) -> None:
+        await self._closing.wait()
+        self._wake.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_TIMEOUT_S):
+                while self.outbox.waiting_for_broker():
+                    self._progress.clear()
+                    await self._progress.wait()
+                offline = ControllerStatus(
+                    clinic=self.clinic_id,
+                    controller=self.controller_id,
+                    online=False,
+                    ts_ns=time.time_ns(),
+                )
+                await client.publish(self._status_topic, dump(offline), qos=1, retain=True)
+                log.info("mqtt goodbye", waiting=self.outbox.counters.depth)
+        raise _Closed
 
     # -- internals -------------------------------------------------------------------
 
@@ -357,99 +446,30 @@ class TelemetryPublisher:
         self._last_ts[device] = ts
         return ts
 
-    def _commit_samples(self, device: str) -> None:
-        pending = self._pending.pop(device, None)
-        if pending is None or not pending.rows:
-            return
-        topic = device_topic(self.settings.topic_root, self.clinic_id, device, "telemetry")
-        rows = pending.rows
+    def _commit_bundle(self, batches: list[tuple[str, _Pending]]) -> None:
+        topic = controller_telemetry_topic(
+            self.settings.topic_root, self.clinic_id, self.controller_id
+        )
 
-        def build(seq: int) -> NewMessage:
-            batch = TelemetryBatch(
+        def build(seqs: list[int]) -> NewMessage:
+            bundle = TelemetryBundle(
                 clinic=self.clinic_id,
-                device=device,
-                seq=seq,
-                session=pending.session,
-                zone=pending.zone,
-                samples=rows,
+                controller=self.controller_id,
+                batches=[
+                    TelemetryBatch(
+                        clinic=self.clinic_id,
+                        device=device,
+                        seq=seq,
+                        session=p.session,
+                        zone=p.zone,
+                        samples=p.rows,
+                    )
+                    for (device, p), seq in zip(batches, seqs, strict=True)
+                ],
             )
-            return NewMessage(topic, dump(batch))
+            return NewMessage(topic, dump(bundle))
 
-        self.outbox.put_sequenced([(f"{device}/telemetry", build)])
-        self.counters.batches += 1
+        self.outbox.put_numbered([(device, "telemetry") for device, _ in batches], build)
+        self.counters.batches += len(batches)
+        self.counters.bundles += 1
         self._wake.set()
-
-
-async def _until_disconnected(client: aiomqtt.Client, work: Coroutine[Any, Any, None]) -> None:
-    """Run work until the connection drops, then raise MqttError at once.
-
-    paho queues QoS 1 publishes on a dead connection and aiomqtt would wait for
-    their PUBACK until its timeout; the message iterator, by contrast, raises as
-    soon as the client notices the disconnect, so it serves as the watchdog.
-    """
-
-    async def watch() -> None:
-        async for _ in client.messages:
-            pass
-
-    watcher = asyncio.create_task(watch())
-    worker = asyncio.create_task(work)
-    try:
-        done, _ = await asyncio.wait({watcher, worker}, return_when=asyncio.FIRST_COMPLETED)
-        for task in done:
-            task.result()
-        raise aiomqtt.MqttError("connection closed")
-    finally:
-        for task in (watcher, worker):
-            task.cancel()
-        await asyncio.gather(watcher, worker, return_exceptions=True)
-
-
-def _delivered(reason_code: int, retain: bool) -> bool:
-    """Whether a PUBACK means the broker has the message for someone.
-
-    Mosquitto 2.0.x answers 0x10 "no matching subscribers" when no ingest worker
-    holds a subscription, for instance right after a broker restart before the
-    workers have subscribed again: the message would be dropped, so it is kept.
-    A retained message is kept by the broker itself, subscribers or not.
-    """
-    if reason_code >= 0x80:
-        return False
-    return reason_code != NO_MATCHING_SUBSCRIBERS or retain
-
-
-class _PublishConfirmations:
-    """QoS 1 publishes that return the PUBACK's reason code.
-
-    aiomqtt waits for the PUBACK but drops its reason code (MQTT 5), and the
-    code is what says whether anyone will receive the message. This wraps
-    paho's on_publish (chaining aiomqtt's own) and paho's publish.
-    """
-
-    def __init__(self, client: aiomqtt.Client) -> None:
-        self._paho = client._client
-        self._waiting: dict[int, asyncio.Future[int]] = {}
-        chained: Any = self._paho.on_publish  # aiomqtt's own, a v2 (5-argument) callback
-
-        def on_publish(
-            paho: Any, userdata: Any, mid: int, reason_code: Any, properties: Any
-        ) -> None:
-            future = self._waiting.pop(mid, None)
-            if future is not None and not future.done():
-                future.set_result(int(getattr(reason_code, "value", reason_code)))
-            if chained is not None:
-                chained(paho, userdata, mid, reason_code, properties)
-
-        self._paho.on_publish = on_publish
-
-    async def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> int:
-        info = self._paho.publish(topic, payload, qos, retain)
-        if info.rc != 0:
-            raise aiomqtt.MqttError(f"could not publish to {topic}: paho rc {info.rc}")
-        if qos == 0:
-            return 0
-        # paho calls on_publish from the event loop's socket callbacks, never
-        # inside publish() for QoS 1, so registering now cannot miss it.
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._waiting[info.mid] = future
-        return await future

@@ -34,7 +34,7 @@ from controller.ingest.points import telemetry_lines
 from controller.ingest.settings import IngestSection
 from controller.telemetry.schema import (
     TelemetryBatch,
-    bundle_payload,
+    TelemetryBundle,
     controller_telemetry_topic,
     dump,
 )
@@ -96,7 +96,7 @@ async def _direct(influxd: ServerProcess, batches: list[TelemetryBatch], databas
 def _bundles(batches: list[TelemetryBatch], pens: int) -> list[bytes]:
     """What the controller's publisher makes of one flush of every pen: one bundle."""
     return [
-        bundle_payload("bench", "bench", [dump(b) for b in batches[i : i + pens]])
+        dump(TelemetryBundle(clinic="bench", controller="bench", batches=batches[i : i + pens]))
         for i in range(0, len(batches), pens)
     ]
 
