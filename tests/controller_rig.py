@@ -72,11 +72,17 @@ class Rig:
                 self._changed.clear()
 
     async def start_treating(
-        self, zone: str, depth_um: int, *, index: int = 0, plan: str = "full_face"
+        self,
+        zone: str,
+        depth_um: int,
+        *,
+        index: int = 0,
+        plan: str = "full_face",
+        client_ref: str = "client-ref-1",
     ) -> str:
         """Create and start a session, select a zone, set its depth, arm; return its id."""
         therapist = self.therapist(index)
-        sid = therapist.open_session("client-ref-1", plan)
+        sid = therapist.open_session(client_ref, plan)
         therapist.select_zone(sid, zone)
         therapist.set_depth(sid, depth_um)
         await therapist.arm(sid)
@@ -149,6 +155,7 @@ async def start_rig(
     slots: list[PenSlot] | None = None,
     mqtt_port: int | None = None,
     expected_serials: list[str | None] | None = None,
+    mqtt: dict[str, Any] | None = None,
 ) -> tuple[Rig, asyncio.Task[None]]:
     """A controller on fresh simulated pens, or on given pens/urls (pens elsewhere)."""
     if urls is None:
@@ -168,7 +175,7 @@ async def start_rig(
             }
             for i, url in enumerate(urls)
         ],
-        mqtt={"enabled": mqtt_port is not None, "port": mqtt_port or 1883},
+        mqtt={"enabled": mqtt_port is not None, "port": mqtt_port or 1883, **(mqtt or {})},
     )
     service = ControllerService(settings, policy=policy)
     therapists = [Therapist(service, f"room{i + 1}", THERAPIST) for i in range(len(urls))]

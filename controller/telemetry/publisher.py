@@ -328,6 +328,7 @@ class TelemetryPublisher:
                 ) as client:
                     self.counters.connects += 1
                     delay = 0.1
+                    client.pending_calls_threshold = self.inflight + 10  # our own window
                     await self._connected(client)
             except* _Closed:
                 pass  # the goodbye is said; the loop ends
