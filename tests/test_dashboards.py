@@ -159,3 +159,45 @@ async def variable_values(client: InfluxClient) -> dict[str, str]:
             else:
                 values[var["name"]] = found[0]  # the first session of the day
     return values
+
+
+async def test_gap_panels_see_a_lost_stream_start_and_lost_events(
+    influxd: ServerProcess,
+) -> None:
+    """Batches 0-2 of a pen's telemetry never arrived (the start of its stream), and
+    event 2 is missing: the pen-health panels must show both."""
+    t0 = (time.time_ns() // 10**9 - 600) * 10**9
+    lines = [
+        f"telemetry_batches,clinic=c,device=PEN-G seq={seq}i,samples=10i {t0 + seq * 10**8}"
+        for seq in range(3, 10)
+    ] + [
+        f'events,clinic=c,device=PEN-G,kind=pass_ended seq={seq}i,zone="x" {t0 + seq}'
+        for seq in (0, 1, 3, 4)
+    ]
+    queries = {
+        q.panel + "/" + q.ref: substitute(q.query, {"device": "PEN-G"})
+        for q in panel_queries()
+        if q.dashboard == "pen_health.json" and ("missing" in q.panel or "jumps" in q.panel)
+    }
+    async with InfluxClient(InfluxSettings(url=f"http://127.0.0.1:{influxd.port}")) as client:
+        await client.create_database()
+        await client.write(lines)
+        answers = {name: await client.query(query) for name, query in queries.items()}
+    missing = {
+        name: dict(zip(s["columns"], s["values"][0], strict=True))
+        for name, series in answers.items()
+        if "missing" in name
+        for s in series
+    }
+    assert missing["Messages missing since each stream began/A"]["telemetry missing"] == 3
+    assert missing["Messages missing since each stream began/A"]["telemetry first seq kept"] == 3
+    assert missing["Messages missing since each stream began/B"]["events missing"] == 1
+    jumps = {
+        name: max(v[1] for s in series for v in s["values"] if v[1] is not None)
+        for name, series in answers.items()
+        if "jumps" in name
+    }
+    assert jumps == {
+        "Sequence jumps: telemetry and events (1 = no gap)/A": 1,
+        "Sequence jumps: telemetry and events (1 = no gap)/B": 2,
+    }
