@@ -67,6 +67,23 @@ MEASUREMENTS: Final = (
 # "interrupted", "faulted") among its values.
 SESSION_KINDS: Final = frozenset({"session_created", "session_report", "state_changed"})
 SAFETY_KINDS: Final = frozenset({"refused", "stop_sent", "override_applied", "fault"})
+# The kinds that go to ``zones`` (with the zone as a tag) when they name a zone: what
+# happens in a zone. Others (arming's lease, a cartridge) stay in ``events`` only, so
+# the series per pen stay (this many) x (zones in the clinic's table).
+ZONE_KINDS: Final = frozenset(
+    {
+        "zone_selected",
+        "depth_set",
+        "arming",
+        "pass_started",
+        "pass_ended",
+        "zone_completed",
+        "override_applied",
+        "refused",
+        "stop_sent",
+        "fault",
+    }
+)
 # The fixed fields of an event point; a value with one of these names gets a prefix.
 _EVENT_FIELDS: Final = frozenset(
     {"seq", "session", "therapist", "plan", "zone", "code", "message", "depth_ratio"}
@@ -271,7 +288,7 @@ def event_lines(event: EventRecord) -> list[str]:
                 ts,
             )
         )
-    if event.zone is not None:
+    if event.zone is not None and event.kind in ZONE_KINDS:
         lines.append(
             format_line(
                 ZONES,
