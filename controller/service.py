@@ -184,13 +184,16 @@ class ControllerService:
             self._tasks.append(asyncio.create_task(pen.link.run(), name=f"link-{pen.port}"))
         if self.publisher is not None:
             self._tasks.append(asyncio.create_task(self.publisher.run(), name="publisher"))
-            self._tasks.append(asyncio.create_task(self._status_loop(), name="pen statuses"))
+            self._status_task = asyncio.create_task(self._status_loop(), name="pen statuses")
+            self._tasks.append(self._status_task)
 
     async def stop(self) -> None:
         for pen in self.pens.values():
             await pen.link.close()
         if self.publisher is not None:
-            # Retained statuses stay true: every pen and the controller say offline.
+            # Retained statuses stay true: every pen and the controller say offline,
+            # and no refresh may come after that.
+            self._status_task.cancel()
             self.sync_records()
             self._publish_statuses(stopping=True)
             await self.publisher.close()

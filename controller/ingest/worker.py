@@ -516,7 +516,8 @@ class IngestWorker:
 
     async def _stats_loop(self, client: aiomqtt.Client) -> None:
         while True:
-            await client.publish(self.stats_topic, self._stats_payload(), qos=1, retain=True)
+            if not self._stopping.is_set():  # the goodbye's offline stats must stay last
+                await client.publish(self.stats_topic, self._stats_payload(), qos=1, retain=True)
             await asyncio.sleep(self.settings.ingest.stats_interval_s)
 
     async def _log_loop(self) -> None:

@@ -119,6 +119,9 @@ async def test_statuses_are_refreshed_and_say_offline_on_a_clean_stop(
                 "online_while_running": sum(
                     d["online"] for t, d in while_running.items() if "/device/" in t
                 ),
+                "pens_after_stop": {t: d["online"] for t, d in pens.items()},
+                "controller_after_stop": controller["online"],
+                "ingest_after_its_stop": after_ingest[stats_topic]["online"],
             },
         )
     )
