@@ -102,7 +102,14 @@ async def _direct(
         started = time.perf_counter()
         await asyncio.gather(*(writer() for _ in range(writers)))
         rate = (len(lines) - WRITE_LINES) / (time.perf_counter() - started)
+        await _drop(client, database)
         return rate * samples / len(lines)
+
+
+async def _drop(client: InfluxClient, database: str) -> None:
+    """Drop a measured database, so that InfluxDB does not compact it during the next
+    measurement: every measurement starts with the same idle server."""
+    await client.query(f'DROP DATABASE "{database}"', method="POST")
 
 
 def _bundles(batches: list[TelemetryBatch], pens: int) -> list[bytes]:
@@ -180,6 +187,7 @@ async def _through_mqtt(
     settings = InfluxSettings(url=f"http://127.0.0.1:{influxd.port}", database=name)
     async with InfluxClient(settings) as client:
         landed = await client.count("telemetry", "depth_um")
+        await _drop(client, name)
     if landed != samples:
         raise RuntimeError(f"ingest wrote {landed} of {samples} samples")
     return rate * samples / lines  # lines also count telemetry_batches points
@@ -210,17 +218,21 @@ def run(ctx: BenchContext) -> list[Row]:
         influxd = start_influxd(Path(tmp) / "influxd")
         try:
             for r in range(rounds):
-                for n in DIRECT_WRITERS:
-                    direct[n].append(
-                        asyncio.run(_direct(influxd, batches, f"direct{r}w{n}", writers=n))
-                    )
+                # Each round in another order: no way of writing always comes second.
+                order: list[int | None] = [*DIRECT_WRITERS, None]
+                for n in order[r % len(order) :] + order[: r % len(order)]:
+                    if n is None:
+                        state = Path(tmp) / "ingest"
+                        via.append(
+                            asyncio.run(
+                                _through_mqtt(mosquitto, influxd, batches, state, f"mqtt{r}")
+                            )
+                        )
+                    else:
+                        direct[n].append(
+                            asyncio.run(_direct(influxd, batches, f"direct{r}w{n}", writers=n))
+                        )
                     advance(1)
-                via.append(
-                    asyncio.run(
-                        _through_mqtt(mosquitto, influxd, batches, Path(tmp) / "ingest", f"mqtt{r}")
-                    )
-                )
-                advance(1)
         finally:
             mosquitto.stop()
             influxd.stop()
