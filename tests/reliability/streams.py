@@ -19,8 +19,8 @@ from typing import Any
 import aiomqtt
 
 from controller.influx import InfluxClient, InfluxSettings
-from controller.stack.processes import ServerProcess
 from controller.telemetry.outbox import Outbox
+from devtools.stack.processes import ServerProcess
 
 STREAMS = {"telemetry": "telemetry_batches", "events": "events"}
 

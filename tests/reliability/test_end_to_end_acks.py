@@ -24,7 +24,7 @@ from typing import Any
 from controller.influx import InfluxClient, InfluxSettings
 from controller.ingest import IngestWorker
 from controller.sessions import EndSession, OverrideZone
-from controller.stack.processes import ServerProcess
+from devtools.stack.processes import ServerProcess
 
 from ..controller_rig import MANAGER, THERAPIST, Rig, eventually, start_rig, stop_rig
 from ..test_ingest import make_settings, running

@@ -21,7 +21,7 @@ import aiomqtt
 
 from controller.influx import InfluxClient, InfluxSettings
 from controller.ingest import IngestWorker
-from controller.stack.processes import ServerProcess
+from devtools.stack.processes import ServerProcess
 
 from ..controller_rig import start_rig, stop_rig
 from ..test_ingest import eventually as poll
