@@ -492,8 +492,10 @@ async def test_killed_worker_restarts_and_loses_nothing(
 ) -> None:
     t0 = now_t0()
     stream = telemetry_stream(clinics=2, devices=2, batches=60, t0=t0)  # 240 msgs over ~4 s
-    # Long batches: at the kill the worker holds received messages it has not written,
-    # which a worker acknowledging on receipt would lose.
+    # At the kill the worker holds received messages it has not written, which a worker
+    # acknowledging on receipt would lose. InfluxDB is stopped first so that the
+    # worker's acknowledged count is frozen when it is read (a quiet stream is written
+    # at once, so a stats message read a moment before the kill could be stale).
     config = write_config(
         tmp_path / "ingest.toml",
         mosquitto,
@@ -507,15 +509,17 @@ async def test_killed_worker_restarts_and_loses_nothing(
     with reaped(penctl(config, log)) as first:
         await read_stats(mosquitto.port, stats_topic, lambda s: s["online"], within=30)
         publisher = asyncio.create_task(publish_steadily(mosquitto.port, stream, 60))
+        await read_stats(mosquitto.port, stats_topic, lambda s: s["online"] and s["batches"] >= 1)
+        await asyncio.to_thread(influxd.stop)
         before = await read_stats(
             mosquitto.port,
             stats_topic,
-            lambda s: s["online"] and s["batches"] >= 1 and s["messages"] > s["acked"],
+            lambda s: s["online"] and s["write_retries"] >= 1 and s["messages"] > s["acked"],
         )
         first.send_signal(signal.SIGKILL)
         first.wait(10)
     assert before["messages"] > before["acked"]  # something was in flight
-    await asyncio.sleep(0.5)
+    await asyncio.to_thread(influxd.start_again)
     with reaped(penctl(config, log)) as second:
         await publisher
         await await_count(influxd, "telemetry", len(stream) * SAMPLES, 60, field="depth_um")

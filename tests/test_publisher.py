@@ -19,6 +19,7 @@ import aiomqtt
 import pytest
 
 from controller.config import MqttSettings
+from controller.ingest.worker import cancel_and_wait
 from controller.telemetry.events import Pseudonymizer
 from controller.telemetry.outbox import Outbox
 from controller.telemetry.publisher import MAX_BUNDLE_SAMPLES, TelemetryPublisher
@@ -104,9 +105,9 @@ async def running(*coros: Any) -> AsyncIterator[None]:
     try:
         yield
     finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # Cancelling again until done: Python 3.11's wait_for (inside aiomqtt) can
+        # swallow a cancellation, and a reconnect loop would then run for ever.
+        await cancel_and_wait(tasks)
 
 
 async def until(condition: Callable[[], bool], within: float = 30.0) -> None:

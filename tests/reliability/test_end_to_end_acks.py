@@ -23,6 +23,7 @@ from typing import Any
 
 from controller.influx import InfluxClient, InfluxSettings
 from controller.ingest import IngestWorker
+from controller.ingest.worker import cancel_and_wait
 from controller.sessions import EndSession, OverrideZone
 from devtools.stack.processes import ServerProcess
 
@@ -98,8 +99,7 @@ async def test_plain_subscriber_ingest_down_and_broker_killed_lose_nothing(
         counts = await count_streams(influxd, numbers)
         stored_samples = await _count(influxd, "telemetry", "depth_um")
     finally:
-        watcher.cancel()
-        await asyncio.gather(watcher, return_exceptions=True)
+        await cancel_and_wait([watcher])  # again and again: aiomqtt may swallow one
     sums = totals(counts)
     figures = record(
         Figures(
@@ -166,8 +166,7 @@ async def test_published_before_ingest_ever_subscribed_and_nothing_personal(
         counts = await count_streams(influxd, numbers)
         points = await _all_points(influxd)
     finally:
-        watcher.cancel()
-        await asyncio.gather(watcher, return_exceptions=True)
+        await cancel_and_wait([watcher])  # again and again: aiomqtt may swallow one
     sums = totals(counts)
     leaks = [
         where
