@@ -377,6 +377,12 @@ def _recover_passes(
     pen = step.pen(port)
     session = step.live(port)
     arming = pen.arming
+    if arming is not None and (session is None or arming.session_id != session.session_id):
+        # Made under the arming of a session the therapist has ended since (its Stop was
+        # lost with the link): that session's passes, and its cartridge is spent too.
+        owner = step.store.sessions.get(arming.session_id)
+        if owner is not None and owner.state is SessionState.ENDED:
+            session = owner
     if session is None or arming is None or arming.session_id != session.session_id:
         what = (
             f"The pen ran {count} time(s) while the controller was not listening, "
@@ -402,6 +408,8 @@ def _recover_passes(
         cartridge_id, session.session_id, step.now
     ):
         session.cartridges_used.append(cartridge_id)
+        if session.state is SessionState.ENDED:
+            step.store.ledger.spend_session(session.session_id, step.now)
     step.audit(
         AuditKind.RECOVERY,
         session,

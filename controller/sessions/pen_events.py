@@ -143,7 +143,13 @@ def handshake_refused(step: Step, port: str, reason: str, identity: Identity) ->
 def pen_rebooted(step: Step, port: str, current: Identity) -> None:
     """The pen announced a new boot id. Treatment never resumes by itself."""
     pen = step.pen(port)
+    session = step.live(port)
+    cut = session is not None and session.current_pass is not None
     lose_link(step, port, "the pen restarted", LinkStatus.DOWN, audit=False)
+    if cut:
+        # The pass the reboot cut is counted (closed above); its strokes are on the chip
+        # since, so the chip no longer tells of a run nobody heard.
+        pen.cartridge_strokes = None
     pen.serial, pen.boot_id = current.serial_text, current.boot_id
     session = step.live(port)
     if session is not None:
