@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -1101,8 +1102,12 @@ class SessionMachine(RuleBasedStateMachine):
         self.checked_outcomes = len(self.bench.outcomes)
 
 
+#: `make mutation` runs this machine once per mutant: fewer examples, and derandomized so
+#: that a mutant's verdict does not depend on the run (a killed mutant stays killed).
+_MUTATION_EXAMPLES = os.environ.get("STATEFUL_EXAMPLES")
 SessionMachine.TestCase.settings = settings(
-    max_examples=200,
+    max_examples=int(_MUTATION_EXAMPLES or 200),
+    derandomize=_MUTATION_EXAMPLES is not None,
     stateful_step_count=50,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
