@@ -54,6 +54,7 @@ def _reads_as_a_sentence(text: object) -> None:
     assert text.endswith("."), text
     assert "XX" not in text, text
     assert not _SHOUTED.search(text), text
+    assert not re.search(r"\. [a-z]", text), text  # each sentence begins with a capital
 
 
 def _monitor_decisions() -> list[StopDecision]:
@@ -131,8 +132,9 @@ def test_a_fault_text_is_made_a_sentence_once() -> None:
     decision = check_command(ready(fault="pen hot  "), Arm(250, 5, 800, 1000))
     assert isinstance(decision, Refused)
     assert decision.message == "There is an unresolved fault: pen hot."
-    decision = check_command(ready(fault="pen hot."), Arm(250, 5, 800, 1000))
-    assert isinstance(decision, Refused) and decision.message.endswith("pen hot.")
+    for ending in (".", "!", "?"):
+        decision = check_command(ready(fault=f"pen hot{ending}"), Arm(250, 5, 800, 1000))
+        assert isinstance(decision, Refused) and decision.message.endswith(f"pen hot{ending}")
 
 
 def test_a_paused_session_with_a_fault_on_record_says_it_is_paused() -> None:
