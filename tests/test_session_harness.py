@@ -134,13 +134,17 @@ class BenchPen:
         boot_id: int = 1,
         config: FirmwareConfig | None = None,
         chips: dict[int, int] | None = None,
+        firmware_type: type[PenFirmware] = PenFirmware,
     ) -> None:
+        """``chips``: the cartridges' stroke memories (share one between pens so that a
+        cartridge moved from pen to pen keeps its use); ``firmware_type``: the firmware
+        class (a test may subclass it to watch what the pen does)."""
         self.serial = serial
         self.boot_id = boot_id
         self.clock = clock or Clock()
         self.now = self.clock.now
         self.world = ScriptedWorld(self.now)
-        self.firmware = PenFirmware(
+        self.firmware = firmware_type(
             random.Random(serial), self.now, config, physics=self.world, cartridge_chips=chips
         )
         self.firmware.set_contact(True, self.now)  # a therapist's pen rests on the skin
@@ -388,14 +392,20 @@ class Bench:
                 self._tell_link(lease.port)
             for event_port, event in events:
                 pending.extend(self._telemetry_outcomes(event_port))
-                if self.connected.get(event_port):
-                    link_event = event if isinstance(event, Delivered) else MessageReceived(event)
-                    pending.append(
-                        self.registry.handle_link_event(event_port, link_event, self.tick())
-                    )
+                heard = self._hear(event_port, event)
+                if heard is not None:
+                    pending.append(heard)
             for pen_port in self.pens:
                 pending.extend(self._telemetry_outcomes(pen_port))
         return produced
+
+    def _hear(self, port: str, event: Message | Delivered) -> Outcome | None:
+        """A reliable message (or the ACK of a command) from the pen on ``port`` reaches
+        the registry: its outcome, or None while the port is down (nobody hears it)."""
+        if not self.connected.get(port):
+            return None
+        link_event = event if isinstance(event, Delivered) else MessageReceived(event)
+        return self.registry.handle_link_event(port, link_event, self.tick())
 
     def _telemetry_outcomes(self, port: str) -> list[Outcome]:
         """The periodic telemetry the pen on ``port`` sent meanwhile, through the registry."""
@@ -435,8 +445,9 @@ class Bench:
         for outcome in self._telemetry_outcomes(port):
             produced += self.feed(outcome, port)
         for event in events:
-            if self.connected.get(port):
-                produced += self.feed(self.registry.pen_message(port, event, self.tick()), port)
+            heard = self._hear(port, event)
+            if heard is not None:
+                produced += self.feed(heard, port)
         return produced
 
     def connect(self, port: str = PORT) -> list[Outcome]:

@@ -840,3 +840,15 @@ def test_a_setdepth_is_refused_while_the_pen_is_armed() -> None:
     bench = treating()
     assert refused(bench, SetZoneDepth(SID, 700, THERAPIST)) is RefusalReason.PEN_ARMED
     assert bench.pens[PORT].depth_set_um == 800
+
+
+def test_a_withdrawn_arm_leaves_the_pen_disarmed_and_a_zone_may_be_chosen() -> None:
+    bench = treating()
+    bench.act(DisarmPen(SID, THERAPIST))
+    outcome = bench.registry.handle(ArmPen(SID, THERAPIST), bench.tick())  # decided, not sent
+    (arm,) = [c.message for c in outcome.commands if isinstance(c.message, Arm)]
+    assert bench.registry.pen(PORT).arm is ArmState.ARMING
+    bench.feed(bench.registry.arm_withdrawn(PORT, arm.token, "a stop overtook it", bench.tick()))
+    assert bench.registry.pen(PORT).arm is ArmState.DISARMED
+    assert bench.registry.pen(PORT).lease_token is None
+    assert bench.act(SelectZone(SID, "cheeks", THERAPIST)).refusal is None

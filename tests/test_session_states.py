@@ -90,3 +90,21 @@ def test_arming_table() -> None:
     # Only the pen's own word, or our Arm, leaves DISARMED.
     leaving = {inp for (s, inp), new in ARM_TRANSITIONS.items() if s is ArmState.DISARMED}
     assert leaving == {ArmInput.ARM_SENT, ArmInput.PEN_ARMED}
+
+
+def test_a_pen_that_reports_itself_armed_is_believed_armed() -> None:
+    """(DISARMED, PEN_ARMED): the pen knows best; until it says Disarmed the controller
+    treats it as armed (it stops it, and changes no setting under it)."""
+    assert arm_transition(ArmState.DISARMED, ArmInput.PEN_ARMED) is ArmState.ARMED
+
+
+def test_an_arm_sent_again_keeps_waiting_for_the_answer() -> None:
+    """(ARMING, ARM_SENT) and (ARMED, ARM_SENT): an Arm on its way is never believed
+    disarmed, whether a previous Arm is still unanswered or a stop is unconfirmed."""
+    assert arm_transition(ArmState.ARMING, ArmInput.ARM_SENT) is ArmState.ARMING
+    assert arm_transition(ArmState.ARMED, ArmInput.ARM_SENT) is ArmState.ARMING
+
+
+def test_an_arm_never_sent_leaves_the_pen_disarmed() -> None:
+    """(ARMING, ARM_WITHDRAWN): the runtime withdrew the Arm (a stop overtook it)."""
+    assert arm_transition(ArmState.ARMING, ArmInput.ARM_WITHDRAWN) is ArmState.DISARMED
