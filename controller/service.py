@@ -501,7 +501,14 @@ class ControllerService:
             sessions = {registry.live_session_id(port), self._journaled_live.get(port)}
         parts = registry.to_parts({s for s in (*sessions, *also) if s}, ports)
         docs: list[tuple[str, str, Mapping[str, Any]]] = [
-            (*REGISTRY_DOC, {"format": parts["format"], "next_token": parts["next_token"]})
+            (
+                *REGISTRY_DOC,
+                {
+                    "format": parts["format"],
+                    "next_token": parts["next_token"],
+                    "departed": parts["departed"],
+                },
+            )
         ]
         docs += [("pen", p, body) for p, body in parts["pens"].items()]
         docs += [("session", sid, body) for sid, body in parts["sessions"].items()]

@@ -852,3 +852,22 @@ def test_a_withdrawn_arm_leaves_the_pen_disarmed_and_a_zone_may_be_chosen() -> N
     assert bench.registry.pen(PORT).arm is ArmState.DISARMED
     assert bench.registry.pen(PORT).lease_token is None
     assert bench.act(SelectZone(SID, "cheeks", THERAPIST)).refusal is None
+
+
+def test_a_run_of_a_pen_that_left_the_port_is_counted_when_it_comes_back() -> None:
+    bench = treating()
+    first = bench.pens[PORT]
+    bench.connected[PORT] = False  # the host hears nothing; the pen is still armed
+    first.press()
+    first.sample(800, strokes=12)
+    first.release()
+    bench.registry.link_down(PORT, "silent", bench.tick())
+    bench.pens[PORT] = bench.new_pen(serial="PEN0002")  # the therapist takes another pen
+    bench.connect()
+    assert zone_of(bench, "forehead").passes_done == 0  # not this pen's run
+    bench.disconnect()
+    bench.pens[PORT] = first  # and brings the first one back
+    outcomes = bench.connect()
+    ended = [e for o in outcomes for e in o.events if e.kind is EventKind.PASS_ENDED]
+    assert [e.detail["reason"] for e in ended] == ["recovered"]
+    assert zone_of(bench, "forehead").passes_done == 1

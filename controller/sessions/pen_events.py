@@ -58,7 +58,7 @@ from .enforcement import (
     unapproved,
 )
 from .outcome import LeaseAction, LeaseDirective
-from .records import PassRecord, Session
+from .records import DepartedPen, PassRecord, Session
 from .states import ArmInput, ArmState, arm_transition
 from .step import Step
 
@@ -71,10 +71,7 @@ def pen_connected(step: Step, port: str, identity: Identity) -> None:
     serial = identity.serial_text
     known = (pen.serial, pen.boot_id)
     if pen.serial != serial:
-        # Another pen on the port: nothing counted of the previous one applies to it.
-        pen.counters_boot = pen.runs_counted = pen.strokes_seen = None
-        pen.arming = None
-        pen.cartridge_id = pen.cartridge_strokes = None
+        _swap_pens(step, port, serial)
     pen.link = LinkStatus.UP
     pen.serial, pen.boot_id = serial, identity.boot_id
     pen.firmware = identity.firmware_version
@@ -114,6 +111,26 @@ def pen_connected(step: Step, port: str, identity: Identity) -> None:
     ):
         step.send(port, session, message)
     enforce(step, port)
+
+
+def _swap_pens(step: Step, port: str, serial: str) -> None:
+    """Another pen on the port: keep what was counted of the one that left, by its serial,
+    and take up what was counted of the one that came (if it was here before)."""
+    pen = step.pen(port)
+    departed = step.store.departed
+    if pen.serial is not None:
+        departed[pen.serial] = DepartedPen(
+            boot_id=pen.counters_boot,
+            runs_counted=pen.runs_counted,
+            strokes_seen=pen.strokes_seen,
+            arming=pen.arming,
+            cartridge_id=pen.cartridge_id,
+            cartridge_strokes=pen.cartridge_strokes,
+        )
+    back = departed.pop(serial, None) or DepartedPen()
+    pen.counters_boot, pen.runs_counted = back.boot_id, back.runs_counted
+    pen.strokes_seen, pen.arming = back.strokes_seen, back.arming
+    pen.cartridge_id, pen.cartridge_strokes = back.cartridge_id, back.cartridge_strokes
 
 
 def link_down(step: Step, port: str, reason: str) -> None:

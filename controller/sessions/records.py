@@ -115,6 +115,19 @@ class ArmingRecord(_Record):
     limit_um: int
 
 
+class DepartedPen(_Record):
+    """What the controller knew of a pen that left its port for another pen: kept by
+    serial, so that when it comes back (here or on another port) the runs it made while
+    nobody listened are still counted from its counters."""
+
+    boot_id: int | None = None
+    runs_counted: int | None = None
+    strokes_seen: int | None = None
+    arming: ArmingRecord | None = None
+    cartridge_id: int | None = None
+    cartridge_strokes: int | None = None
+
+
 class PenState(_Record):
     """What the controller knows about the pen on one port.
 

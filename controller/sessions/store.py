@@ -14,7 +14,7 @@ from controller.safety.context import SafetyLimits
 from controller.safety.rate import RateMeter
 
 from .ledger import CartridgeLedger
-from .records import PenState, Session
+from .records import DepartedPen, PenState, Session
 from .states import LIVE_STATES
 
 FORMAT_VERSION: Final = 1
@@ -30,6 +30,8 @@ class RegistryStore:
         #: port -> the session that holds it (at most one live session per port).
         self.live_by_port: dict[str, str] = {}
         self.next_token = 1
+        #: Pens that left a port for another pen, by serial (see DepartedPen).
+        self.departed: dict[str, DepartedPen] = {}
         #: Measured telemetry rate per port: a measurement, not a record (never journaled).
         self.rates: dict[str, RateMeter] = {}
         #: Each pen's limits (policy narrowed by its Identity): derived, never journaled.
@@ -69,6 +71,7 @@ class RegistryStore:
         return {
             "format": FORMAT_VERSION,
             "next_token": self.next_token,
+            "departed": {s: d.model_dump(mode="json") for s, d in self.departed.items()},
             "pens": {port: pen.model_dump(mode="json") for port, pen in self.pens.items()},
             "sessions": {
                 sid: session.model_dump(mode="json") for sid, session in self.sessions.items()
@@ -91,6 +94,7 @@ class RegistryStore:
         return {
             "format": FORMAT_VERSION,
             "next_token": self.next_token,
+            "departed": {s: d.model_dump(mode="json") for s, d in self.departed.items()},
             "pens": {p: self.pens[p].model_dump(mode="json") for p in ports if p in self.pens},
             "sessions": {sid: s.model_dump(mode="json") for sid, s in sessions.items()},
             "ledger": {str(r.cartridge_id): r.model_dump(mode="json") for r in records if r},
@@ -106,6 +110,9 @@ class RegistryStore:
             raise ValueError(f"unknown registry format {data.get('format')!r}")
         store = cls()
         store.next_token = int(data["next_token"])
+        store.departed = {
+            serial: DepartedPen.model_validate(d) for serial, d in data.get("departed", {}).items()
+        }
         store.pens = {port: PenState.model_validate(pen) for port, pen in data["pens"].items()}
         store.sessions = {sid: Session.model_validate(s) for sid, s in data["sessions"].items()}
         store.ledger = CartridgeLedger.from_dict(data["ledger"])
