@@ -87,6 +87,7 @@ class AuditKind(enum.StrEnum):
     FAULT = "fault"  # pen fault, link loss, reboot, identity change; and their resolution
     SESSION = "session"  # session life cycle: created, started, ended
     RECOVERY = "recovery"  # the controller restarted and restored sessions
+    ACCESS = "access"  # sign-ins, failed sign-ins and sign-outs on the tablet API
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,6 +34,7 @@ from controller.sessions import (
     StartSession,
     StopPen,
 )
+from controller.sessions.actions import TakeOverSession
 from firmware_protocol.connection import (
     Connected,
     Delivered,
@@ -645,6 +646,12 @@ def _session_refusal_cases() -> dict[RefusalReason, tuple[Bench, object]]:
             treating(),
             OverrideZone(SID, "forehead", MANAGER, "why not", 2501),
         ),
+        # Ownership and take-over: tests/test_session_ownership.py.
+        RefusalReason.NOT_SESSION_OWNER: (
+            treating(),
+            ArmPen(SID, Actor("th-02", Role.THERAPIST)),
+        ),
+        RefusalReason.TAKE_OVER_NEEDS_REASON: (treating(), TakeOverSession(SID, MANAGER, " ")),
     }
 
 

@@ -90,6 +90,8 @@ class RefusalReason(enum.StrEnum):
     NOT_ALLOWED_NOW = "not_allowed_now"
     DISARM_FIRST = "disarm_first"
     ROLE_NOT_PERMITTED = "role_not_permitted"
+    NOT_SESSION_OWNER = "not_session_owner"
+    TAKE_OVER_NEEDS_REASON = "take_over_needs_reason"
     OVERRIDE_NEEDS_REASON = "override_needs_reason"
     OVERRIDE_ABOVE_CEILING = "override_above_ceiling"
 

@@ -2,7 +2,8 @@
 
 Each is a frozen dataclass handed to :meth:`SessionRegistry.handle`. The API
 authenticates the person; ``actor`` says who it was and in which role, and the
-registry checks the role (an override needs a manager).
+registry checks the role (an override needs a manager) and ownership (a session
+belongs to whoever opened it, or the manager who took it over).
 """
 
 from __future__ import annotations
@@ -129,6 +130,53 @@ class OverrideZone:
     max_passes: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class TakeOverSession:
+    """A manager takes a session over from its therapist, with a reason (audited).
+
+    The manager becomes the session's owner: from then on only they act on it
+    (anyone signed in may still stop or disarm its pen).
+    """
+
+    session_id: str
+    actor: Actor
+    reason: str
+
+
+class SignInResult(enum.StrEnum):
+    """What became of one attempt to sign in to the tablet API."""
+
+    SIGNED_IN = "signed_in"
+    BAD_CREDENTIALS = "bad_credentials"
+    THROTTLED = "throttled"  # refused unheard: too many failures for the name or the source
+    SIGNED_OUT = "signed_out"
+
+
+@dataclass(frozen=True, slots=True)
+class RecordSignIn:
+    """A sign-in, failed sign-in or sign-out, for the audit log only: it changes nothing.
+
+    It travels as an action so the record joins the one hash-chained audit log the
+    safety core writes, in order with everything else. ``actor_id``/``role`` are
+    the user's when the name matched one, else None (the typed name is never
+    recorded: people type passwords into the name field). Never a password.
+    """
+
+    result: SignInResult
+    source: str  # the client's address as the API trusts it
+    actor_id: str | None = None
+    role: Role | None = None
+    attempts: int = 1  # THROTTLED: how many were refused since the last record
+    session_id: str = ""  # no session: present because every action names one
+
+    @property
+    def actor(self) -> Actor:
+        """The user; only defined for a known name (the registry never refuses this action)."""
+        if self.actor_id is None or self.role is None:
+            raise ValueError("a sign-in attempt for an unknown name has no actor")
+        return Actor(self.actor_id, self.role)
+
+
 Action = (
     CreateSession
     | StartSession
@@ -143,4 +191,6 @@ Action = (
     | AcknowledgeFault
     | EndSession
     | OverrideZone
+    | TakeOverSession
+    | RecordSignIn
 )

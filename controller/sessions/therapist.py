@@ -1,10 +1,10 @@
 """Therapist and manager actions: one handler per action type, dispatched from a table.
 
 ``handle_action`` is the only entry: it finds the session, checks the actor's
-role, runs the action's handler (``ACTION_HANDLERS``, read top to bottom), then
-re-checks the pen against the arming rules (``enforcement.enforce``). Every
-handler either changes state and records it, or refuses with a sentence from
-``wording.py``; none fails silently.
+role and that the session is theirs, runs the action's handler
+(``ACTION_HANDLERS``, read top to bottom), then re-checks the pen against the
+arming rules (``enforcement.enforce``). Every handler either changes state and
+records it, or refuses with a sentence from ``wording.py``; none fails silently.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from .actions import (
     EndSession,
     OverrideZone,
     PauseSession,
+    RecordSignIn,
     ResumeSession,
     Role,
     SelectZone,
@@ -41,6 +42,7 @@ from .actions import (
     SetZoneDepth,
     StartSession,
     StopPen,
+    TakeOverSession,
 )
 from .enforcement import close_pass, enforce, fire, stop
 from .outcome import LeaseAction, LeaseDirective, PenCommand
@@ -57,6 +59,9 @@ def handle_action(step: Step, action: Action) -> None:
     if isinstance(action, CreateSession):
         _create(step, action)
         return
+    if isinstance(action, RecordSignIn):
+        _record_sign_in(step, action)
+        return
     session = step.store.sessions.get(action.session_id)
     if session is None:
         step.refuse(None, None, action, wording.unknown_session(action.session_id))
@@ -68,6 +73,13 @@ def handle_action(step: Step, action: Action) -> None:
 
 
 def _role_ok(step: Step, session: Session, action: Action) -> bool:
+    """The role may do this, and the session is the actor's own where that matters.
+
+    A session belongs to whoever opened it (``Session.therapist_id``) until a
+    manager takes it over. Stop and Disarm only lower risk: anyone may. An
+    override is a manager's decision on a therapist's session, so it needs the
+    role, not ownership.
+    """
     actor = action.actor
     if isinstance(action, StopPen | DisarmPen):
         return True  # stopping the needle is never refused, whoever asks
@@ -75,10 +87,16 @@ def _role_ok(step: Step, session: Session, action: Action) -> bool:
         if actor.role is Role.MANAGER:
             return True
         refusal = wording.role_may_not_override()
-    elif actor.role in _TREATING_ROLES:
-        return True
-    else:
+    elif isinstance(action, TakeOverSession):
+        if actor.role is Role.MANAGER:
+            return True
+        refusal = wording.role_may_not_take_over(str(actor.role))
+    elif actor.role not in _TREATING_ROLES:
         refusal = wording.role_may_not_operate(str(actor.role))
+    elif actor.actor_id != session.therapist_id:
+        refusal = wording.not_session_owner(session.therapist_id)
+    else:
+        return True
     step.refuse(session, session.port, action, refusal)
     return False
 
@@ -291,14 +309,16 @@ def _disarm(step: Step, session: Session, action: Any) -> None:
 
 def _stop_by_therapist(step: Step, session: Session, action: Any) -> None:
     assert isinstance(action, StopPen)
+    actor = action.actor
     stop(
         step,
         session.port,
         session,
+        # The pen knows one reason for a stop pressed on the tablet; the audit names who.
         HostStopReason.THERAPIST,
-        f"The needle was stopped by the therapist ({action.actor.actor_id}).",
+        wording.stopped_by(str(actor.role), actor.actor_id),
         "",
-        {"actor": action.actor.actor_id},
+        {"actor": actor.actor_id, "role": str(actor.role)},
         force_record=True,
     )
 
@@ -452,6 +472,52 @@ def _override(step: Step, session: Session, action: Any) -> None:
     )
 
 
+def _take_over(step: Step, session: Session, action: Any) -> None:
+    assert isinstance(action, TakeOverSession)
+    reason = action.reason.strip() if isinstance(action.reason, str) else ""
+    if session.state is SessionState.ENDED:
+        step.refuse_not_now(session, action, "be taken over")
+        return
+    if len(reason) < 3:
+        step.refuse(session, session.port, action, wording.take_over_needs_reason())
+        return
+    previous = session.therapist_id
+    if previous == action.actor.actor_id:
+        return  # already theirs: nothing changes, nothing to record
+    session.therapist_id = action.actor.actor_id
+    step.out.state_changed = True
+    # No session event: the dashboards count state_changed events as life-cycle steps.
+    step.audit(
+        AuditKind.SESSION,
+        session,
+        session.port,
+        wording.taken_over(action.actor.actor_id, previous, reason),
+        "",
+        {
+            "action": "take_over",
+            "actor": action.actor.actor_id,
+            "role": str(action.actor.role),
+            "previous_owner": previous,
+            "reason": reason,
+        },
+    )
+
+
+def _record_sign_in(step: Step, action: RecordSignIn) -> None:
+    """An access record for the audit log; no session, pen or state is touched."""
+    who = action.actor_id or "an unknown user name"
+    message, remediation = wording.sign_in_sentence(
+        str(action.result), who, action.source, action.attempts
+    )
+    details: dict[str, Any] = {"result": str(action.result), "source": action.source}
+    if action.actor_id is not None:
+        details["actor"] = action.actor_id
+        details["role"] = str(action.role)
+    if action.attempts != 1:
+        details["attempts"] = action.attempts
+    step.audit(AuditKind.ACCESS, None, None, message, remediation, details)
+
+
 ActionHandler = Callable[[Step, Session, Any], None]
 
 #: One row per action on an existing session. CreateSession has no session yet and is
@@ -470,5 +536,6 @@ ACTION_HANDLERS: Final[dict[type, ActionHandler]] = {
     AcknowledgeFault: _acknowledge,
     EndSession:       _end,
     OverrideZone:     _override,
+    TakeOverSession:  _take_over,
 }
 # fmt: on

@@ -162,6 +162,59 @@ def role_may_not_operate(role: str) -> Refused:
     )
 
 
+def not_session_owner(owner_id: str) -> Refused:
+    return Refused(
+        RefusalReason.NOT_SESSION_OWNER,
+        f"This session belongs to {owner_id}; only they may treat in it or see its client.",
+        "Ask them to continue, or ask a manager to take the session over. Anyone may still "
+        "press STOP.",
+    )
+
+
+def role_may_not_take_over(role: str) -> Refused:
+    return Refused(
+        RefusalReason.ROLE_NOT_PERMITTED,
+        f"The {role} role may not take a session over.",
+        "Ask a clinic manager to take the session over, with a reason.",
+    )
+
+
+def take_over_needs_reason() -> Refused:
+    return Refused(
+        RefusalReason.TAKE_OVER_NEEDS_REASON,
+        "Taking a session over needs a reason.",
+        "Write why you are taking this session over; it is kept in the audit log.",
+    )
+
+
+def taken_over(manager_id: str, previous_id: str, reason: str) -> str:
+    """The audit sentence for a take-over."""
+    return f"Manager {manager_id} took the session over from {previous_id}. Reason: {reason}"
+
+
+def stopped_by(role: str, actor_id: str) -> str:
+    """The audit sentence for a STOP pressed on the tablet, naming the role as it is."""
+    return f"The needle was stopped by the {role} ({actor_id})."
+
+
+def sign_in_sentence(result: str, who: str, source: str, attempts: int) -> tuple[str, str]:
+    """The audit sentences for a sign-in attempt (``who``: an actor id or 'an unknown name')."""
+    if result == "signed_in":
+        return f"{who} signed in from {source}.", ""
+    if result == "signed_out":
+        return f"{who} signed out from {source}.", ""
+    if result == "throttled":
+        return (
+            f"{attempts} sign-in attempt(s) for {who} from {source} were refused unheard: "
+            "too many failures.",
+            "If this was not a colleague mistyping, check who is on the clinic network.",
+        )
+    return (
+        f"A sign-in for {who} from {source} failed: wrong user name or password.",
+        "Repeated failures from one address are throttled; check the audit log for a pattern.",
+    )
+
+
 def role_may_not_open(role: str) -> Refused:
     return Refused(
         RefusalReason.ROLE_NOT_PERMITTED,
