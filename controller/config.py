@@ -16,6 +16,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    IPvAnyNetwork,
     SecretStr,
     ValidationError,
     field_validator,
@@ -41,7 +42,12 @@ class _Section(BaseModel):
 
 class PenEndpoint(_Section):
     url: str = Field(min_length=1, description="device path or socket://host:port")
-    name: str = Field(default="", description="a room or station label")
+    name: str = Field(
+        default="",
+        pattern=r"^[A-Za-z0-9_.:-]{0,64}$",
+        description="a room or station label (letters, digits, '.', '_', ':', '-'); the pen's "
+        "name in the API and the registry",
+    )
     expected_serial: str | None = Field(
         default=None, description="refuse any other pen on this port"
     )
@@ -101,6 +107,11 @@ class InfluxSection(_Section):
 
 
 class ApiSettings(_Section):
+    """The tablet API: address, users, sign-in, tokens, TLS and the limits at its edge.
+
+    The defaults and why are in docs/SECURITY.md.
+    """
+
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
@@ -110,8 +121,53 @@ class ApiSettings(_Section):
     demo_users: bool = Field(
         default=False, description="also accept the documented demo users (never in a clinic)"
     )
-    token_lifetime_s: float = Field(default=8 * 3600.0, gt=0, le=7 * 86400)
-    login_attempts_per_minute: int = Field(default=5, ge=1, le=1000)
+    # -- tokens: short, renewable, with an absolute maximum (a working day) --
+    token_lifetime_s: float = Field(default=3600.0, gt=0, le=7 * 86400)
+    token_max_age_s: float = Field(default=12 * 3600.0, gt=0, le=30 * 86400)
+    # -- sign-in limits (controller/api/signin.py) --
+    login_attempts_per_minute: int = Field(
+        default=5, ge=1, le=1000, description="failures per minute for one name from one address"
+    )
+    login_failures_per_source_per_minute: int = Field(default=10, ge=1, le=10_000)
+    login_account_ceiling: int = Field(
+        default=20, ge=1, le=100_000, description="failures in 15 min before delays start"
+    )
+    login_delay_cap_s: float = Field(default=60.0, gt=0, le=3600)
+    # -- who may say who the client is (X-Forwarded-For / Forwarded) --
+    trusted_proxies: list[IPvAnyNetwork] = Field(
+        default_factory=list, description="proxy addresses whose forwarded headers are believed"
+    )
+    # -- HTTPS: both or neither; `penctl tls` makes a clinic CA and a server certificate --
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
+    # -- what the API shows --
+    docs_enabled: bool = Field(
+        default=False, description="serve /docs (Swagger UI, no CDN) and /openapi.json"
+    )
+    # -- limits at the edge (issue 12.3) --
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * 1024 * 1024)
+    max_header_bytes: int = Field(default=8 * 1024, ge=1024, le=1024 * 1024)
+    ws_max_message_bytes: int = Field(default=4 * 1024, ge=256, le=1024 * 1024)
+    request_timeout_s: float = Field(
+        default=10.0, gt=0, le=300, description="to receive a request's headers and body"
+    )
+    ws_auth_timeout_s: float = Field(default=1.0, gt=0, le=30)
+    max_unauthenticated_ws: int = Field(default=16, ge=1, le=10_000)
+    max_connections: int = Field(default=256, ge=8, le=100_000)
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> ApiSettings:
+        if (self.tls_certfile is None) != (self.tls_keyfile is None):
+            missing = "tls_keyfile" if self.tls_keyfile is None else "tls_certfile"
+            raise ValueError(f"{missing} is missing: give api.tls_certfile and api.tls_keyfile")
+        if self.tls_certfile is not None and self.tls_keyfile is not None:
+            from .tls import TlsError, server_context
+
+            try:
+                server_context(self.tls_certfile, self.tls_keyfile)
+            except TlsError as exc:
+                raise ValueError(str(exc)) from exc
+        return self
 
 
 class PenctlSettings(BaseSettings):

@@ -80,15 +80,10 @@ async def run_until_signalled(service: ControllerService, users: UserStore | Non
             users = load_users(service.settings)
         if not users.users:
             log.warning("no API users: set api.users_file (or api.demo_users for a demo)")
-        app = create_app(
-            service,
-            users,
-            token_lifetime_s=api.token_lifetime_s,
-            login_attempts=api.login_attempts_per_minute,
-        )
+        app = create_app(service, users, api)
         # Bound before the pens connect: a taken port stops the start, not a session.
         try:
-            server = ApiServer(app, api.host, api.port)
+            server = ApiServer(app, api.host, api.port, api)
         except OSError:
             await service.stop()  # closes the journal and audit log it opened
             raise

@@ -18,6 +18,7 @@ from websockets.exceptions import ConnectionClosed
 
 from controller.api import UserStore, create_app
 from controller.api.server import ApiServer
+from controller.config import ApiSettings
 
 from .controller_rig import Rig, eventually, start_rig, stop_rig
 
@@ -43,7 +44,7 @@ class Api:
 @pytest.fixture
 async def api(tmp_path: Path) -> AsyncIterator[Api]:
     rig, collector = await start_rig(tmp_path)
-    server = ApiServer(create_app(rig.service, USERS, login_attempts=3))
+    server = ApiServer(create_app(rig.service, USERS, ApiSettings(login_attempts_per_minute=3)))
     await server.start()
     try:
         async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
@@ -265,7 +266,7 @@ async def test_unknown_things_and_bad_credentials(api: Api) -> None:
     assert (await api.http.get("/api/devices", headers=bad)).json()["code"] == "not_signed_in"
 
 
-async def test_login_is_rate_limited_per_user(api: Api) -> None:
+async def test_login_is_rate_limited_per_user_and_address(api: Api) -> None:
     wrong = {"username": "therapist", "password": "guess"}
     for _ in range(3):
         r = await api.http.post("/api/login", json=wrong)
@@ -273,9 +274,10 @@ async def test_login_is_rate_limited_per_user(api: Api) -> None:
     r = await api.http.post("/api/login", json={**wrong, "password": "demo-therapist"})
     assert r.status_code == 429 and r.json()["code"] == "too_many_attempts"
     assert int(r.headers["Retry-After"]) > 0
-    # The same address is limited too, whatever name it tries next.
+    # Another user at the same address is not locked out by someone else's failures
+    # (the per-address limit is higher: tests/test_api_signin.py).
     r = await api.http.post("/api/login", json={"username": "manager", "password": "demo-manager"})
-    assert r.status_code == 429
+    assert r.status_code == 200
 
 
 async def test_logout_ends_the_token(api: Api) -> None:

@@ -21,6 +21,7 @@ SID = "s-000000000001"
 CALLS: dict[str, tuple[str, str, dict[str, Any] | None]] = {
     "me": ("GET", "/api/me", None),
     "logout": ("POST", "/api/logout", None),
+    "renew_token": ("POST", "/api/token/renew", None),
     "list_devices": ("GET", "/api/devices", None),
     "get_device": ("GET", "/api/devices/room1", None),
     "get_device_link": ("GET", "/api/devices/room1/link", None),
@@ -52,6 +53,7 @@ CALLS: dict[str, tuple[str, str, dict[str, Any] | None]] = {
         {"zone_id": "cheeks", "reason": "per protocol", "max_depth_um": 1600},
     ),
     "audit_log": ("GET", "/api/audit", None),
+    "take_over_session": ("POST", f"/api/sessions/{SID}/take-over", {"reason": "covering"}),
 }
 RULES = [
     pytest.param(op, role, role in allowed, id=f"{op}-{role}")

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from controller.api import LoginLimiter, TokenStore, UserStore
+from controller.api import TokenStore, UserStore
 from controller.api.auth import UsersFileError
 from controller.api.users import main as users_main
 from controller.sessions import Role
@@ -72,17 +72,41 @@ def test_tokens_expire() -> None:
     assert tokens.user(token) is None
 
 
-def test_login_limiter_counts_failures_per_key_within_the_window() -> None:
+def test_tokens_renew_within_their_maximum_age() -> None:
     now = [0.0]
-    limiter = LoginLimiter(attempts=2, window_s=60, clock=lambda: now[0])
-    limiter.failed("user:a", "ip:1")
-    assert limiter.retry_after("user:a", "ip:1") == 0
-    limiter.failed("user:a", "ip:1")
-    assert limiter.retry_after("user:a") == pytest.approx(60)
-    assert limiter.retry_after("user:b", "ip:1") == pytest.approx(60)
-    assert limiter.retry_after("user:b", "ip:2") == 0
-    now[0] = 61
-    assert limiter.retry_after("user:a", "ip:1") == 0
+    tokens = TokenStore(lifetime_s=60, max_age_s=150, clock=lambda: now[0])
+    user = UserStore.demo().users["therapist"]
+    token, lifetime = tokens.issue(user)
+    assert lifetime == 60
+    now[0] = 50.0
+    assert tokens.renew(token) == pytest.approx(60)  # now valid until 110
+    now[0] = 100.0
+    assert tokens.user(token) == user
+    assert tokens.renew(token) == pytest.approx(50)  # capped at 150 after sign-in
+    now[0] = 150.0
+    assert tokens.user(token) is None and tokens.renew(token) is None
+    fresh, _ = tokens.issue(user)
+    tokens.revoke(fresh)
+    assert tokens.user(fresh) is None and tokens.renew(fresh) is None
+
+
+def test_a_user_holds_a_bounded_number_of_tokens() -> None:
+    tokens = TokenStore(per_user=2)
+    user = UserStore.demo().users["therapist"]
+    first, second, third = (tokens.issue(user)[0] for _ in range(3))
+    assert tokens.user(first) is None
+    assert tokens.user(second) == user and tokens.user(third) == user
+
+
+def test_two_users_may_not_share_an_id(tmp_path: Path) -> None:
+    hashed = UserStore.demo().users["therapist"].password_hash
+    path = tmp_path / "users.toml"
+    path.write_text(
+        f'[users.alice]\nrole = "therapist"\nid = "t-1"\npassword_hash = "{hashed}"\n'
+        f'[users.bob]\nrole = "therapist"\nid = "t-1"\npassword_hash = "{hashed}"\n'
+    )
+    with pytest.raises(UsersFileError, match=r"users.bob.id 't-1' is also alice's id"):
+        UserStore.load(path)
 
 
 def _free_port() -> int:

@@ -9,13 +9,14 @@ narrow interface they need of the controller; ``errors.py`` the error bodies.
 """
 
 from .app import create_app
-from .auth import DEMO_USERS, LoginLimiter, TokenStore, User, UserStore, hash_password
+from .auth import DEMO_USERS, TokenStore, User, UserStore, hash_password
 from .roles import ROLE_MATRIX
+from .signin import SignInLimiter
 
 __all__ = [
     "DEMO_USERS",
     "ROLE_MATRIX",
-    "LoginLimiter",
+    "SignInLimiter",
     "TokenStore",
     "User",
     "UserStore",

@@ -14,24 +14,28 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .auth import LoginLimiter, TokenStore, UserStore
-from .deps import ControllerApi
+from controller.config import ApiSettings
+
+from .auth import TokenStore, UserStore
+from .deps import ControllerApi, LiveGuard
+from .edge import EdgeMiddleware
 from .errors import COMMON_ERRORS, http_error, validation_error
 from .routers import audit, auth, devices, live, page, plans, reports, sessions
+from .signin import SignInLimiter
 
 #: In this order: the OpenAPI document lists the operations as they are included.
 ROUTERS = (auth, devices, plans, sessions, reports, audit, live, page)
 
 
 def create_app(
-    service: ControllerApi,
-    users: UserStore,
-    *,
-    token_lifetime_s: float = 8 * 3600.0,
-    login_attempts: int = 5,
-    login_window_s: float = 60.0,
+    service: ControllerApi, users: UserStore, settings: ApiSettings | None = None
 ) -> FastAPI:
-    """The tablet API and web page for ``service``; ``users`` may sign in."""
+    """The tablet API and web page for ``service``; ``users`` may sign in.
+
+    ``settings``: tokens, sign-in limits, trusted proxies, docs and the limits at
+    the edge (``[api]`` of the controller's configuration; defaults if None).
+    """
+    settings = settings or ApiSettings()
     app = FastAPI(
         title="Pen session controller: tablet API",
         version="1.0.0",
@@ -42,15 +46,37 @@ def create_app(
             "is JSON with code, message and remediation."
         ),
         responses=COMMON_ERRORS,
+        # Swagger UI loads from a CDN: off unless asked for (docs/SECURITY.md).
+        docs_url="/docs" if settings.docs_enabled else None,
+        redoc_url=None,
     )
     # What the routers' dependencies (controller.api.deps) hand out, per app.
     app.state.service = service
     app.state.users = users
-    app.state.tokens = TokenStore(lifetime_s=token_lifetime_s)
-    app.state.limiter = LoginLimiter(attempts=login_attempts, window_s=login_window_s)
+    app.state.settings = settings
+    app.state.tokens = TokenStore(
+        lifetime_s=settings.token_lifetime_s, max_age_s=settings.token_max_age_s
+    )
+    app.state.limiter = SignInLimiter(
+        per_source=settings.login_failures_per_source_per_minute,
+        per_account_source=settings.login_attempts_per_minute,
+        account_ceiling=settings.login_account_ceiling,
+        delay_cap_s=settings.login_delay_cap_s,
+    )
+    app.state.live_guard = LiveGuard(
+        max_unauthenticated=settings.max_unauthenticated_ws,
+        auth_timeout_s=settings.ws_auth_timeout_s,
+    )
     app.exception_handler(StarletteHTTPException)(http_error)
     app.exception_handler(RequestValidationError)(validation_error)
     for module in ROUTERS:
         app.include_router(module.router)
     page.mount_static(app)
+    app.add_middleware(
+        EdgeMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        request_timeout_s=settings.request_timeout_s,
+        trusted_proxies=settings.trusted_proxies,
+        docs=settings.docs_enabled,
+    )
     return app

@@ -9,17 +9,18 @@ hashes (argon2-cffi, the reference implementation's maintained binding)::
     password_hash = "$argon2id$v=19$..."
 
 Add one with ``python -m controller.api.users add NAME --role therapist --file users.toml``.
-Tokens are random, server-side and expire (a restart signs everyone out, which is
-what a treatment-room tablet should expect).
+Tokens are random, server-side, expire and can be renewed (a restart signs
+everyone out, which is what a treatment-room tablet should expect). The
+sign-in limiter is :mod:`controller.api.signin`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
 import tomllib
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +106,13 @@ class UserStore:
             actor_id = entry.get("id", name)
             if not isinstance(actor_id, str) or not actor_id:
                 raise UsersFileError(f"{source}: users.{name}.id must be a non-empty string")
+            # Sessions belong to an id: two users sharing one would share their sessions.
+            twin = next((u.name for u in store.users.values() if u.actor_id == actor_id), None)
+            if twin is not None:
+                raise UsersFileError(
+                    f"{source}: users.{name}.id {actor_id!r} is also {twin}'s id; "
+                    "give each user their own"
+                )
             store.users[name] = User(name, role, actor_id, hashed)
         return store
 
@@ -141,78 +149,97 @@ class UserStore:
         return "\n".join(lines)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TokenInfo:
     user: User
+    issued_at: float
     expires_at: float
+    #: Set (and replaced) whenever the token is renewed or revoked: live streams wait on it.
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass
 class TokenStore:
-    """Random bearer tokens held server-side, each valid for ``lifetime_s``."""
+    """Random bearer tokens held server-side.
 
-    lifetime_s: float = 8 * 3600.0
+    A token lives ``lifetime_s`` and can be renewed before it expires
+    (:meth:`renew`), each renewal giving it ``lifetime_s`` again but never
+    beyond ``max_age_s`` after sign-in: then the user signs in again. A
+    revoked or expired token ends every live stream that used it at once
+    (:meth:`wait_invalid`). At most ``per_user`` tokens per user; a new one
+    beyond that revokes the oldest.
+    """
+
+    lifetime_s: float = 3600.0
+    max_age_s: float = 12 * 3600.0
+    per_user: int = 8
     clock: Callable[[], float] = time.monotonic
     _tokens: dict[str, TokenInfo] = field(default_factory=dict)
 
     def issue(self, user: User) -> tuple[str, float]:
         """A new token for ``user`` and its lifetime in seconds."""
         self._purge()
+        mine = [t for t, i in self._tokens.items() if i.user.name == user.name]
+        for old in mine[: max(0, len(mine) - self.per_user + 1)]:  # oldest first (dict order)
+            self.revoke(old)
         token = secrets.token_urlsafe(32)
-        self._tokens[token] = TokenInfo(user, self.clock() + self.lifetime_s)
-        return token, self.lifetime_s
+        now = self.clock()
+        self._tokens[token] = TokenInfo(user, now, now + min(self.lifetime_s, self.max_age_s))
+        return token, min(self.lifetime_s, self.max_age_s)
 
     def user(self, token: str) -> User | None:
+        info = self._live(token)
+        return info.user if info else None
+
+    def expires_in(self, token: str) -> float | None:
+        """Seconds the token has left, or None if it is not valid."""
+        info = self._live(token)
+        return info.expires_at - self.clock() if info else None
+
+    def renew(self, token: str) -> float | None:
+        """Give a valid token ``lifetime_s`` again (within ``max_age_s``); its new lifetime,
+        or None if it is not valid. 0 means it reached its maximum age and cannot grow."""
+        info = self._live(token)
+        if info is None:
+            return None
+        now = self.clock()
+        info.expires_at = min(now + self.lifetime_s, info.issued_at + self.max_age_s)
+        self._changed(info)
+        return info.expires_at - now
+
+    def revoke(self, token: str) -> None:
+        info = self._tokens.pop(token, None)
+        if info is not None:
+            self._changed(info)
+
+    async def wait_invalid(self, token: str) -> None:
+        """Return once ``token`` is revoked or expired (at once if it already is)."""
+        while True:
+            info = self._live(token)
+            if info is None:
+                return
+            event = info.changed
+            try:
+                async with asyncio.timeout(max(0.0, info.expires_at - self.clock())):
+                    await event.wait()
+            except TimeoutError:
+                pass  # expired, or about to: the next turn of the loop says which
+
+    def _live(self, token: str) -> TokenInfo | None:
         info = self._tokens.get(token)
         if info is None:
             return None
         if info.expires_at <= self.clock():
-            del self._tokens[token]
+            self.revoke(token)
             return None
-        return info.user
+        return info
 
-    def revoke(self, token: str) -> None:
-        self._tokens.pop(token, None)
+    @staticmethod
+    def _changed(info: TokenInfo) -> None:
+        info.changed.set()
+        info.changed = asyncio.Event()
 
     def _purge(self) -> None:
         now = self.clock()
         for token in [t for t, i in self._tokens.items() if i.expires_at <= now]:
-            del self._tokens[token]
-
-
-@dataclass
-class LoginLimiter:
-    """At most ``attempts`` failed logins per user name and per client address per window.
-
-    Only failures count, so a therapist who types the password right is never
-    locked out by their own earlier successes.
-    """
-
-    attempts: int = 5
-    window_s: float = 60.0
-    clock: Callable[[], float] = time.monotonic
-    _failures: dict[str, deque[float]] = field(default_factory=dict)
-
-    def retry_after(self, *keys: str) -> float:
-        """Seconds until a login for these keys may be tried again (0: now)."""
-        now = self.clock()
-        wait = 0.0
-        for key in keys:
-            times = self._failures.get(key)
-            if not times:
-                continue
-            while times and times[0] <= now - self.window_s:
-                times.popleft()
-            if len(times) >= self.attempts:
-                wait = max(wait, times[0] + self.window_s - now)
-        return wait
-
-    def failed(self, *keys: str) -> None:
-        now = self.clock()
-        for key in keys:
-            self._failures.setdefault(key, deque()).append(now)
-        if len(self._failures) > 10_000:  # bound memory under a spray of names
-            self._failures = {k: v for k, v in self._failures.items() if v}
-
-    def succeeded(self, name_key: str) -> None:
-        self._failures.pop(name_key, None)
+            self.revoke(token)

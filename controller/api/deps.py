@@ -8,6 +8,7 @@ module holds no state and any app it is included in brings its own.
 # No `from __future__ import annotations`: FastAPI evaluates these annotations.
 
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Annotated, Any, Protocol
 
 from fastapi import Depends
@@ -21,9 +22,11 @@ from controller.policy import Plan, ZoneLimits
 from controller.sessions import Action, SessionEvent
 from controller.sessions.records import Session
 
-from .auth import LoginLimiter, TokenStore, User, UserStore
+from .auth import TokenStore, User, UserStore
 from .errors import ApiError, refusal_error, unknown_session
+from .models import SessionView
 from .roles import ROLE_MATRIX
+from .signin import SignInLimiter
 
 
 class ControllerApi(Protocol):
@@ -104,16 +107,48 @@ def get_users(connection: HTTPConnection) -> UserStore:
     return users
 
 
-def get_limiter(connection: HTTPConnection) -> LoginLimiter:
-    """The app's sign-in rate limit."""
-    limiter: LoginLimiter = connection.app.state.limiter
+def get_limiter(connection: HTTPConnection) -> SignInLimiter:
+    """The app's sign-in limiter."""
+    limiter: SignInLimiter = connection.app.state.limiter
     return limiter
+
+
+@dataclass
+class LiveGuard:
+    """Unauthenticated WebSockets: each must sign in within ``auth_timeout_s``, and at most
+    ``max_unauthenticated`` may wait at once (they cost a socket and a task each)."""
+
+    max_unauthenticated: int = 16
+    auth_timeout_s: float = 1.0
+    waiting: int = 0
+
+    def enter(self) -> bool:
+        """Take a place among the unauthenticated; False if there is none."""
+        if self.waiting >= self.max_unauthenticated:
+            return False
+        self.waiting += 1
+        return True
+
+    def leave(self) -> None:
+        self.waiting -= 1
+
+
+def get_live_guard(connection: HTTPConnection) -> LiveGuard:
+    """The app's limits on WebSockets that have not signed in yet."""
+    guard: LiveGuard = connection.app.state.live_guard
+    return guard
+
+
+def client_source(connection: HTTPConnection) -> str:
+    """The client's address (forwarded ones believed only from trusted proxies: edge.py)."""
+    return connection.client.host if connection.client else "unknown"
 
 
 Service = Annotated[ControllerApi, Depends(get_service)]
 Tokens = Annotated[TokenStore, Depends(get_tokens)]
 Users = Annotated[UserStore, Depends(get_users)]
-Limiter = Annotated[LoginLimiter, Depends(get_limiter)]
+Limiter = Annotated[SignInLimiter, Depends(get_limiter)]
+Guard = Annotated[LiveGuard, Depends(get_live_guard)]
 #: Module level, so every operation names the one security scheme ``HTTPBearer``.
 bearer = HTTPBearer(auto_error=False)
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
@@ -162,3 +197,22 @@ def session_or_404(service: ControllerApi, session_id: str) -> Session:
     if session is None:
         raise unknown_session(session_id)
     return session
+
+
+def owns(user: User, session: Session) -> bool:
+    """The session is ``user``'s: they opened it, or took it over."""
+    return session.therapist_id == user.actor_id
+
+
+def view_of(session: Session, user: User) -> SessionView:
+    """The session as ``user`` may see it: another's client code is withheld (None)."""
+    mine = owns(user, session)
+    data = session.model_dump()
+    if not mine:
+        data["client_ref"] = None
+    return SessionView(**data, mine=mine)
+
+
+def session_view_or_404(service: ControllerApi, session_id: str, user: User) -> SessionView:
+    """The session as ``user`` may see it, or a 404 naming the id."""
+    return view_of(session_or_404(service, session_id), user)

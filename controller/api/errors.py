@@ -24,6 +24,8 @@ _STATUS_FOR: dict[RefusalReason, int] = {
     RefusalReason.UNKNOWN_SESSION: 404,
     RefusalReason.UNKNOWN_PEN: 404,
     RefusalReason.ROLE_NOT_PERMITTED: 403,
+    RefusalReason.NOT_SESSION_OWNER: 403,
+    RefusalReason.TAKE_OVER_NEEDS_REASON: 422,
     RefusalReason.BAD_REQUEST: 422,
     RefusalReason.UNKNOWN_PLAN: 422,
     RefusalReason.UNKNOWN_ZONE: 422,

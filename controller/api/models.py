@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from controller.sessions import Role
+from controller.sessions.records import Session
 
 #: Session ids, client references, zone and plan ids: what the registry accepts.
 ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
@@ -42,8 +43,12 @@ class Me(BaseModel):
     actor_id: str
 
 
+#: Pen names as configured (``pens[].name``, else ``penN``): no markup, no paths.
+PORT_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
+
+
 class CreateSessionRequest(_Request):
-    port: str = Field(min_length=1, max_length=200, description="the pen (see /api/devices)")
+    port: str = Field(pattern=PORT_PATTERN, description="the pen (see /api/devices)")
     client_ref: str = Field(
         pattern=ID_PATTERN, description="a pseudonymous client reference, never a name"
     )
@@ -106,10 +111,31 @@ class DeviceInfo(BaseModel):
     link_stats: dict[str, Any]
 
 
+class TakeOverRequest(_Request):
+    reason: str = Field(min_length=3, max_length=500, description="why, in plain words")
+
+
+class RenewResponse(BaseModel):
+    expires_in: float
+
+
+class SessionView(Session):
+    """A session as the signed-in user may see it."""
+
+    # Only the owner sees the client's code; everyone else gets null. The base type is
+    # str (the registry always has one), hence the ignore.
+    client_ref: str | None = Field(  # type: ignore[assignment]
+        description="the pseudonymous client code; null unless the session is yours"
+    )
+    mine: bool = Field(description="the session is yours (you opened it or took it over)")
+
+
 class SessionSummary(BaseModel):
     session_id: str
     port: str
-    client_ref: str
+    client_ref: str | None = Field(description="null unless the session is yours")
+    therapist_id: str
+    mine: bool
     plan_id: str
     state: str
     created_at: float

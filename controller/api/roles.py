@@ -2,7 +2,9 @@
 
 Keys are the endpoints' OpenAPI ``operationId``s (and ``live`` for the WebSocket).
 Every route that needs a signed-in user names its key through
-``controller.api.deps.require``; a test walks every rule of this table.
+``controller.api.deps.require``; a test walks every rule of this table. The role
+is the first check; the registry then checks that the session is the user's own
+(only its owner treats in it; anyone may stop or disarm its pen).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ TREATING: Final = frozenset({_T, _M})
 ROLE_MATRIX: Final[Mapping[str, frozenset[Role]]] = {
     "me": EVERYONE,
     "logout": EVERYONE,
+    "renew_token": EVERYONE,
     "list_devices": EVERYONE,
     "get_device": EVERYONE,
     "get_device_link": EVERYONE,
@@ -46,4 +49,6 @@ ROLE_MATRIX: Final[Mapping[str, frozenset[Role]]] = {
     # Raising a zone's limit for one session, with a reason (product.md §4.4).
     "override_zone": frozenset({_M}),
     "audit_log": frozenset({_M, _A}),
+    # A manager takes a session over from its therapist, with a reason (issue 15.1).
+    "take_over_session": frozenset({_M}),
 }

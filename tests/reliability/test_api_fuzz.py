@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from controller.api import UserStore, create_app
-from controller.config import load_settings
+from controller.config import ApiSettings, load_settings
 from controller.errors import ActionRefused
 from controller.safety.context import SessionState
 from controller.service import ControllerService
@@ -110,7 +110,15 @@ async def test_no_request_gets_a_server_error(tmp_path: Path, record: Record) ->
     rig, collector = await start_rig(tmp_path)
     try:
         service = rig.service
-        app = create_app(service, USERS, login_attempts=10_000)
+        app = create_app(
+            service,
+            USERS,
+            ApiSettings(
+                login_attempts_per_minute=1000,
+                login_failures_per_source_per_minute=10_000,
+                login_account_ceiling=100_000,
+            ),
+        )
         by_role = {u.role: u for u in USERS.users.values()}
         sid: str | None = None
         statuses: dict[int, int] = {}

@@ -10,11 +10,11 @@ from fastapi import Path as PathParam
 from ..auth import User
 from ..deps import ControllerApi, Service, require
 from ..errors import ApiError
-from ..models import DeviceInfo
+from ..models import PORT_PATTERN, DeviceInfo
 
 router = APIRouter(tags=["devices"])
 
-Port = Annotated[str, PathParam(min_length=1, max_length=200, description="pen port name")]
+Port = Annotated[str, PathParam(pattern=PORT_PATTERN, description="pen name (see /api/devices)")]
 
 
 @router.get("/api/devices", operation_id="list_devices")
@@ -29,7 +29,9 @@ def _device(service: ControllerApi, port: str) -> DeviceInfo:
     for d in service.devices():
         if d["port"] == port:
             return DeviceInfo(**d)
-    raise ApiError(404, "unknown_device", f"There is no pen {port}.", "Pick a listed pen.")
+    names = ", ".join(sorted(d["port"] for d in service.devices()))
+    todo = f"Pick one of the clinic's pens: {names}."
+    raise ApiError(404, "unknown_device", f"There is no pen {port}.", todo)
 
 
 @router.get("/api/devices/{port}", operation_id="get_device")

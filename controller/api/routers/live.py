@@ -1,8 +1,13 @@
 """The live stream of a session: ``/api/sessions/{id}/live`` (WebSocket).
 
-Tablet-rate telemetry of the session's pen and every event of the session. A
-browser cannot set headers on a WebSocket, so the token comes as ``?token=``
-or as the first message; a wrong one gets an error message and a close code.
+Tablet-rate telemetry of the session's pen and every event of the session, for
+the session's owner and for managers (who watch every pen). A browser cannot
+set headers on a WebSocket, so the token comes as ``?token=`` or as the first
+message, which must arrive within ``api.ws_auth_timeout_s`` (1 s); at most
+``api.max_unauthenticated_ws`` connections may wait to sign in at once, and
+one beyond is closed at once with 1013 (try again later). The stream ends the
+moment its token is revoked (sign-out) or expires (4401), or the session stops
+being the viewer's to see (4403): it is never a way around a sign-out.
 """
 
 # No `from __future__ import annotations`: FastAPI evaluates the endpoints' annotations.
@@ -16,13 +21,21 @@ from typing import Any
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from controller.live import LiveTelemetry
-from controller.sessions import SessionEvent
+from controller.sessions import Role, SessionEvent
 from controller.sessions.records import Session
 
-from ..deps import ControllerApi, Service, Tokens
+from ..auth import User
+from ..deps import ControllerApi, Guard, Service, Tokens, owns, view_of
 from ..roles import ROLE_MATRIX
 
 router = APIRouter()
+
+#: Close codes, in the 4000 range an application may use (4400 + the HTTP status).
+NOT_SIGNED_IN, NOT_PERMITTED, NO_SESSION = 4401, 4403, 4404
+#: Standard code 1013, "try again later": too many connections are waiting to sign in.
+TRY_AGAIN_LATER = 1013
+#: How often a stream re-checks that its session is still the viewer's to see.
+_OWNER_CHECK_S = 1.0
 
 
 @router.websocket("/api/sessions/{session_id}/live")
@@ -31,44 +44,75 @@ async def live(
     session_id: str,
     service: Service,
     tokens: Tokens,
+    guard: Guard,
     token: str | None = None,
 ) -> None:
     """Tablet-rate telemetry of the session's pen and every event of the session."""
     await websocket.accept()
     with contextlib.suppress(WebSocketDisconnect):
         if token is None:
-            token = await _first_message_token(websocket)
+            if not guard.enter():
+                await websocket.close(
+                    code=TRY_AGAIN_LATER, reason="too many connections waiting to sign in"
+                )
+                return
+            try:
+                token = await _first_message_token(websocket, guard.auth_timeout_s)
+            finally:
+                guard.leave()
         user = tokens.user(token) if token else None
         if user is None or user.role not in ROLE_MATRIX["live"]:
-            await websocket.send_json(
-                {
-                    "type": "error",
-                    "code": "not_signed_in" if user is None else "role_not_permitted",
-                    "message": "This live view needs a signed-in therapist or manager.",
-                    "remediation": "Sign in again.",
-                }
+            await _refuse(
+                websocket,
+                NOT_SIGNED_IN if user is None else NOT_PERMITTED,
+                "not_signed_in" if user is None else "role_not_permitted",
+                "This live view needs a signed-in therapist or manager.",
+                "Sign in again.",
             )
-            await websocket.close(code=4401 if user is None else 4403)
             return
         session = service.session(session_id)
         if session is None:
-            await websocket.send_json(
-                {
-                    "type": "error",
-                    "code": "unknown_session",
-                    "message": f"There is no session {session_id}.",
-                    "remediation": "Check the session id.",
-                }
+            await _refuse(
+                websocket,
+                NO_SESSION,
+                "unknown_session",
+                f"There is no session {session_id}.",
+                "Check the session id.",
             )
-            await websocket.close(code=4404)
             return
-        await _stream(websocket, service, session)
+        if not _may_watch(user, session):
+            await _refuse_not_yours(websocket, session)
+            return
+        assert token is not None
+        await _stream(websocket, service, session, user, tokens, token)
 
 
-async def _first_message_token(websocket: WebSocket) -> str | None:
-    """A browser cannot set headers on a WebSocket: it may send ``{"token": ...}`` first."""
+def _may_watch(user: User, session: Session) -> bool:
+    """The owner watches their session; a manager watches every pen."""
+    return owns(user, session) or user.role is Role.MANAGER
+
+
+async def _refuse(websocket: WebSocket, close: int, code: str, message: str, todo: str) -> None:
+    await websocket.send_json(
+        {"type": "error", "code": code, "message": message, "remediation": todo}
+    )
+    await websocket.close(code=close)
+
+
+async def _refuse_not_yours(websocket: WebSocket, session: Session) -> None:
+    await _refuse(
+        websocket,
+        NOT_PERMITTED,
+        "not_session_owner",
+        f"This session belongs to {session.therapist_id}.",
+        "Only its therapist or a manager may watch it.",
+    )
+
+
+async def _first_message_token(websocket: WebSocket, within: float) -> str | None:
+    """A browser cannot set headers on a WebSocket: it sends ``{"token": ...}`` first."""
     try:
-        async with asyncio.timeout(5.0):
+        async with asyncio.timeout(within):
             text = await websocket.receive_text()
     except TimeoutError:
         return None
@@ -80,16 +124,27 @@ async def _first_message_token(websocket: WebSocket) -> str | None:
     return token if isinstance(token, str) else None
 
 
-async def _stream(websocket: WebSocket, service: ControllerApi, session: Session) -> None:
+async def _stream(
+    websocket: WebSocket,
+    service: ControllerApi,
+    session: Session,
+    user: User,
+    tokens: Tokens,
+    token: str,
+) -> None:
     sid, port = session.session_id, session.port
     sub = service.subscribe(maxsize=512)
-    # Any message or the close from the tablet ends the stream.
+    # Any message or the close from the tablet ends the stream; so does the token's end.
     reader = asyncio.create_task(_drain(websocket))
+    signed_out = asyncio.create_task(tokens.wait_invalid(token))
+    lost = asyncio.create_task(_until_not_watchable(service, sid, user))
+    enders = {reader, signed_out, lost}
     try:
-        await websocket.send_json({"type": "hello", "session": session.model_dump(mode="json")})
-        while not reader.done():
+        hello = view_of(session, user).model_dump(mode="json")
+        await websocket.send_json({"type": "hello", "session": hello})
+        while not any(t.done() for t in enders):
             getter = asyncio.ensure_future(sub.queue.get())
-            done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({getter, *enders}, return_when=asyncio.FIRST_COMPLETED)
             if getter not in done:
                 getter.cancel()
                 break
@@ -98,11 +153,34 @@ async def _stream(websocket: WebSocket, service: ControllerApi, session: Session
                 if item.port == port:
                     await websocket.send_json({"type": "telemetry", **asdict(item)})
             elif item.session_id == sid or (item.session_id is None and item.port == port):
-                await websocket.send_text(json.dumps(event_json(item), default=str))
+                mine = owns(user, session)
+                await websocket.send_text(json.dumps(event_json(item, mine), default=str))
+        if signed_out.done():
+            await _refuse(
+                websocket,
+                NOT_SIGNED_IN,
+                "not_signed_in",
+                "Your sign-in ended (signed out or expired).",
+                "Sign in again.",
+            )
+        elif lost.done():
+            gone = service.session(sid)
+            if gone is not None:
+                await _refuse_not_yours(websocket, gone)
     finally:
         service.unsubscribe(sub)
-        reader.cancel()
-        await asyncio.gather(reader, return_exceptions=True)
+        for task in enders:
+            task.cancel()
+        await asyncio.gather(*enders, return_exceptions=True)
+
+
+async def _until_not_watchable(service: ControllerApi, sid: str, user: User) -> None:
+    """Return once the session is no longer ``user``'s to watch (taken over, say)."""
+    while True:
+        await asyncio.sleep(_OWNER_CHECK_S)
+        session = service.session(sid)
+        if session is not None and not _may_watch(user, session):
+            return
 
 
 async def _drain(websocket: WebSocket) -> None:
@@ -113,13 +191,16 @@ async def _drain(websocket: WebSocket) -> None:
                 return
 
 
-def event_json(event: SessionEvent) -> dict[str, Any]:
-    """A session event as the tablet receives it."""
+def event_json(event: SessionEvent, mine: bool = True) -> dict[str, Any]:
+    """A session event as the tablet receives it (no client code unless ``mine``)."""
+    detail = dict(event.detail)
+    if not mine and "client_ref" in detail:
+        detail["client_ref"] = None
     return {
         "type": "event",
         "kind": event.kind.value,
         "at": event.at,
         "port": event.port,
         "session_id": event.session_id,
-        "detail": dict(event.detail),
+        "detail": detail,
     }

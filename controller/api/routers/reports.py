@@ -1,4 +1,10 @@
-"""A session's report, as JSON and as CSV: ``/api/sessions/{id}/report[.csv]``."""
+"""A session's report, as JSON and as CSV: ``/api/sessions/{id}/report[.csv]``.
+
+Only the session's owner sees its client code in either. The CSV is opened in
+spreadsheets, so a cell that a spreadsheet would take for a formula (it begins
+with ``= + - @``, a tab or a carriage return) is written with a leading ``'``
+(OWASP, "CSV Injection"): an override reason ``=HYPERLINK(...)`` stays text.
+"""
 
 # No `from __future__ import annotations`: FastAPI evaluates the endpoints' annotations.
 
@@ -10,17 +16,20 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import Response
 
 from ..auth import User
-from ..deps import ControllerApi, Service, require, session_or_404
+from ..deps import ControllerApi, Service, owns, require, session_or_404
+from ..errors import unknown_session
 from .sessions import SessionId
 
 router = APIRouter(tags=["reports"])
 
 
-def _report_of(service: ControllerApi, session_id: str) -> dict[str, Any]:
+def _report_of(service: ControllerApi, session_id: str, user: User) -> dict[str, Any]:
+    session = session_or_404(service, session_id)
     report = service.report(session_id)
-    if report is None:
-        session_or_404(service, session_id)  # raises
-        raise AssertionError("unreachable")
+    if report is None:  # pragma: no cover - it existed a line ago
+        raise unknown_session(session_id)
+    if not owns(user, session):
+        report = {**report, "client_ref": None}
     return report
 
 
@@ -31,7 +40,7 @@ async def session_report(
     service: Service,
 ) -> dict[str, Any]:
     """Zones, passes, depths against limits, overrides, cartridges, refusals."""
-    return _report_of(service, session_id)
+    return _report_of(service, session_id, user)
 
 
 @router.get(
@@ -47,7 +56,7 @@ async def session_report_csv(
 ) -> Response:
     """The report as CSV, one row per zone."""
     return Response(
-        report_csv(_report_of(service, session_id)),
+        report_csv(_report_of(service, session_id, user)),
         media_type="text/csv",
         headers={"Content-Disposition": f'attachment; filename="{session_id}.csv"'},
     )
@@ -78,9 +87,10 @@ def report_csv(report: dict[str, Any]) -> str:
     for zone in report["zones"]:
         override = zone.get("override") or {}
         writer.writerow(
-            [
+            neutralise(cell)
+            for cell in [
                 report["session_id"],
-                report["client_ref"],
+                report["client_ref"] or "",
                 report["plan_id"],
                 report["state"],
                 zone["zone_id"],
@@ -95,6 +105,20 @@ def report_csv(report: dict[str, Any]) -> str:
             ]
         )
     return out.getvalue()
+
+
+#: What a spreadsheet may read as the start of a formula (or hide one behind).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def neutralise(value: object) -> object:
+    """A text cell a spreadsheet would evaluate, made plain text with a leading ``'``.
+
+    Numbers stay numbers (a negative number is data, not a formula).
+    """
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
 
 
 def _blank(value: object) -> object:

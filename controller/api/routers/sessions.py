@@ -2,8 +2,13 @@
 
 The list, creation and reading of sessions, then one route per action (start,
 disarm, stop, pause, resume, acknowledge a fault, end, zone, depth, stroke
-rate, arm, overrides). Each action is handed to the controller as it is; the
-answer is the session as it stands afterwards, or the refusal as a Problem.
+rate, arm, overrides, take-over). Each action is handed to the controller as it
+is; the answer is the session as it stands afterwards, or the refusal as a Problem.
+
+A session belongs to the therapist who opened it; the controller's registry
+enforces that (a 403 ``not_session_owner``). What this router adds is the view:
+anyone treating may list and read sessions, but only the owner sees a session's
+client code (``client_ref`` is null for everyone else).
 """
 
 # No `from __future__ import annotations`: FastAPI evaluates the endpoints' annotations.
@@ -33,10 +38,10 @@ from controller.sessions import (
     StartSession,
     StopPen,
 )
-from controller.sessions.records import Session
+from controller.sessions.actions import TakeOverSession
 
 from ..auth import User
-from ..deps import Service, act, require, session_or_404
+from ..deps import Service, act, owns, require, session_view_or_404
 from ..errors import ApiError, refusal_error
 from ..models import (
     ID_PATTERN,
@@ -44,8 +49,10 @@ from ..models import (
     OverrideRequest,
     SelectZoneRequest,
     SessionSummary,
+    SessionView,
     SetDepthRequest,
     SetStrokeRateRequest,
+    TakeOverRequest,
 )
 
 # Tags per route: the overrides route is filed under its own.
@@ -59,11 +66,14 @@ _ARM_ANSWERS = frozenset({EventKind.ARMED, EventKind.REFUSED, EventKind.FAULT})
 async def list_sessions(
     user: Annotated[User, Depends(require("list_sessions"))], service: Service
 ) -> list[SessionSummary]:
+    """Every session; another's without its client code."""
     return [
         SessionSummary(
             session_id=s.session_id,
             port=s.port,
-            client_ref=s.client_ref,
+            client_ref=s.client_ref if owns(user, s) else None,
+            therapist_id=s.therapist_id,
+            mine=owns(user, s),
             plan_id=s.plan_id,
             state=str(s.state),
             created_at=s.created_at,
@@ -77,18 +87,19 @@ async def create_session(
     body: CreateSessionRequest,
     user: Annotated[User, Depends(require("create_session"))],
     service: Service,
-) -> Session:
-    """Open a session for a pseudonymous client on a pen, with a plan."""
+) -> SessionView:
+    """Open a session for a pseudonymous client on a pen, with a plan. It is yours."""
     sid = service.new_session_id()
     act(service, CreateSession(sid, body.port, body.client_ref, body.plan_id, user.actor))
-    return session_or_404(service, sid)
+    return session_view_or_404(service, sid, user)
 
 
 @router.get("/api/sessions/{session_id}", operation_id="get_session", tags=["sessions"])
 async def get_session(
     session_id: SessionId, user: Annotated[User, Depends(require("get_session"))], service: Service
-) -> Session:
-    return session_or_404(service, session_id)
+) -> SessionView:
+    """The session; its client code only if it is yours."""
+    return session_view_or_404(service, session_id, user)
 
 
 # --- actions ----------------------------------------------------------------------------
@@ -99,9 +110,9 @@ def _simple(operation: str, path: str, build: Callable[[str, User], Action], doc
 
     async def endpoint(
         session_id: SessionId, user: Annotated[User, Depends(require(operation))], service: Service
-    ) -> Session:
+    ) -> SessionView:
         act(service, build(session_id, user))
-        return session_or_404(service, session_id)
+        return session_view_or_404(service, session_id, user)
 
     endpoint.__doc__ = doc
     router.post(path, operation_id=operation, tags=["sessions"], name=operation)(endpoint)
@@ -157,9 +168,9 @@ async def select_zone(
     body: SelectZoneRequest,
     user: Annotated[User, Depends(require("select_zone"))],
     service: Service,
-) -> Session:
+) -> SessionView:
     act(service, SelectZone(session_id, body.zone_id, user.actor))
-    return session_or_404(service, session_id)
+    return session_view_or_404(service, session_id, user)
 
 
 @router.post("/api/sessions/{session_id}/depth", operation_id="set_depth", tags=["sessions"])
@@ -168,10 +179,10 @@ async def set_depth(
     body: SetDepthRequest,
     user: Annotated[User, Depends(require("set_depth"))],
     service: Service,
-) -> Session:
+) -> SessionView:
     """Set the needle depth for the selected zone; above the zone's limit is refused."""
     act(service, SetZoneDepth(session_id, body.depth_um, user.actor))
-    return session_or_404(service, session_id)
+    return session_view_or_404(service, session_id, user)
 
 
 @router.post(
@@ -182,15 +193,15 @@ async def set_stroke_rate(
     body: SetStrokeRateRequest,
     user: Annotated[User, Depends(require("set_stroke_rate"))],
     service: Service,
-) -> Session:
+) -> SessionView:
     act(service, SetStrokeRate(session_id, body.rate_hz, user.actor))
-    return session_or_404(service, session_id)
+    return session_view_or_404(service, session_id, user)
 
 
 @router.post("/api/sessions/{session_id}/arm", operation_id="arm_pen", tags=["sessions"])
 async def arm_pen(
     session_id: SessionId, user: Annotated[User, Depends(require("arm_pen"))], service: Service
-) -> Session:
+) -> SessionView:
     """Arm the pen; answers once the pen has confirmed (or refused)."""
 
     def answered(e: SessionEvent) -> bool:
@@ -216,7 +227,7 @@ async def arm_pen(
             str(event.detail.get("message") or "The pen did not arm."),
             str(event.detail.get("remediation") or "Check the pen, then tap Arm again."),
         )
-    return session_or_404(service, session_id)
+    return session_view_or_404(service, session_id, user)
 
 
 @router.post(
@@ -227,7 +238,7 @@ async def override_zone(
     body: OverrideRequest,
     user: Annotated[User, Depends(require("override_zone"))],
     service: Service,
-) -> Session:
+) -> SessionView:
     """A manager raises (or lowers) a zone's limits for this session only, with a reason."""
     act(
         service,
@@ -240,4 +251,21 @@ async def override_zone(
             max_passes=body.max_passes,
         ),
     )
-    return session_or_404(service, session_id)
+    return session_view_or_404(service, session_id, user)
+
+
+@router.post(
+    "/api/sessions/{session_id}/take-over", operation_id="take_over_session", tags=["sessions"]
+)
+async def take_over_session(
+    session_id: SessionId,
+    body: TakeOverRequest,
+    user: Annotated[User, Depends(require("take_over_session"))],
+    service: Service,
+) -> SessionView:
+    """A manager takes the session over from its therapist, with a reason (audited).
+
+    The manager becomes its owner: from then on only they treat in it and see its client.
+    """
+    act(service, TakeOverSession(session_id, user.actor, body.reason))
+    return session_view_or_404(service, session_id, user)
