@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, str] = {
     "audit": "controller.audit_cli",
     "serve": "controller.serve_cli",
     "users": "controller.api.users",
+    "tls": "controller.tls_cli",
     "ingest": "controller.ingest.cli",
     "demo": "devtools.demo.cli",
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -82,7 +83,8 @@ async def secure_api(tmp_path: Path, **settings: Any) -> AsyncIterator[SecureApi
     await server.start()
     verify: Any = True
     if server.tls:
-        verify = str(Path(str(api_settings.tls_certfile)).parent / "ca.crt")
+        ca = Path(str(api_settings.tls_certfile)).parent / "ca.crt"
+        verify = ssl.create_default_context(cafile=str(ca))
     try:
         async with httpx.AsyncClient(base_url=server.url, timeout=10, verify=verify) as http:
             yield SecureApi(rig, server, http, api_settings)

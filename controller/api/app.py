@@ -78,5 +78,6 @@ def create_app(
         request_timeout_s=settings.request_timeout_s,
         trusted_proxies=settings.trusted_proxies,
         docs=settings.docs_enabled,
+        max_header_bytes=settings.max_header_bytes,
     )
     return app

@@ -10,6 +10,8 @@ runs for a request it refuses:
 * **Body size.** A declared ``Content-Length`` above ``api.max_body_bytes`` is
   answered 413 before a byte of the body is read; a chunked body is counted
   as it arrives and refused the moment it passes the limit.
+* **Header size.** At most ``api.max_header_bytes`` of header names and values
+  (431); uvicorn bounds a head that arrives in pieces.
 * **Slow clients.** The body must arrive within ``api.request_timeout_s`` of
   the request's start (408). Headers are bounded by uvicorn
   (``h11_max_incomplete_event_size``) and idle connections by its keep-alive
@@ -117,8 +119,10 @@ class EdgeMiddleware:
         request_timeout_s: float = 10.0,
         trusted_proxies: Sequence[IPNetwork] = (),
         docs: bool = False,
+        max_header_bytes: int = 8 * 1024,
     ) -> None:
         self.app = app
+        self.max_header_bytes = max_header_bytes
         self.docs = docs
         self.max_body_bytes = max_body_bytes
         self.request_timeout_s = request_timeout_s
@@ -129,10 +133,29 @@ class EdgeMiddleware:
             await self.app(scope, receive, send)
             return
         scope = self._with_client(scope)
+        raw_headers = scope.get("headers") or []
+        # h11 bounds only a head that arrives in pieces; one that arrives whole is
+        # counted here (names and values, as a proxy would).
+        if sum(len(k) + len(v) for k, v in raw_headers) > self.max_header_bytes:
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1009})
+                return
+            await self._respond(
+                send,
+                431,
+                _problem(
+                    431,
+                    "headers_too_large",
+                    f"The request headers are larger than this API accepts "
+                    f"({self.max_header_bytes} bytes).",
+                    "Sign in again (a fresh token is small) and send fewer headers.",
+                ),
+            )
+            return
         if scope["type"] == "websocket":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope.get("headers") or [])
+        headers = dict(raw_headers)
         declared = headers.get(b"content-length")
         if declared is not None:
             try:
