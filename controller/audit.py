@@ -29,9 +29,11 @@ Storage: SQLite in WAL mode, one row per record, rather than JSON lines:
 Limits, stated plainly: a hash chain without a secret detects any change to a
 *part* of the log, but someone who rewrites the file can recompute every hash
 after the point they changed, or cut records off the end. Publishing the chain
-head (:meth:`AuditLog.head`) somewhere else from time to time (the MQTT events
-stream, a report) and checking it with ``verify(path, expected_head=...)``
-closes both gaps.
+head somewhere else and checking the file against it with
+``verify(path, expected_head=...)`` closes both gaps. :func:`read_head` and
+:func:`hash_at` are what a publisher needs for that (``controller/audit_anchor.py``
+publishes the head, retained, over MQTT, from outside the safety loop), and
+:class:`PublishedHead` is what it publishes.
 
 No personal data: records hold pseudonymous ids only (session, device serial,
 actor ids), never a client's name.
@@ -152,6 +154,46 @@ class ChainHead:
         if not sep or not seq.isdigit() or len(digest) != 64:
             raise ValueError(f"expected SEQ:SHA256HEX, got {text!r}")
         return cls(int(seq), digest.lower())
+
+
+@dataclass(frozen=True, slots=True)
+class PublishedHead:
+    """A chain head as published: which controller's log, when, and whether the log
+    still held the previously published head when this one was read (``agrees``)."""
+
+    clinic: str
+    controller: str
+    head: ChainHead
+    at: float
+    agrees: bool = True
+
+    def payload(self) -> bytes:
+        return canonical_json(
+            {
+                "clinic": self.clinic,
+                "controller": self.controller,
+                "seq": self.head.seq,
+                "hash": self.head.hash,
+                "at": self.at,
+                "agrees": self.agrees,
+            }
+        )
+
+    @classmethod
+    def parse(cls, payload: bytes) -> PublishedHead:
+        """The published head in ``payload``; ValueError saying what is wrong with it."""
+        try:
+            data = json.loads(payload)
+            head = ChainHead.parse(f"{int(data['seq'])}:{data['hash']}")
+            return cls(
+                clinic=str(data["clinic"]),
+                controller=str(data["controller"]),
+                head=head,
+                at=float(data["at"]),
+                agrees=bool(data.get("agrees", True)),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"not a published audit head: {exc}") from exc
 
 
 def canonical_json(value: Any) -> bytes:
@@ -283,6 +325,29 @@ def _open_read_only(path: Path | str) -> sqlite3.Connection:
     except sqlite3.DatabaseError as exc:
         raise AuditFileError(f"{p}: not an audit log ({exc})") from exc
     return db
+
+
+def read_head(path: Path | str) -> ChainHead | None:
+    """The last record's sequence number and hash, read-only and cheap (one row).
+
+    Nothing is verified: compare it with a published head, or run :func:`verify`.
+    """
+    db = _open_read_only(path)
+    try:
+        row = db.execute(_HEAD_SQL).fetchone()
+    finally:
+        db.close()
+    return ChainHead(int(row[0]), str(row[1])) if row else None
+
+
+def hash_at(path: Path | str, seq: int) -> str | None:
+    """The stored hash of record ``seq`` (None if there is no such record); one row."""
+    db = _open_read_only(path)
+    try:
+        row = db.execute("SELECT hash FROM audit_log WHERE seq = ?", (seq,)).fetchone()
+    finally:
+        db.close()
+    return str(row[0]) if row else None
 
 
 @dataclass(frozen=True, slots=True)

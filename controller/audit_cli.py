@@ -1,17 +1,25 @@
 """`penctl audit`: verify and show the hash-chained audit log.
 
-* ``penctl audit verify PATH [--expect-head SEQ:HASH]``: exit 0 and a summary
-  when the chain is intact; exit 1 naming the first bad record and why; exit 2
-  when the file is missing or is not an audit log.
+* ``penctl audit verify PATH [--expect-head SEQ:HASH | --published [--config FILE]]``:
+  exit 0 and a summary when the chain is intact (and still holds the expected
+  head); exit 1 naming the first bad record and why; exit 2 when the file is
+  missing or is not an audit log, or no published head can be had.
+  ``--published`` fetches the head this controller last published (retained on
+  the MQTT broker of ``--config``'s ``[mqtt]``; ``controller/audit_anchor.py``).
 * ``penctl audit show PATH [--session ID] [--kind KIND] [--last N] [--json]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
+
+import aiomqtt
 
 from controller.audit import AuditFileError, AuditKind, ChainHead, read_records, verify
 
@@ -33,6 +41,17 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         metavar="SEQ:HASH",
         help="a chain head published earlier; the log must still contain it unchanged",
     )
+    check.add_argument(
+        "--published",
+        action="store_true",
+        help="check against the head last published over MQTT (see --config)",
+    )
+    check.add_argument(
+        "--config", type=Path, metavar="FILE.toml", help="the controller's configuration"
+    )
+    check.add_argument(
+        "--controller", default="controller-1", help="the controller's id (default controller-1)"
+    )
     check.set_defaults(handler=_verify)
 
     show = commands.add_parser("show", help="print records")
@@ -51,7 +70,42 @@ def _head(text: str) -> ChainHead:
         raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
+def _published_head(args: argparse.Namespace) -> ChainHead | None:
+    """The head this controller last published, or None (and a message) if there is none."""
+    from .audit_anchor import fetch_published
+    from .config import ConfigError, load_settings
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+    try:
+        published = asyncio.run(fetch_published(settings.mqtt, settings.clinic_id, args.controller))
+    except (OSError, ValueError, aiomqtt.MqttError) as exc:
+        print(f"error: cannot fetch the published head: {exc}", file=sys.stderr)
+        return None
+    if published is None:
+        print(
+            f"error: no audit head published for {settings.clinic_id}/{args.controller} "
+            f"on {settings.mqtt.host}:{settings.mqtt.port}",
+            file=sys.stderr,
+        )
+        return None
+    when = datetime.fromtimestamp(published.at, UTC).isoformat(timespec="seconds")
+    agree = "" if published.agrees else " (the publisher already reported a disagreement)"
+    print(f"published head {published.head} at {when}{agree}")
+    return published.head
+
+
 def _verify(args: argparse.Namespace) -> int:
+    if args.published and args.expect_head is not None:
+        print("error: give --expect-head or --published, not both", file=sys.stderr)
+        return EXIT_UNREADABLE
+    if args.published:
+        args.expect_head = _published_head(args)
+        if args.expect_head is None:
+            return EXIT_UNREADABLE
     try:
         report = verify(args.path, expected_head=args.expect_head)
     except AuditFileError as exc:

@@ -59,12 +59,44 @@ class LinkSettings(_Section):
     reconnect_max_s: float = Field(default=5.0, gt=0)
 
 
+class TlsClientSettings(_Section):
+    """TLS to a server we connect to (the MQTT broker, InfluxDB): verified by default.
+
+    ``ca_file``: the CA that signed the server's certificate (None: the system's
+    CAs). ``certfile``/``keyfile``: our client certificate, for a server that asks
+    for one. ``verify = false`` is for a laboratory only: anyone on the path could
+    then read and change the traffic.
+    """
+
+    ca_file: Path | None = None
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    verify: bool = True
+
+    @model_validator(mode="after")
+    def _usable(self) -> TlsClientSettings:
+        from .tls import TlsError, client_context
+
+        try:
+            client_context(
+                self.ca_file, certfile=self.certfile, keyfile=self.keyfile, verify=self.verify
+            )
+        except TlsError as exc:
+            raise ValueError(str(exc)) from exc
+        return self
+
+
 class MqttSettings(_Section):
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=1883, ge=1, le=65535)
     username: str | None = None
     password: str | None = None
+    tls: TlsClientSettings | None = Field(
+        default=None,
+        description="connect over TLS (port 8883 by convention); per-clinic credentials in "
+        "username/password or a client certificate",
+    )
     topic_root: str = Field(default="pen/v1", min_length=1)
     batch_interval_s: float = Field(
         default=0.05, gt=0, le=5, description="telemetry committed and bundled this often"
@@ -99,11 +131,20 @@ class MqttSettings(_Section):
 
 
 class InfluxSection(_Section):
-    url: str = "http://127.0.0.1:8086"
+    url: str = Field(default="http://127.0.0.1:8086", pattern=r"^https?://")
     database: str = Field(default="pen", min_length=1)
     username: str | None = None
     password: str | None = None
     token: str | None = None
+    tls: TlsClientSettings | None = Field(
+        default=None, description="how to verify an https:// url (default: the system's CAs)"
+    )
+
+    @model_validator(mode="after")
+    def _tls_needs_https(self) -> InfluxSection:
+        if self.tls is not None and not self.url.startswith("https://"):
+            raise ValueError("tls is set but url is not https://: use an https:// url")
+        return self
 
 
 class ApiSettings(_Section):

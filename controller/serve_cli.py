@@ -22,6 +22,7 @@ import structlog
 from .api import UserStore, create_app
 from .api.auth import UsersFileError
 from .api.server import ApiServer
+from .audit_anchor import AuditAnchor
 from .config import ConfigError, ServiceSettings, load_settings
 from .logs import configure_logging
 from .policy import PolicyError
@@ -67,6 +68,24 @@ def load_users(settings: ServiceSettings) -> UserStore:
     return users
 
 
+def start_audit_anchor(service: ControllerService) -> list[asyncio.Task[None]]:
+    """Publish the audit log's head over MQTT (controller/audit_anchor.py), if MQTT is on.
+
+    It only reads the audit file and listens to the service's events: when the
+    publisher moves to its own process (issue 12), this goes with it.
+    """
+    settings = service.settings
+    if not settings.mqtt.enabled:
+        return []
+    anchor = AuditAnchor(
+        settings.state_dir / "audit.db", settings.clinic_id, service.controller_id, settings.mqtt
+    )
+    return [
+        asyncio.create_task(anchor.run(), name="audit-anchor"),
+        asyncio.create_task(anchor.follow(service), name="audit-anchor-events"),
+    ]
+
+
 async def run_until_signalled(service: ControllerService, users: UserStore | None = None) -> None:
     """Run the service (and the tablet API, if enabled) until SIGINT or SIGTERM."""
     stop = asyncio.Event()
@@ -91,12 +110,16 @@ async def run_until_signalled(service: ControllerService, users: UserStore | Non
     log.info(
         "controller running", pens=list(service.pens), state_dir=str(service.settings.state_dir)
     )
+    anchor_tasks = start_audit_anchor(service)
     try:
         if server is not None:
             await server.start()
             log.info("tablet API listening", url=server.url)
         await stop.wait()
     finally:
+        for task in anchor_tasks:
+            task.cancel()
+        await asyncio.gather(*anchor_tasks, return_exceptions=True)
         if server is not None:
             with contextlib.suppress(Exception):
                 await server.stop()

@@ -22,11 +22,15 @@ import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+if TYPE_CHECKING:  # config imports this module to validate its TLS sections
+    from .config import TlsClientSettings
 
 
 class TlsError(ValueError):
@@ -59,8 +63,7 @@ def client_context(
     """A client context that verifies the server against ``ca_file`` (None: the system's CAs).
 
     ``certfile``/``keyfile``: a client certificate, for a broker that asks for one.
-    ``verify=False`` is for a laboratory only; it is refused by the settings
-    unless set explicitly, and logged.
+    ``verify=False`` is for a laboratory only (``verify = false`` in the settings).
     """
     if ca_file is not None and not Path(ca_file).is_file():
         raise TlsError(f"the CA file {ca_file} does not exist")
@@ -84,6 +87,22 @@ def client_context(
                 f"cannot use client certificate {certfile} with key {keyfile}: {_reason(exc)}"
             ) from exc
     return context
+
+
+def settings_context(settings: TlsClientSettings | None) -> ssl.SSLContext | None:
+    """The client context for a ``[mqtt.tls]`` or ``[influx.tls]`` section (None: no TLS).
+
+    The one function both the MQTT publisher and ingest (and the audit anchor)
+    call, so every client verifies its server the same way.
+    """
+    if settings is None:
+        return None
+    return client_context(
+        settings.ca_file,
+        certfile=settings.certfile,
+        keyfile=settings.keyfile,
+        verify=settings.verify,
+    )
 
 
 def _reason(exc: BaseException) -> str:

@@ -119,6 +119,17 @@ class ServerProcess:
             return False
 
 
+@dataclass(frozen=True)
+class BrokerTls:
+    """A TLS listener's files: the CA that clients must present certificates from (when
+    ``require_certificate``), and the broker's own certificate and key."""
+
+    cafile: Path
+    certfile: Path
+    keyfile: Path
+    require_certificate: bool = False
+
+
 def start_mosquitto(
     workdir: Path,
     port: int | None = None,
@@ -126,9 +137,10 @@ def start_mosquitto(
     password_file: Path | None = None,
     acl_file: Path | None = None,
     max_queued_messages: int = 1_000_000,
+    tls: BrokerTls | None = None,
     timeout: float = 30.0,
 ) -> ServerProcess:
-    """Mosquitto 2 with persistence and raised queue limits.
+    """Mosquitto 2 with persistence and raised queue limits; TLS only, with ``tls``.
 
     Debian ships 2.0.11, which queues only 1000 messages per client by default:
     a durable ingest session that falls behind would lose messages, so the limit
@@ -153,6 +165,14 @@ def start_mosquitto(
         "log_type warning",
         "log_type notice",
     ]
+    if tls is not None:  # these apply to the listener above
+        lines += [
+            f"cafile {tls.cafile}",
+            f"certfile {tls.certfile}",
+            f"keyfile {tls.keyfile}",
+            "tls_version tlsv1.2",
+            f"require_certificate {'true' if tls.require_certificate else 'false'}",
+        ]
     if password_file is not None:
         lines += ["allow_anonymous false", f"password_file {password_file}"]
     else:
