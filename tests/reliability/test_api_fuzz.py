@@ -46,7 +46,8 @@ from .figures import Figures
 
 EXAMPLES = 25
 USERS = UserStore.demo()
-FUZZER = Actor("t-fuzz", Role.THERAPIST)
+# The demo therapist: the fuzzed requests signed in as them own the sessions it opens.
+FUZZER = Actor("t-demo", Role.THERAPIST)
 
 
 def generate_cases(schema: Any) -> list[Any]:
@@ -77,15 +78,17 @@ def generate_cases(schema: Any) -> list[Any]:
 async def live_session(service: ControllerService, sid: str | None) -> str:
     """A session ready to treat on room1 (a new one if the fuzzer ended or broke the last)."""
     session = service.session(sid) if sid else None
+    # A fuzzed take-over may have given the session to a manager: act as its owner.
+    owner = Actor(session.therapist_id, Role.THERAPIST) if session else FUZZER
     if session is not None and session.state is SessionState.PAUSED:
         with contextlib.suppress(ActionRefused):
-            service.act(ResumeSession(session.session_id, FUZZER))
+            service.act(ResumeSession(session.session_id, owner))
         session = service.session(session.session_id)
     if session is not None and session.state is SessionState.ACTIVE:
         return session.session_id
     if session is not None:
         with contextlib.suppress(ActionRefused):
-            service.act(EndSession(session.session_id, FUZZER))
+            service.act(EndSession(session.session_id, owner))
     # Ending disarms the pen; the next session may choose a zone once the pen confirms.
     await eventually(lambda: service.registry.pen("room1").arm is ArmState.DISARMED, within=2.0)
     sid = service.new_session_id()
