@@ -15,6 +15,7 @@ the JSON body, so a status check alone would miss it.
 from __future__ import annotations
 
 import math
+import ssl
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +58,9 @@ class InfluxSettings:
     token: str | None = None
     retention_policy: str | None = None
     timeout: float = 10.0
+    #: How to verify an https:// server: an SSLContext (controller.tls.settings_context)
+    #: or True for the system's CAs.
+    verify: ssl.SSLContext | bool = True
 
 
 class InfluxClient:
@@ -75,6 +79,7 @@ class InfluxClient:
             headers=headers,
             auth=auth,
             timeout=settings.timeout,
+            verify=settings.verify,
         )
 
     async def __aenter__(self) -> InfluxClient:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..config import InfluxSection, MqttSettings, PenctlSettings, load_toml_settings
 from ..influx import InfluxSettings
+from ..tls import settings_context
 
 Stream = Literal["telemetry", "events", "status"]
 
@@ -114,6 +115,7 @@ class IngestSettings(PenctlSettings):
             token=self.influx.token,
             retention_policy=self.ingest.retention_policy,
             timeout=self.ingest.influx_timeout_s,
+            verify=settings_context(self.influx.tls) or True,
         )
 
 

@@ -56,6 +56,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from ..influx import InfluxClient, InfluxError
 from ..telemetry.aiomqtt_compat import manual_acks
 from ..telemetry.schema import ack_topic, dump
+from ..tls import settings_context
 from .deadletters import DeadLetterStore
 from .points import MalformedMessage, message_points
 from .settings import IngestSettings
@@ -292,6 +293,7 @@ class IngestWorker:
             mqtt.port,
             username=mqtt.username,
             password=mqtt.password,
+            tls_context=settings_context(mqtt.tls),
             identifier=self.client_id,
             protocol=aiomqtt.ProtocolVersion.V5,
             clean_start=clean,

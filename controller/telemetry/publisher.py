@@ -41,6 +41,7 @@ from pydantic import ValidationError
 from firmware_protocol.messages import Telemetry
 
 from ..config import MqttSettings
+from ..tls import settings_context
 from .delivery import DeliveryWindow
 from .events import Pseudonymizer, shape_event
 from .outbox import NewMessage, Outbox, OutboxMessage
@@ -317,6 +318,7 @@ class TelemetryPublisher:
                     self.settings.port,
                     username=self.settings.username,
                     password=self.settings.password,
+                    tls_context=settings_context(self.settings.tls),
                     identifier=f"controller-{self.clinic_id}-{self.controller_id}",
                     protocol=aiomqtt.ProtocolVersion.V5,
                     # No session to keep: acknowledgements missed while away are

@@ -196,13 +196,23 @@ def start_influxd(
     port: int | None = None,
     *,
     auth_enabled: bool = False,
+    https: tuple[Path, Path] | None = None,
     timeout: float = 60.0,
 ) -> ServerProcess:
-    """InfluxDB 1.x serving its v1 HTTP API (the API 2.x and 3.x also accept)."""
+    """InfluxDB 1.x serving its v1 HTTP API (the API 2.x and 3.x also accept).
+
+    ``https``: (certificate, key) to serve HTTPS only.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     rpc_port = free_port()
     conf = workdir / "influxdb.conf"
+    https_lines = (
+        f'  https-enabled = true\n  https-certificate = "{https[0]}"\n'
+        f'  https-private-key = "{https[1]}"\n'
+        if https
+        else ""
+    )
     conf.write_text(
         f"""reporting-enabled = false
 bind-address = "127.0.0.1:{rpc_port}"
@@ -223,7 +233,7 @@ bind-address = "127.0.0.1:{rpc_port}"
   log-enabled = false
   suppress-write-log = true
   pprof-enabled = false
-[continuous_queries]
+{https_lines}[continuous_queries]
   enabled = false
 """
     )
@@ -232,6 +242,7 @@ bind-address = "127.0.0.1:{rpc_port}"
         [_binary(INFLUXD_BINARIES, "influxd"), "-config", str(conf)],
         port,
         workdir,
-        f"http://127.0.0.1:{port}/ping",
+        # Over HTTPS the port answering is enough (the test's CA is not the system's).
+        "tcp" if https else f"http://127.0.0.1:{port}/ping",
     )
     return server.start_again(timeout)
