@@ -163,6 +163,7 @@ async def test_a_session_port_must_name_a_configured_pen(
     problem = r.json()
     if status == 422:
         assert problem["errors"][0]["field"] == "body.port"
+        assert "/api/devices" in problem["message"] and "<img" not in r.text
     else:
         assert "room1" in problem["remediation"]
     assert (await api.http.get("/api/sessions", headers=auth)).json() == []

@@ -7,9 +7,10 @@ decide everything clinical (a depth within these bounds may still be refused).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from controller.sessions import Role
 from controller.sessions.records import Session
@@ -48,11 +49,22 @@ PORT_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
 
 
 class CreateSessionRequest(_Request):
-    port: str = Field(pattern=PORT_PATTERN, description="the pen (see /api/devices)")
+    port: str = Field(max_length=64, description="the pen's name (see /api/devices)")
     client_ref: str = Field(
         pattern=ID_PATTERN, description="a pseudonymous client reference, never a name"
     )
     plan_id: str = Field(pattern=ID_PATTERN)
+
+    @field_validator("port")
+    @classmethod
+    def _a_pen_name(cls, port: str) -> str:
+        # Checked here so markup or a path never reaches the controller or its log;
+        # a well-formed name that is not configured is the controller's 404.
+        if not re.fullmatch(PORT_PATTERN, port):
+            raise ValueError(
+                "not a pen name; use one of the clinic's pens as GET /api/devices lists them"
+            )
+        return port
 
 
 class SelectZoneRequest(_Request):
