@@ -9,6 +9,7 @@ holding another CA refuses.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import select
 import socket
@@ -83,17 +84,37 @@ def _huge_post(host: str, port: int, size: int) -> tuple[bytes, float, int]:
 
 
 async def test_a_100_mb_login_is_refused_before_it_is_read(api: SecureApi) -> None:
-    before = _rss_kib()
-    answer, seconds, sent = await asyncio.to_thread(
-        _huge_post, api.server.host, api.server.port, 100 * 1024 * 1024
-    )
-    grown = _rss_kib() - before
+    auth = await api.login("therapist")
+    sid = await api.open_session(auth)
+    token = auth["Authorization"].removeprefix("Bearer ")
+    async with connect(api.ws_url(sid, token)) as ws:
+        await next_message(ws, {"type": "telemetry"})
+        stamps: list[float] = []
+
+        async def watch() -> None:
+            while True:
+                await next_message(ws, {"type": "telemetry"})
+                stamps.append(time.monotonic())
+
+        watcher = asyncio.create_task(watch())
+        before = _rss_kib()
+        answer, seconds, sent = await asyncio.to_thread(
+            _huge_post, api.server.host, api.server.port, 100 * 1024 * 1024
+        )
+        grown = _rss_kib() - before
+        await asyncio.sleep(0.5)
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+    gap = max(b - a for a, b in itertools.pairwise(stamps))
+    # The live stream (10 Hz) went on: the body was never read (issue 12 measured 0.32 s).
+    assert gap < 0.5, gap
     assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert b'"request_too_large"' in answer
     assert seconds < 0.5 and grown < 20 * 1024, (seconds, grown)
     print(
         f"\n100 MB login: 413 after {seconds * 1000:.1f} ms; {sent / 1e6:.1f} MB accepted by "
-        f"the kernel meanwhile; server RSS grew {grown} KiB"
+        f"the kernel meanwhile; server RSS grew {grown} KiB; longest live-stream gap "
+        f"{gap * 1000:.0f} ms"
     )
     # The API still answers.
     assert (await api.http.get("/api/me")).status_code == 401
