@@ -21,6 +21,7 @@ from controller.api.server import ApiServer
 from controller.config import load_settings
 from controller.influx import InfluxClient, InfluxError, InfluxSettings
 from controller.policy import load_policy
+from controller.serve_cli import start_audit_anchor
 from controller.service import ControllerService
 from devtools.stack.supervisor import MQTT_USERS, LocalStack, reap_leftovers
 from devtools.therapist import EventFeed
@@ -105,6 +106,8 @@ class Demo:
             tasks.append(asyncio.create_task(self._watch_ingest()))
             feed = EventFeed(service)
             tasks.append(asyncio.create_task(feed.run(), name="event-feed"))
+            # The audit log's head, published as penctl serve does (docs/SECURITY.md).
+            tasks += start_audit_anchor(service)
             for i, slot in enumerate(slots):
                 port = f"room{i + 1}"
                 therapist = ClinicTherapist(
