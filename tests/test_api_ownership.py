@@ -67,6 +67,10 @@ async def test_only_the_owner_treats_and_sees_the_client(api: SecureApi) -> None
         token = (await api.login(name))["Authorization"]
         raw = await api.http.get(f"/api/sessions/{sid}", headers={"Authorization": token})
         assert "C-7731" not in raw.text, name
+    manager = await api.login("manager")
+    audit = await api.http.get("/api/audit", params={"session_id": sid}, headers=manager)
+    assert audit.status_code == 200 and "C-7731" not in audit.text
+    assert any(r["details"].get("plan_id") == "full_face" for r in audit.json())
 
     # Anyone signed in stops the pen; the record names the role as it is.
     admin = await api.login("admin")

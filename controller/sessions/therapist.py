@@ -157,9 +157,11 @@ def _create(step: Step, action: CreateSession) -> None:
         AuditKind.SESSION,
         session,
         session.port,
-        f"Session created for client {session.client_ref} with plan {plan.label}.",
+        # The client's code goes in the details, which the tablet API shows only to the
+        # session's owner; the sentence is for everyone who reads the log.
+        f"Session created with plan {plan.label}.",
         "",
-        {"plan_id": plan.plan_id, "actor": action.actor.actor_id},
+        {"plan_id": plan.plan_id, "actor": action.actor.actor_id, "client_ref": session.client_ref},
     )
 
 

@@ -1,4 +1,8 @@
-"""The audit log for managers and admins: ``/api/audit``."""
+"""The audit log for managers and admins: ``/api/audit``.
+
+A record's ``details.client_ref`` (the client's code, recorded when a session is
+opened) is shown only to the session's owner, as everywhere else in the API.
+"""
 
 # No `from __future__ import annotations`: FastAPI evaluates the endpoints' annotations.
 
@@ -22,4 +26,12 @@ async def audit_log(
 ) -> list[dict[str, Any]]:
     """The newest audit records (hash-chained; verify with `penctl audit verify`)."""
     records = await service.audit_records(session_id, limit)
-    return [r.as_dict() for r in records]
+    owners = {s.session_id: s.therapist_id for s in service.sessions()}
+    out = []
+    for record in records:
+        data = record.as_dict()
+        details = data["details"]
+        if "client_ref" in details and owners.get(record.session_id or "") != user.actor_id:
+            data["details"] = {**details, "client_ref": None}
+        out.append(data)
+    return out
