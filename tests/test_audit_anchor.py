@@ -22,9 +22,17 @@ from pathlib import Path
 import aiomqtt
 import pytest
 
-from controller.audit import AuditEntry, AuditKind, AuditLog, PublishedHead, read_head
+from controller.audit import (
+    AuditEntry,
+    AuditKind,
+    AuditLog,
+    ChainHead,
+    PublishedHead,
+    read_head,
+)
 from controller.audit_anchor import AuditAnchor, fetch_published, mqtt_client
 from controller.config import ConfigError, MqttSettings, load_settings
+from controller.ingest.points import MalformedMessage, message_points
 from controller.tls import IssuedFiles, make_clinic_ca, make_server_certificate
 from devtools.stack.processes import BrokerTls, ServerProcess, start_mosquitto
 from penctl.cli import main as penctl
@@ -217,3 +225,18 @@ def test_mqtt_and_influx_tls_settings_are_checked_at_start(tmp_path: Path) -> No
         influx={"url": "https://influx:8086", "tls": {"ca_file": str(ca.cert)}},
     )
     assert good.mqtt.tls is not None and good.mqtt.tls.verify
+
+
+def test_ingest_files_a_published_head_under_its_own_controller() -> None:
+    head = PublishedHead(CLINIC, CONTROLLER, ChainHead(7, "ab" * 32), 1_800_000_000.5, False)
+    topic = f"pen/v1/{CLINIC}/controller/{CONTROLLER}/audit-head"
+    points = message_points(topic, head.payload())
+    [line] = points.lines
+    assert line == (
+        f'audit_head,clinic={CLINIC},controller={CONTROLLER} seq=7i,hash="{"ab" * 32}",'
+        "agrees=0i 1800000000500000000"
+    )
+    with pytest.raises(MalformedMessage, match="topic_mismatch"):
+        message_points(topic.replace(CONTROLLER, "controller-2"), head.payload())
+    with pytest.raises(MalformedMessage, match="schema"):
+        message_points(topic, b'{"seq": 1}')

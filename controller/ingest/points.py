@@ -27,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 
 from firmware_protocol.messages import TelemetryFlag
 
+from ..audit import PublishedHead
 from ..influx import FieldValue, format_line
 from ..telemetry.schema import (
     DEFAULT_ROOT,
@@ -49,6 +50,7 @@ SAFETY: Final = "safety"
 CARTRIDGES: Final = "cartridges"
 DEVICE_STATUS: Final = "device_status"
 CONTROLLER_STATUS: Final = "controller_status"
+AUDIT_HEAD: Final = "audit_head"
 
 MEASUREMENTS: Final = (
     TELEMETRY,
@@ -60,6 +62,7 @@ MEASUREMENTS: Final = (
     CARTRIDGES,
     DEVICE_STATUS,
     CONTROLLER_STATUS,
+    AUDIT_HEAD,
 )
 
 # The session registry's event kinds (controller.sessions.EventKind) that feed the
@@ -142,6 +145,8 @@ def message_points(topic: str, payload: bytes, root: str = DEFAULT_ROOT) -> Poin
         model = TelemetryBundle
     elif kind == "controller" and stream == "status":
         model = ControllerStatus
+    elif kind == "controller" and stream == AUDIT_HEAD_STREAM:
+        return Points(audit_head_lines(clinic, ident, payload), 0)
     elif kind == "controller":
         raise MalformedMessage("unknown_topic", f"unknown controller stream in {topic!r}")
     elif stream == "telemetry":
@@ -398,6 +403,40 @@ def controller_status_lines(status: ControllerStatus) -> list[str]:
             {"clinic": status.clinic, "controller": status.controller},
             {"online": status.online},
             ts,
+        )
+    ]
+
+
+#: The topic stream the audit anchor publishes on (controller/audit_anchor.py).
+AUDIT_HEAD_STREAM: Final = "audit-head"
+
+
+def audit_head_lines(clinic: str, controller: str, payload: bytes) -> list[str]:
+    """An ``audit_head`` point per published audit-log head (docs/SECURITY.md).
+
+    ``agrees`` is 1, or 0 when the controller's log no longer held the head it had
+    published (cut or rewritten): the Safety events dashboard shows those.
+    """
+    try:
+        head = PublishedHead.parse(payload)
+    except ValueError as exc:
+        raise MalformedMessage("schema", str(exc)) from None
+    if (head.clinic, head.controller) != (clinic, controller):
+        raise MalformedMessage(
+            "topic_mismatch",
+            f"audit head is {head.clinic}/{head.controller}, topic says {clinic}/{controller}",
+        )
+    fields: dict[str, FieldValue] = {
+        "seq": head.head.seq,
+        "hash": head.head.hash,
+        "agrees": 1 if head.agrees else 0,
+    }
+    return [
+        format_line(
+            AUDIT_HEAD,
+            {"clinic": clinic, "controller": controller},
+            fields,
+            int(head.at * 1_000_000_000),
         )
     ]
 

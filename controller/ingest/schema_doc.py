@@ -96,7 +96,8 @@ def series_bound() -> str:
         f"With the default zone table ({zones} zones), {THERAPISTS} therapists and "
         f"{REASON_CODES} reason codes: at most **{total} series per pen**, most never "
         f"written in practice; a chain of 100 clinics with 10 pens each stays below "
-        f"**{total * 1000:,}** series. `controller_status` adds one series per controller.",
+        f"**{total * 1000:,}** series. `controller_status` and `audit_head` add one "
+        "series each per controller.",
     ]
     return "\n".join(rows)
 

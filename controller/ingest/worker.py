@@ -58,7 +58,7 @@ from ..telemetry.aiomqtt_compat import manual_acks
 from ..telemetry.schema import ack_topic, dump
 from ..tls import settings_context
 from .deadletters import DeadLetterStore
-from .points import MalformedMessage, message_points
+from .points import AUDIT_HEAD_STREAM, MalformedMessage, message_points
 from .settings import IngestSettings
 from .writer import BatchWriter, Received, acks
 
@@ -168,6 +168,8 @@ class IngestWorker:
             self.subscriptions.append(f"{share}/controller/+/telemetry")
         if "status" in cfg.streams:  # a controller's will takes its pens offline
             self.subscriptions.append(f"{share}/controller/+/status")
+        if "events" in cfg.streams:  # each controller's audit-log head (docs/SECURITY.md)
+            self.subscriptions.append(f"{share}/controller/+/{AUDIT_HEAD_STREAM}")
         self.stats_topic = f"{self.root}/{cfg.clinic or '_ingest'}/ingest/{cfg.worker_id}/stats"
 
     @property
