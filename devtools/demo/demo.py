@@ -24,7 +24,8 @@ from controller.policy import load_policy
 from controller.service import ControllerService
 from devtools.stack.supervisor import MQTT_USERS, LocalStack, reap_leftovers
 from devtools.therapist import EventFeed
-from simulated_pen.runner import PenRunner
+from simulated_pen.control import ControlServer
+from simulated_pen.runner import PenRunner, PenSlot
 
 from .clinic import ClinicTherapist
 
@@ -44,6 +45,9 @@ class Demo:
 
     state_dir: Path
     pens: int = 4
+    #: Pens left to the person at the keyboard (the last ones), never to a scripted
+    #: therapist; at most ``pens - 1``, so the clinic's story still happens.
+    free_pens: int = 1
     seed: str = "0"
     plan: str = "full_face"
     mqtt_port: int = 1883
@@ -74,6 +78,7 @@ class Demo:
         runner: PenRunner | None = None
         service: ControllerService | None = None
         tasks: list[asyncio.Task[None]] = []
+        controls: list[ControlServer] = []
         stack = self._stack = LocalStack(self.state_dir)
         try:
             mqtt_port, influx_url = self.external_servers or stack.start_servers(
@@ -82,6 +87,9 @@ class Demo:
             stack.start_ingest(mqtt_port, influx_url)
             runner = PenRunner(seed=self.seed, auto_hand=True)
             slots = await runner.start(self.pens, "pty")
+            # Every pen takes commands at run time (simulated_pen/README.md, control port).
+            for slot in slots:
+                controls.append(await ControlServer.start(runner, slot))
             user, password = MQTT_USERS["controller"]
             settings = load_settings(
                 None,
@@ -100,12 +108,13 @@ class Demo:
             await api.start()
             self.tablet_url = api.url + "/"
             tasks.append(asyncio.create_task(_stop_api_when_cancelled(api)))
-            self._banner(mqtt_port, influx_url, [(s.serial, s.address) for s in slots])
+            scripted = self.pens - self.free
+            self._banner(mqtt_port, influx_url, slots, controls, scripted)
             tasks.append(asyncio.create_task(self._watch_first_data(influx_url)))
             tasks.append(asyncio.create_task(self._watch_ingest()))
             feed = EventFeed(service)
             tasks.append(asyncio.create_task(feed.run(), name="event-feed"))
-            for i, slot in enumerate(slots):
+            for i, slot in enumerate(slots[:scripted]):
                 port = f"room{i + 1}"
                 therapist = ClinicTherapist(
                     service, feed, policy, runner, slot, port, i, self.seed, self.plan
@@ -125,6 +134,8 @@ class Demo:
             if service is not None:
                 with contextlib.suppress(Exception):
                     await service.stop()
+            for control in controls:
+                control.close()
             if runner is not None:
                 runner.close()
             stack.stop()
@@ -154,7 +165,19 @@ class Demo:
         log.info("first data in InfluxDB", seconds_since_start=self.first_data_s)
         print(f"first data in InfluxDB after {self.first_data_s} s", flush=True)
 
-    def _banner(self, mqtt_port: int, influx_url: str, pens: list[tuple[str, str]]) -> None:
+    @property
+    def free(self) -> int:
+        """How many pens (the last ones) are left to the person at the keyboard."""
+        return max(0, min(self.free_pens, self.pens - 1))
+
+    def _banner(
+        self,
+        mqtt_port: int,
+        influx_url: str,
+        slots: list[PenSlot],
+        controls: list[ControlServer],
+        scripted: int,
+    ) -> None:
         user, password = MQTT_USERS["controller"]
         ingest_user, ingest_password = MQTT_USERS["ingest"]
         lines = [
@@ -167,14 +190,31 @@ class Demo:
             + ", ".join(f"{u}/{p}" for u, p in TABLET_USERS)
             + ")",
         ]
-        lines += [f"  pen {serial:<10} {address}" for serial, address in pens]
+        for i, (slot, control) in enumerate(zip(slots, controls, strict=True)):
+            who = "scripted therapist" if i < scripted else "FREE for you"
+            lines.append(
+                f"  pen room{i + 1:<3} {slot.serial:<9} {slot.address:<12} "
+                f"control {control.address}  ({who})"
+            )
+        for i in range(scripted, self.pens):
+            where = controls[i].address.removeprefix("tcp://")
+            lines += [
+                f"  your pen: room{i + 1} ({slots[i].serial}). Open {self.tablet_url}, sign in as "
+                "therapist/demo-therapist and pick room" + str(i + 1) + ".",
+                "    Its automatic hand makes the passes while it is armed. A fresh cartridge "
+                "for each client:",
+                f"    echo 'cartridge insert' | socat - TCP:{where}   (more: 'help'; "
+                "simulated_pen/README.md, control port)",
+            ]
         print("\n".join(lines), flush=True)
+        pens = {slot.serial: slot.address for slot in slots}
         log.info(
             "stack up",
             mqtt=f"127.0.0.1:{mqtt_port}",
             influx=influx_url,
             tablet=self.tablet_url,
-            pens=dict(pens),
+            pens=pens,
+            free=[f"room{i + 1}" for i in range(scripted, self.pens)],
         )
 
 
