@@ -23,6 +23,7 @@ from .api import UserStore, create_app
 from .api.auth import UsersFileError
 from .api.server import ApiServer
 from .config import ConfigError, ServiceSettings, load_settings
+from .influx import InfluxSettings
 from .logs import configure_logging
 from .policy import PolicyError
 from .service import ControllerService
@@ -85,6 +86,7 @@ async def run_until_signalled(service: ControllerService, users: UserStore | Non
             users,
             token_lifetime_s=api.token_lifetime_s,
             login_attempts=api.login_attempts_per_minute,
+            influx=_charts_influx(service.settings),
         )
         # Bound before the pens connect: a taken port stops the start, not a session.
         try:
@@ -107,3 +109,16 @@ async def run_until_signalled(service: ControllerService, users: UserStore | Non
                 await server.stop()
         with contextlib.suppress(Exception):
             await service.stop()
+
+
+def _charts_influx(settings: ServiceSettings) -> InfluxSettings:
+    """Where the manager's charts are read from: the ``[influx]`` the ingest workers fill."""
+    influx = settings.influx
+    return InfluxSettings(
+        url=influx.url,
+        database=influx.database,
+        username=influx.username,
+        password=influx.password,
+        token=influx.token,
+        timeout=5.0,
+    )

@@ -14,13 +14,28 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from controller.influx import InfluxSettings
+
 from .auth import LoginLimiter, TokenStore, UserStore
 from .deps import ControllerApi
 from .errors import COMMON_ERRORS, http_error, validation_error
-from .routers import audit, auth, devices, live, page, plans, reports, sessions
+from .routers import (
+    audit,
+    auth,
+    charts,
+    devices,
+    live,
+    page,
+    plans,
+    reports,
+    sessions,
+    stopkeys,
+    tablet,
+)
+from .stopkeys import StopKeyStore
 
 #: In this order: the OpenAPI document lists the operations as they are included.
-ROUTERS = (auth, devices, plans, sessions, reports, audit, live, page)
+ROUTERS = (auth, devices, plans, sessions, reports, audit, tablet, stopkeys, charts, live, page)
 
 
 def create_app(
@@ -30,8 +45,12 @@ def create_app(
     token_lifetime_s: float = 8 * 3600.0,
     login_attempts: int = 5,
     login_window_s: float = 60.0,
+    influx: InfluxSettings | None = None,
 ) -> FastAPI:
-    """The tablet API and web page for ``service``; ``users`` may sign in."""
+    """The tablet API and web page for ``service``; ``users`` may sign in.
+
+    ``influx``: where the manager's charts come from (None: no charts, a 503 says why).
+    """
     app = FastAPI(
         title="Pen session controller: tablet API",
         version="1.0.0",
@@ -48,6 +67,8 @@ def create_app(
     app.state.users = users
     app.state.tokens = TokenStore(lifetime_s=token_lifetime_s)
     app.state.limiter = LoginLimiter(attempts=login_attempts, window_s=login_window_s)
+    app.state.stop_keys = StopKeyStore(max_age_s=max(token_lifetime_s, 12 * 3600.0))
+    app.state.influx = influx
     app.exception_handler(StarletteHTTPException)(http_error)
     app.exception_handler(RequestValidationError)(validation_error)
     for module in ROUTERS:

@@ -103,7 +103,7 @@ class Demo:
             if policy.plan(self.plan) is None:
                 raise ValueError(f"no plan {self.plan!r} in the treatment policy")
             service = ControllerService(settings, policy=policy)
-            api = _tablet_api(service, self.api_port)
+            api = _tablet_api(service, self.api_port, InfluxSettings(url=influx_url, timeout=5.0))
             await service.start()
             await api.start()
             self.tablet_url = api.url + "/"
@@ -218,9 +218,10 @@ class Demo:
         )
 
 
-def _tablet_api(service: ControllerService, port: int) -> ApiServer:
-    """The tablet API with the demo users, on ``port`` or, if that is taken, any free one."""
-    app = create_app(service, UserStore.demo())
+def _tablet_api(service: ControllerService, port: int, influx: InfluxSettings) -> ApiServer:
+    """The tablet API with the demo users, on ``port`` or, if that is taken, any free one;
+    the manager's charts come from the demo's InfluxDB."""
+    app = create_app(service, UserStore.demo(), influx=influx)
     try:
         return ApiServer(app, "127.0.0.1", port)
     except OSError:
