@@ -11,6 +11,7 @@ from fastapi.responses import Response
 
 from ..auth import User
 from ..deps import ControllerApi, Service, require, session_or_404
+from ..report_detail import detailed_report
 from .sessions import SessionId
 
 router = APIRouter(tags=["reports"])
@@ -30,8 +31,12 @@ async def session_report(
     user: Annotated[User, Depends(require("session_report"))],
     service: Service,
 ) -> dict[str, Any]:
-    """Zones, passes, depths against limits, overrides, cartridges, refusals."""
-    return _report_of(service, session_id)
+    """Zones, passes, depths against limits, overrides, cartridges, refusals; each pass
+    (``pass_list``: times, setting, peak measured depth) and every stop, fault, override
+    and refusal from the audit log (``events``, with counts ``stops``, ``faults``,
+    ``overrides``)."""
+    report = await detailed_report(service, session_id)
+    return report if report is not None else _report_of(service, session_id)
 
 
 @router.get(
