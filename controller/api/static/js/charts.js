@@ -50,7 +50,7 @@ export async function loadCharts(days, zoneLabel) {
   if (!window.uPlot) return answer;
   const sessions = answer.sessions_per_day;
   plots.push(
-    timePlot($("chart-sessions"), [bars({ label: "sessions", fill: "#1565c088", stroke: "#1565c0" })], [
+    timePlot($("chart-sessions"), [{ label: "sessions", fill: "#1565c033", stroke: "#1565c0", width: 2, points: { size: 8 } }], [
       sessions.map((d) => d.t),
       sessions.map((d) => d.sessions),
     ]),
