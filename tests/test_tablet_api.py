@@ -4,6 +4,9 @@ the users list, and the manager's charts from a real influxd."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -12,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from websockets.asyncio.client import connect
 
 from controller.api import UserStore, create_app
 from controller.api.charts import queries
@@ -19,6 +23,7 @@ from controller.api.server import ApiServer
 from controller.influx import InfluxClient, InfluxSettings, format_line
 from controller.sessions import EventKind
 from devtools.stack.processes import ServerProcess
+from simulated_pen.faults import Fault, FaultKind
 
 from .controller_rig import Rig, start_rig, stop_rig
 
@@ -261,3 +266,22 @@ async def test_charts_come_from_influxdb(tmp_path: Path, influxd: ServerProcess)
         assert totals == {"refused": 1, "fault": 1}
         assert sum(d["override_applied"] for d in charts["safety_events"]) == 1
     assert "GROUP BY time(1d)" in queries(7)["sessions"]
+
+
+async def test_the_live_stream_beats_while_nothing_else_happens(tablet: Tablet) -> None:
+    auth = await tablet.login("therapist")
+    sid = await new_session(tablet, auth)
+    token = auth["Authorization"].removeprefix("Bearer ")
+    url = str(tablet.http.base_url).replace("http://", "ws://") + f"/api/sessions/{sid}/live"
+    tablet.rig.physical(0, lambda p, now: p.inject(Fault(FaultKind.SILENT, duration=1.0), now))
+    async with connect(url) as ws:
+        await ws.send(json.dumps({"token": token}))
+        assert json.loads(await ws.recv())["type"] == "hello"
+        beats: list[float] = []
+        async with asyncio.timeout(3.0):
+            while len(beats) < 4:
+                message = json.loads(await ws.recv())
+                if message["type"] == "heartbeat":
+                    beats.append(time.monotonic())
+    gaps = [b - a for a, b in itertools.pairwise(beats)]
+    assert max(gaps) < 0.6, gaps  # the tablet calls a silence of 0.9 s a lost connection

@@ -10,12 +10,13 @@ or as the first message; a wrong one gets an error message and a close code.
 import asyncio
 import contextlib
 import json
+import time
 from dataclasses import asdict
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from controller.live import LiveTelemetry
+from controller.live import LiveItem, LiveTelemetry
 from controller.sessions import SessionEvent
 from controller.sessions.records import Session
 
@@ -23,6 +24,10 @@ from ..deps import ControllerApi, Service, Tokens
 from ..roles import ROLE_MATRIX
 
 router = APIRouter()
+
+#: How often the stream says it is alive when nothing else is sent (the tablet calls
+#: the connection lost after WS_SILENCE_MS, static/js/health.js, without one).
+HEARTBEAT_S = 0.25
 
 
 @router.websocket("/api/sessions/{session_id}/live")
@@ -87,19 +92,32 @@ async def _stream(websocket: WebSocket, service: ControllerApi, session: Session
     reader = asyncio.create_task(_drain(websocket))
     try:
         await websocket.send_json({"type": "hello", "session": session.model_dump(mode="json")})
+        beat_at = time.monotonic() + HEARTBEAT_S
+        getter: asyncio.Future[LiveItem] | None = None
         while not reader.done():
-            getter = asyncio.ensure_future(sub.queue.get())
-            done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
-            if getter not in done:
-                getter.cancel()
+            if getter is None:
+                getter = asyncio.ensure_future(sub.queue.get())
+            wait = max(0.0, beat_at - time.monotonic())
+            waiting: set[asyncio.Future[Any]] = {getter, reader}
+            done, _ = await asyncio.wait(waiting, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            if time.monotonic() >= beat_at:
+                # The tablet's proof that the stream is alive when nothing else happens.
+                await websocket.send_json({"type": "heartbeat", "at": time.time()})
+                beat_at = time.monotonic() + HEARTBEAT_S
+            if reader in done:
                 break
+            if getter not in done:
+                continue
             item = getter.result()
+            getter = None
             if isinstance(item, LiveTelemetry):
                 if item.port == port:
                     await websocket.send_json({"type": "telemetry", **asdict(item)})
             elif item.session_id == sid or (item.session_id is None and item.port == port):
                 await websocket.send_text(json.dumps(event_json(item), default=str))
     finally:
+        if getter is not None:
+            getter.cancel()
         service.unsubscribe(sub)
         reader.cancel()
         await asyncio.gather(reader, return_exceptions=True)

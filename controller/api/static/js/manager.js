@@ -37,7 +37,15 @@ function renderPens(tbodyId, columns) {
   }
 }
 
+let knownSessions = "";
+
 export function renderManagerPens() {
+  // A session opened or closed on a pen: the day's list and the override form follow.
+  const live = ((state.overview && state.overview.pens) || []).map((p) => (p.session ? p.session.session_id + p.session.state : "")).join(",");
+  if (live !== knownSessions) {
+    knownSessions = live;
+    loadSessions().catch(() => {});
+  }
   renderPens("pens-table", (p) => {
     const s = p.session;
     return [p.name, penState(p), s ? s.therapist_id : "", s ? s.session_id : "", s && s.zone_label ? `${s.zone_label} (${s.passes_done}/${s.max_passes})` : "", s ? mm(s.depth_setpoint_um) : ""];
