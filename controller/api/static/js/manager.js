@@ -38,6 +38,7 @@ function renderPens(tbodyId, columns) {
 }
 
 let knownSessions = "";
+let auditAt = 0;
 
 export function renderManagerPens() {
   // A session opened or closed on a pen: the day's list and the override form follow.
@@ -45,6 +46,11 @@ export function renderManagerPens() {
   if (live !== knownSessions) {
     knownSessions = live;
     loadSessions().catch(() => {});
+  }
+  // The audit log follows too (its records land a moment after the action they record).
+  if (state.view === "manager" && Date.now() - auditAt > 2000) {
+    auditAt = Date.now();
+    loadAudit().catch(() => {});
   }
   renderPens("pens-table", (p) => {
     const s = p.session;

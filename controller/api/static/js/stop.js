@@ -35,6 +35,7 @@ export function stopTargets() {
 
 function describe(t) {
   if (!state.token && !t.armed) return `${t.name}`;
+  if (!state.online) return `${t.name}: state unknown (offline)`;
   if (t.running) return `${t.name}: needle running`;
   if (t.armed === "armed" || t.armed === "arming") return `${t.name}: armed`;
   if (t.armed === null || !state.online) return `${t.name}: state unknown`;
