@@ -24,6 +24,7 @@ from .api.auth import UsersFileError
 from .api.server import ApiServer
 from .audit_anchor import AuditAnchor
 from .config import ConfigError, ServiceSettings, load_settings
+from .influx import InfluxSettings
 from .logs import configure_logging
 from .policy import PolicyError
 from .service import ControllerService
@@ -99,7 +100,7 @@ async def run_until_signalled(service: ControllerService, users: UserStore | Non
             users = load_users(service.settings)
         if not users.users:
             log.warning("no API users: set api.users_file (or api.demo_users for a demo)")
-        app = create_app(service, users, api)
+        app = create_app(service, users, api, influx=_charts_influx(service.settings))
         # Bound before the pens connect: a taken port stops the start, not a session.
         try:
             server = ApiServer(app, api.host, api.port, api)
@@ -125,3 +126,16 @@ async def run_until_signalled(service: ControllerService, users: UserStore | Non
                 await server.stop()
         with contextlib.suppress(Exception):
             await service.stop()
+
+
+def _charts_influx(settings: ServiceSettings) -> InfluxSettings:
+    """Where the manager's charts are read from: the ``[influx]`` the ingest workers fill."""
+    influx = settings.influx
+    return InfluxSettings(
+        url=influx.url,
+        database=influx.database,
+        username=influx.username,
+        password=influx.password,
+        token=influx.token,
+        timeout=5.0,
+    )

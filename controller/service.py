@@ -52,6 +52,7 @@ from .sessions import (
     SessionEvent,
     SessionRegistry,
 )
+from .sessions.readiness import session_controls
 from .sessions.records import Session
 from .telemetry.events import Pseudonymizer
 from .telemetry.outbox import Outbox
@@ -275,6 +276,16 @@ class ControllerService:
         """The newest ``limit`` audit records (of one session), oldest first; off the loop."""
         path = self.settings.state_dir / "audit.db"
         return await asyncio.to_thread(read_recent, path, session_id=session_id, limit=limit)
+
+    def controls(self, session_id: str) -> dict[str, Any] | None:
+        """What the tablet may do in the session now, each refusal with its reason (plain
+        data: ``controller.sessions.readiness``); None if there is no such session."""
+        registry = self.registry
+        session = registry.session(session_id)
+        if session is None:
+            return None
+        context = registry.gate_context(session.port)
+        return session_controls(session, context, registry.pen(session.port))
 
     def pen_view(self, port: str) -> PenView:
         """What the tablet shows of the pen now; cheap (no copy of the session)."""

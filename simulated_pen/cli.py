@@ -1,13 +1,18 @@
 """``penctl simulate``: run simulated pens until SIGINT or SIGTERM.
 
-Prints one line per pen on stdout, ``SERIAL ADDRESS``, then runs::
+Prints one line per pen on stdout, ``SERIAL ADDRESS CONTROL``, then runs::
 
-    SIM-0001 /dev/pts/5
-    SIM-0002 /dev/pts/6
+    SIM-0001 /dev/pts/5 control=tcp://127.0.0.1:41211
+    SIM-0002 /dev/pts/6 control=tcp://127.0.0.1:39307
 
-or with ``--tcp 9000``: ``SIM-0001 socket://127.0.0.1:9000`` and so on, one port per
-pen (``--tcp 0`` picks free ports). Open the address with pyserial
-(``serial.serial_for_url(address)``). A summary goes to stderr on exit.
+or with ``--tcp 9000``: ``SIM-0001 socket://127.0.0.1:9000 ...`` and so on, one port
+per pen (``--tcp 0`` picks free ports). Open the address with pyserial
+(``serial.serial_for_url(address)``). CONTROL is the pen's control port: a line
+protocol (press, release, contact, cartridge, hand, pass, fault; see
+simulated_pen/control.py and the README) to drive the pen while it runs, e.g.
+``nc 127.0.0.1 41211`` then ``cartridge insert``. ``--control-port`` picks the
+first TCP port, ``--control-dir`` serves Unix sockets ``DIR/SERIAL.sock`` instead,
+``--no-control`` none. A summary goes to stderr on exit.
 """
 
 from __future__ import annotations
@@ -17,11 +22,13 @@ import asyncio
 import contextlib
 import signal
 import sys
+from pathlib import Path
 from typing import Any
 
+from .control import ControlServer
 from .faults import LineNoise, load_script
 from .firmware import FirmwareConfig
-from .runner import PenRunner, TransportKind
+from .runner import PenRunner, PenSlot, TransportKind
 
 
 def register(subparsers: Any) -> None:
@@ -53,6 +60,21 @@ def register(subparsers: Any) -> None:
         help="follow PROTOCOL.md to the letter and use every tolerance it gives against the "
         "host (depth readings anywhere within the declared accuracy; see the README)",
     )
+    control = p.add_mutually_exclusive_group()
+    control.add_argument(
+        "--control-port",
+        type=int,
+        default=0,
+        metavar="BASEPORT",
+        help="control port of pen i on 127.0.0.1:BASEPORT+i (default 0: any free port)",
+    )
+    control.add_argument(
+        "--control-dir",
+        type=Path,
+        metavar="DIR",
+        help="serve each pen's control port as the Unix socket DIR/SERIAL.sock instead",
+    )
+    control.add_argument("--no-control", action="store_true", help="no control ports")
     p.add_argument("--faults", metavar="FILE.toml", help="fault script (see simulated_pen.faults)")
     p.add_argument("--prefix", default="SIM", help="serial prefix (default SIM: SIM-0001, ...)")
     p.add_argument(
@@ -77,6 +99,8 @@ def _check(args: argparse.Namespace) -> str | None:
         return f"--rate must be in 0..{top}"
     if args.tcp is not None and not (args.tcp >= 0 and args.tcp + args.pens <= 65536):
         return "--tcp must be a port number leaving room for every pen"
+    if args.control_port and not (args.control_port > 0 and args.control_port + args.pens <= 65536):
+        return "--control-port must be a port number leaving room for every pen"
     if len(f"{args.prefix}-{args.first + args.pens - 1:04d}") > 12:
         return "serials are at most 12 characters: shorten --prefix"
     return None
@@ -117,13 +141,36 @@ async def _serve(args: argparse.Namespace, script: list[Any], noise: LineNoise) 
         except OSError as exc:
             print(f"penctl simulate: cannot open transport: {exc}", file=sys.stderr)
             return 1
-        for slot in slots:
-            print(f"{slot.serial} {slot.address}")
+        controls: list[ControlServer] = []
+        try:
+            for i, slot in enumerate(slots):
+                if not args.no_control:
+                    controls.append(await _control(runner, slot, i, args))
+        except OSError as exc:
+            print(f"penctl simulate: cannot open a control port: {exc}", file=sys.stderr)
+            return 1
+        for i, slot in enumerate(slots):
+            control = f" control={controls[i].address}" if controls else ""
+            print(f"{slot.serial} {slot.address}{control}")
         sys.stdout.flush()
         await stop.wait()
+        for server in controls:
+            server.close()
         with contextlib.suppress(Exception):
             _summary(runner)
     return 0
+
+
+async def _control(
+    runner: PenRunner, slot: PenSlot, index: int, args: argparse.Namespace
+) -> ControlServer:
+    if args.control_dir is not None:
+        args.control_dir.mkdir(parents=True, exist_ok=True)
+        path = args.control_dir / f"{slot.serial}.sock"
+        path.unlink(missing_ok=True)
+        return await ControlServer.start(runner, slot, path=path)
+    port = args.control_port + index if args.control_port else 0
+    return await ControlServer.start(runner, slot, port=port)
 
 
 def _summary(runner: PenRunner) -> None:

@@ -71,6 +71,13 @@ class Hand:
         self._hold_until = 0.0
         self._reacting = False
 
+    def set_auto(self, auto: bool) -> None:
+        """Switch the automatic hand on or off; it starts again from waiting for an arming."""
+        self.auto = auto
+        self._phase = _Phase.WAITING
+        self._at = None
+        self._reacting = False
+
     @property
     def next_action_at(self) -> float | None:
         """When ``act`` must next be called (None: only when the pen changes state)."""

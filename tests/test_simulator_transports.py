@@ -259,8 +259,9 @@ async def test_cli_prints_pty_paths_applies_a_fault_script_and_exits_on_sigterm(
             (await asyncio.wait_for(proc.stdout.readline(), 10.0)).decode().split()
             for _ in range(2)
         ]
-        assert [serial_ for serial_, _ in lines] == ["SIM-0001", "SIM-0002"]
-        assert all(path.startswith("/dev/pts/") for _, path in lines)
+        assert [serial_ for serial_, _, _ in lines] == ["SIM-0001", "SIM-0002"]
+        assert all(path.startswith("/dev/pts/") for _, path, _ in lines)
+        assert all(control.startswith("control=tcp://") for _, _, control in lines)
         async with serial_host(lines[0][1]) as (host, _):
             first = await host.connect()
             _, event = await host.wait_event(lambda e: isinstance(e, PeerRebooted), within=5.0)

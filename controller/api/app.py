@@ -15,25 +15,44 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from controller.config import ApiSettings
+from controller.influx import InfluxSettings
 
 from .auth import TokenStore, UserStore
 from .deps import ControllerApi, LiveGuard
 from .edge import EdgeMiddleware
 from .errors import COMMON_ERRORS, http_error, validation_error
-from .routers import audit, auth, devices, live, page, plans, reports, sessions
+from .routers import (
+    audit,
+    auth,
+    charts,
+    devices,
+    live,
+    page,
+    plans,
+    reports,
+    sessions,
+    stopkeys,
+    tablet,
+)
 from .signin import SignInLimiter
+from .stopkeys import StopKeyStore
 
 #: In this order: the OpenAPI document lists the operations as they are included.
-ROUTERS = (auth, devices, plans, sessions, reports, audit, live, page)
+ROUTERS = (auth, devices, plans, sessions, reports, audit, tablet, stopkeys, charts, live, page)
 
 
 def create_app(
-    service: ControllerApi, users: UserStore, settings: ApiSettings | None = None
+    service: ControllerApi,
+    users: UserStore,
+    settings: ApiSettings | None = None,
+    *,
+    influx: InfluxSettings | None = None,
 ) -> FastAPI:
     """The tablet API and web page for ``service``; ``users`` may sign in.
 
     ``settings``: tokens, sign-in limits, trusted proxies, docs and the limits at
     the edge (``[api]`` of the controller's configuration; defaults if None).
+    ``influx``: where the manager's charts come from (None: no charts, a 503 says why).
     """
     settings = settings or ApiSettings()
     app = FastAPI(
@@ -67,6 +86,8 @@ def create_app(
         max_unauthenticated=settings.max_unauthenticated_ws,
         auth_timeout_s=settings.ws_auth_timeout_s,
     )
+    app.state.stop_keys = StopKeyStore(max_age_s=max(settings.token_max_age_s, 12 * 3600.0))
+    app.state.influx = influx
     app.exception_handler(StarletteHTTPException)(http_error)
     app.exception_handler(RequestValidationError)(validation_error)
     for module in ROUTERS:

@@ -64,6 +64,11 @@ class ControllerApi(Protocol):
         """The session's report, or None for an unknown session."""
         ...
 
+    def controls(self, session_id: str) -> dict[str, Any] | None:
+        """What the tablet may do in the session now (each action None or its refusal),
+        the depth range of the selected zone and the pen's arming; None if unknown."""
+        ...
+
     def devices(self) -> list[dict[str, Any]]:
         """Every configured pen: identity, link, arming, cartridge, session, link statistics."""
         ...

@@ -19,6 +19,11 @@ EVERYONE: Final = frozenset({_T, _M, _A})
 #: Treating a client: therapists, and managers who also treat. Admins configure, never treat.
 TREATING: Final = frozenset({_T, _M})
 
+#: Operations without a signed-in user: signing in, and a tablet's stop keys (what a
+#: signed-out tablet may still do: see whether its pens are armed, and stop them;
+#: controller/api/stopkeys.py says why that is safe).
+PUBLIC: Final = frozenset({"login", "stop_keys_status", "stop_by_key"})
+
 ROLE_MATRIX: Final[Mapping[str, frozenset[Role]]] = {
     "me": EVERYONE,
     "logout": EVERYONE,
@@ -51,4 +56,10 @@ ROLE_MATRIX: Final[Mapping[str, frozenset[Role]]] = {
     "audit_log": frozenset({_M, _A}),
     # A manager takes a session over from its therapist, with a reason (issue 15.1).
     "take_over_session": frozenset({_M}),
+    # The tablet page (routers/tablet.py, stopkeys.py, charts.py).
+    "overview": EVERYONE,
+    "session_controls": TREATING,
+    "issue_stop_key": TREATING,
+    "charts": frozenset({_M, _A}),
+    "list_users": frozenset({_A}),
 }

@@ -16,7 +16,10 @@ starts, in this order:
   tablet API with the demo users.
 
 A scripted therapist per pen then treats clients one after another (plan
-``full_face``, zones in turn at allowed depths; passes by the automatic hand).
+``full_face``, zones in turn at allowed depths; passes by the automatic hand),
+except on the last pen (``--free-pens``), which is left for the person at the
+keyboard: the banner names it, the tablet's URL and the user to sign in as.
+Every pen has a control port (``cartridge insert`` gives a fresh cartridge).
 The first pen's first client also sees a refusal (a depth above the zone's
 limit) and a depth overshoot that the monitor stops (a fault, acknowledged);
 on the second pen a manager allows one extra pass (an override).
@@ -51,6 +54,14 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--state-dir", type=Path, default=Path("var/demo"), help="default var/demo")
     p.add_argument("--pens", type=int, default=4, metavar="N", help="simulated pens (default 4)")
+    p.add_argument(
+        "--free-pens",
+        type=int,
+        default=1,
+        metavar="N",
+        help="pens (the last ones) left to you, with no scripted therapist (default 1; "
+        "at most --pens minus 1)",
+    )
     p.add_argument("--duration", type=float, metavar="S", help="run S seconds, then stop")
     p.add_argument("--seed", default="0", help="seed for the pens and the script (default 0)")
     p.add_argument(
@@ -82,12 +93,16 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.pens < 1:
         print("penctl demo: --pens must be at least 1", file=sys.stderr)
         return 2
+    if args.free_pens < 0:
+        print("penctl demo: --free-pens must not be negative", file=sys.stderr)
+        return 2
     if args.duration is not None and args.duration <= 0:
         print("penctl demo: --duration must be positive", file=sys.stderr)
         return 2
     demo = Demo(
         state_dir=args.state_dir.resolve(),
         pens=args.pens,
+        free_pens=args.free_pens,
         seed=args.seed,
         plan=args.plan,
         mqtt_port=args.mqtt_port,

@@ -25,7 +25,8 @@ from controller.serve_cli import start_audit_anchor
 from controller.service import ControllerService
 from devtools.stack.supervisor import MQTT_USERS, LocalStack, reap_leftovers
 from devtools.therapist import EventFeed
-from simulated_pen.runner import PenRunner
+from simulated_pen.control import ControlServer
+from simulated_pen.runner import PenRunner, PenSlot
 
 from .clinic import ClinicTherapist
 
@@ -45,6 +46,9 @@ class Demo:
 
     state_dir: Path
     pens: int = 4
+    #: Pens left to the person at the keyboard (the last ones), never to a scripted
+    #: therapist; at most ``pens - 1``, so the clinic's story still happens.
+    free_pens: int = 1
     seed: str = "0"
     plan: str = "full_face"
     mqtt_port: int = 1883
@@ -75,6 +79,7 @@ class Demo:
         runner: PenRunner | None = None
         service: ControllerService | None = None
         tasks: list[asyncio.Task[None]] = []
+        controls: list[ControlServer] = []
         stack = self._stack = LocalStack(self.state_dir)
         try:
             mqtt_port, influx_url = self.external_servers or stack.start_servers(
@@ -83,6 +88,9 @@ class Demo:
             stack.start_ingest(mqtt_port, influx_url)
             runner = PenRunner(seed=self.seed, auto_hand=True)
             slots = await runner.start(self.pens, "pty")
+            # Every pen takes commands at run time (simulated_pen/README.md, control port).
+            for slot in slots:
+                controls.append(await ControlServer.start(runner, slot))
             user, password = MQTT_USERS["controller"]
             settings = load_settings(
                 None,
@@ -96,19 +104,20 @@ class Demo:
             if policy.plan(self.plan) is None:
                 raise ValueError(f"no plan {self.plan!r} in the treatment policy")
             service = ControllerService(settings, policy=policy)
-            api = _tablet_api(service, self.api_port)
+            api = _tablet_api(service, self.api_port, InfluxSettings(url=influx_url, timeout=5.0))
             await service.start()
             await api.start()
             self.tablet_url = api.url + "/"
             tasks.append(asyncio.create_task(_stop_api_when_cancelled(api)))
-            self._banner(mqtt_port, influx_url, [(s.serial, s.address) for s in slots])
+            scripted = self.pens - self.free
+            self._banner(mqtt_port, influx_url, slots, controls, scripted)
             tasks.append(asyncio.create_task(self._watch_first_data(influx_url)))
             tasks.append(asyncio.create_task(self._watch_ingest()))
             feed = EventFeed(service)
             tasks.append(asyncio.create_task(feed.run(), name="event-feed"))
             # The audit log's head, published as penctl serve does (docs/SECURITY.md).
             tasks += start_audit_anchor(service)
-            for i, slot in enumerate(slots):
+            for i, slot in enumerate(slots[:scripted]):
                 port = f"room{i + 1}"
                 therapist = ClinicTherapist(
                     service, feed, policy, runner, slot, port, i, self.seed, self.plan
@@ -128,6 +137,8 @@ class Demo:
             if service is not None:
                 with contextlib.suppress(Exception):
                     await service.stop()
+            for control in controls:
+                control.close()
             if runner is not None:
                 runner.close()
             stack.stop()
@@ -157,7 +168,19 @@ class Demo:
         log.info("first data in InfluxDB", seconds_since_start=self.first_data_s)
         print(f"first data in InfluxDB after {self.first_data_s} s", flush=True)
 
-    def _banner(self, mqtt_port: int, influx_url: str, pens: list[tuple[str, str]]) -> None:
+    @property
+    def free(self) -> int:
+        """How many pens (the last ones) are left to the person at the keyboard."""
+        return max(0, min(self.free_pens, self.pens - 1))
+
+    def _banner(
+        self,
+        mqtt_port: int,
+        influx_url: str,
+        slots: list[PenSlot],
+        controls: list[ControlServer],
+        scripted: int,
+    ) -> None:
         user, password = MQTT_USERS["controller"]
         ingest_user, ingest_password = MQTT_USERS["ingest"]
         lines = [
@@ -170,20 +193,38 @@ class Demo:
             + ", ".join(f"{u}/{p}" for u, p in TABLET_USERS)
             + ")",
         ]
-        lines += [f"  pen {serial:<10} {address}" for serial, address in pens]
+        for i, (slot, control) in enumerate(zip(slots, controls, strict=True)):
+            who = "scripted therapist" if i < scripted else "FREE for you"
+            lines.append(
+                f"  pen room{i + 1:<3} {slot.serial:<9} {slot.address:<12} "
+                f"control {control.address}  ({who})"
+            )
+        for i in range(scripted, self.pens):
+            where = controls[i].address.removeprefix("tcp://")
+            lines += [
+                f"  your pen: room{i + 1} ({slots[i].serial}). Open {self.tablet_url}, sign in as "
+                "therapist/demo-therapist and pick room" + str(i + 1) + ".",
+                "    Its automatic hand makes the passes while it is armed. A fresh cartridge "
+                "for each client:",
+                f"    echo 'cartridge insert' | socat - TCP:{where}   (more: 'help'; "
+                "simulated_pen/README.md, control port)",
+            ]
         print("\n".join(lines), flush=True)
+        pens = {slot.serial: slot.address for slot in slots}
         log.info(
             "stack up",
             mqtt=f"127.0.0.1:{mqtt_port}",
             influx=influx_url,
             tablet=self.tablet_url,
-            pens=dict(pens),
+            pens=pens,
+            free=[f"room{i + 1}" for i in range(scripted, self.pens)],
         )
 
 
-def _tablet_api(service: ControllerService, port: int) -> ApiServer:
-    """The tablet API with the demo users, on ``port`` or, if that is taken, any free one."""
-    app = create_app(service, UserStore.demo())
+def _tablet_api(service: ControllerService, port: int, influx: InfluxSettings) -> ApiServer:
+    """The tablet API with the demo users, on ``port`` or, if that is taken, any free one;
+    the manager's charts come from the demo's InfluxDB."""
+    app = create_app(service, UserStore.demo(), influx=influx)
     try:
         return ApiServer(app, "127.0.0.1", port)
     except OSError:

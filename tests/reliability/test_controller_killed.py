@@ -68,7 +68,8 @@ async def test_frozen_controller_lets_the_lease_expire(tmp_path: Path) -> None:
     )
     assert sim.stdout is not None
     try:
-        _serial, path = (await _line(sim.stdout, "SIM-")).split()
+        # SERIAL ADDRESS control=CONTROL (the pen's control port, unused here)
+        _serial, path, _control = (await _line(sim.stdout, "SIM-")).split()
         rig, collector = await start_rig(tmp_path, urls=[path])
         try:
             sid = await rig.start_treating("cheeks", 1000)

@@ -15,12 +15,13 @@ being the viewer's to see (4403): it is never a way around a sign-out.
 import asyncio
 import contextlib
 import json
+import time
 from dataclasses import asdict
 from typing import Any
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from controller.live import LiveTelemetry
+from controller.live import LiveItem, LiveTelemetry
 from controller.sessions import Role, SessionEvent
 from controller.sessions.records import Session
 
@@ -36,6 +37,9 @@ NOT_SIGNED_IN, NOT_PERMITTED, NO_SESSION = 4401, 4403, 4404
 TRY_AGAIN_LATER = 1013
 #: How often a stream re-checks that its session is still the viewer's to see.
 _OWNER_CHECK_S = 1.0
+#: How often the stream says it is alive when nothing else is sent (the tablet calls
+#: the connection lost after WS_SILENCE_MS, static/js/health.js, without one).
+HEARTBEAT_S = 0.25
 
 
 @router.websocket("/api/sessions/{session_id}/live")
@@ -139,16 +143,27 @@ async def _stream(
     signed_out = asyncio.create_task(tokens.wait_invalid(token))
     lost = asyncio.create_task(_until_not_watchable(service, sid, user))
     enders = {reader, signed_out, lost}
+    getter: asyncio.Future[LiveItem] | None = None
     try:
         hello = view_of(session, user).model_dump(mode="json")
         await websocket.send_json({"type": "hello", "session": hello})
+        beat_at = time.monotonic() + HEARTBEAT_S
         while not any(t.done() for t in enders):
-            getter = asyncio.ensure_future(sub.queue.get())
-            done, _ = await asyncio.wait({getter, *enders}, return_when=asyncio.FIRST_COMPLETED)
-            if getter not in done:
-                getter.cancel()
+            if getter is None:
+                getter = asyncio.ensure_future(sub.queue.get())
+            wait = max(0.0, beat_at - time.monotonic())
+            waiting: set[asyncio.Future[Any]] = {getter, *enders}
+            done, _ = await asyncio.wait(waiting, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            if time.monotonic() >= beat_at:
+                # The tablet's proof that the stream is alive when nothing else happens.
+                await websocket.send_json({"type": "heartbeat", "at": time.time()})
+                beat_at = time.monotonic() + HEARTBEAT_S
+            if any(t in done for t in enders):
                 break
+            if getter not in done:
+                continue
             item = getter.result()
+            getter = None
             if isinstance(item, LiveTelemetry):
                 if item.port == port:
                     await websocket.send_json({"type": "telemetry", **asdict(item)})
@@ -168,6 +183,8 @@ async def _stream(
             if gone is not None:
                 await _refuse_not_yours(websocket, gone)
     finally:
+        if getter is not None:
+            getter.cancel()
         service.unsubscribe(sub)
         for task in enders:
             task.cancel()

@@ -18,6 +18,7 @@ from fastapi.responses import Response
 from ..auth import User
 from ..deps import ControllerApi, Service, owns, require, session_or_404
 from ..errors import unknown_session
+from ..report_detail import detailed_report
 from .sessions import SessionId
 
 router = APIRouter(tags=["reports"])
@@ -39,8 +40,15 @@ async def session_report(
     user: Annotated[User, Depends(require("session_report"))],
     service: Service,
 ) -> dict[str, Any]:
-    """Zones, passes, depths against limits, overrides, cartridges, refusals."""
-    return _report_of(service, session_id, user)
+    """Zones, passes, depths against limits, overrides, cartridges, refusals; each pass
+    (``pass_list``: times, setting, peak measured depth) and every stop, fault, override
+    and refusal from the audit log (``events``, with counts ``stops``, ``faults``,
+    ``overrides``). The client's code only for the session's owner."""
+    session = session_or_404(service, session_id)
+    report = await detailed_report(service, session_id)
+    if report is None:
+        return _report_of(service, session_id, user)
+    return report if owns(user, session) else {**report, "client_ref": None}
 
 
 @router.get(
