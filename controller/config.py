@@ -269,6 +269,11 @@ class ServiceSettings(PenctlSettings):
     """Everything `penctl serve` needs; see the module docstring for sources."""
 
     clinic_id: str = Field(default="clinic-0001", pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    controller_id: str = Field(
+        default="controller-1",
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="this controller among the clinic's (MQTT topics, acknowledgements)",
+    )
     pseudonym_key: SecretStr | None = Field(
         default=None,
         description="the clinic's secret for pseudonymising client references before MQTT "

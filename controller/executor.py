@@ -146,7 +146,14 @@ class OutcomeExecutor:
     def listen_from_here(self, start: Callable[[], None]) -> None:
         """Run ``start`` once every event decided so far has been published: a caller
         that waits for an answer must not take an earlier outcome's event for it."""
-        self._events.append((None, start))
+        self.after(None, start)
+
+    def after(self, commit: Commit | None, then: Callable[[], None]) -> None:
+        """Run ``then`` once ``commit`` is durable (None: at once), in order with every
+        announcement queued before it (what the edge is told of a record, say)."""
+        self._events.append((commit, then))
+        if commit is not None and not commit.done():
+            self._when_done(commit, self.publish_ready_events)
         self.publish_ready_events()
 
     def publish_ready_events(self) -> None:

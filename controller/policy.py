@@ -429,6 +429,50 @@ def policy_as_dict(policy: TreatmentPolicy) -> dict[str, Any]:
     }
 
 
+def policy_from_dict(data: Mapping[str, Any], fingerprint: str) -> TreatmentPolicy:
+    """The policy :func:`policy_as_dict` described, as the core announced it to the edge.
+
+    ValueError if it does not rebuild to the same ``fingerprint``: the edge then shows no
+    limits it is not sure of.
+    """
+    try:
+        zones = {
+            zid: ZoneLimits(
+                zid,
+                str(z["label"]),
+                int(z["max_depth_um"]),
+                int(z["max_passes"]),
+                None if z["puncture_budget"] is None else int(z["puncture_budget"]),
+            )
+            for zid, z in data["zones"].items()
+        }
+        plans = {
+            pid: Plan(pid, str(p["label"]), tuple(str(z) for z in p["zones"]))
+            for pid, p in data["plans"].items()
+        }
+        policy = _with_fingerprint(
+            TreatmentPolicy(
+                device_ceiling_um=int(data["device_ceiling_um"]),
+                depth_tolerance_um=int(data["depth_tolerance_um"]),
+                lift_off_grace_ms=int(data["lift_off_grace_ms"]),
+                max_lease_ms=int(data["max_lease_ms"]),
+                min_speed_hz=int(data["min_speed_hz"]),
+                max_speed_hz=int(data["max_speed_hz"]),
+                telemetry_rate_hz=int(data["telemetry_rate_hz"]),
+                min_telemetry_rate_hz=int(data["min_telemetry_rate_hz"]),
+                max_passes_ceiling=int(data["max_passes_ceiling"]),
+                zones=MappingProxyType(zones),
+                plans=MappingProxyType(plans),
+                source="controller",
+            )
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"not a policy: {exc!r}") from exc
+    if policy.fingerprint != fingerprint:
+        raise ValueError("the policy did not rebuild to the core's fingerprint")
+    return policy
+
+
 def _with_fingerprint(policy: TreatmentPolicy) -> TreatmentPolicy:
     canonical = json.dumps(policy_as_dict(policy), sort_keys=True, separators=(",", ":"))
     digest = hashlib.sha256(canonical.encode()).hexdigest()

@@ -1,27 +1,32 @@
-"""The controller service: pens, the session registry, journal, audit log and telemetry.
+"""The safety core: pens, the session registry, the journal and the audit log, wired.
 
 A thin asyncio shell around :class:`controller.sessions.SessionRegistry`, which
-makes every decision. This module only moves things: link events into the
-registry, and each resulting :class:`Outcome` out, in the order its contract
-demands (urgent Stop/Disarm first, then the journal and audit log, then other
-commands, leases and events). Journal and audit commits run on a DurableWriter
-thread, in order; an outcome whose commands depend on its record (an Arm on its
-cartridge being marked used) waits for the commit before sending them.
+makes every decision. This module wires the parts and moves things between them:
 
-The in-process interface the tablet API calls is the ``act`` family below:
-build an action, hand it over, get the session back or a ``ActionRefused``
-carrying the therapist-readable reason.
+* link events from each pen's :class:`PenLink` into the registry;
+* each resulting :class:`Outcome` to the :class:`OutcomeExecutor`, which carries
+  it out in the order its contract demands (Stop at once, an Arm only once its
+  record is durable, events after their records);
+* records to the journal (:class:`RegistryJournal`) and the audit log, on one
+  writer thread;
+* what was decided to the :class:`Fanout`: the edge process over the channel,
+  in-process listeners.
+
+Nothing else runs on this loop (product.md §4.10): the tablet API, the MQTT
+publisher and reports live in the edge process (``controller/edge``), which
+reaches the core only through the channel (``controller/channel``): it is told
+everything, and may ask one thing, to apply an action. The in-process ``act``
+family below serves the channel's requests, the scripted therapist and tests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import gc
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,19 +37,22 @@ from firmware_protocol.connection import LinkBusyError
 from firmware_protocol.messages import Telemetry
 
 from .audit import AuditLog, AuditRecord, read_recent
+from .channel.core_side import CoreChannel, PenTags, socket_path
+from .channel.messages import decode_action
 from .config import PenEndpoint, ServiceSettings
 from .durable_writer import DurableWriter
 from .errors import ActionRefused
 from .executor import OutcomeExecutor
+from .fanout import Fanout
 from .journal import Journal
 from .link import LinkDown, LinkUp, PenLink, PenLinkConfig
 from .link.pen_link import LinkEvent
-from .live import LiveTelemetry, PenCondition, PenView, PenWatchers, Subscription
-from .policy import Plan, TreatmentPolicy, ZoneLimits, load_policy
+from .live import PenCondition, PenView, PenWatchers, Subscription
+from .persistence import RegistryJournal
+from .policy import Plan, TreatmentPolicy, ZoneLimits, load_policy, policy_as_dict
 from .sessions import (
     Action,
     CreateSession,
-    EventKind,
     LeaseAction,
     LeaseDirective,
     Outcome,
@@ -54,27 +62,8 @@ from .sessions import (
 )
 from .sessions.readiness import session_controls
 from .sessions.records import Session
-from .telemetry.events import Pseudonymizer
-from .telemetry.outbox import Outbox
-from .telemetry.publisher import TelemetryPublisher
 
 log = structlog.get_logger(__name__)
-
-REGISTRY_DOC = ("registry", "main")
-# Session events worth a line in the service log (telemetry-rate ones are not).
-_LOGGED_EVENTS = frozenset(
-    {
-        EventKind.SESSION_CREATED,
-        EventKind.STATE_CHANGED,
-        EventKind.PASS_ENDED,
-        EventKind.ZONE_COMPLETED,
-        EventKind.OVERRIDE_APPLIED,
-        EventKind.STOP_SENT,
-        EventKind.REFUSED,
-        EventKind.FAULT,
-        EventKind.SESSION_REPORT,
-    }
-)
 
 
 @dataclass
@@ -83,9 +72,8 @@ class _PenRuntime:
     endpoint: PenEndpoint
     link: PenLink
     serial: str | None = None
-    session_id: str | None = None
-    zone: str | None = None
-    last_live: float = 0.0
+    #: (port, serial, live session, zone): how its telemetry is tagged for the edge.
+    tags: PenTags = ("", None, None, None)
 
 
 @dataclass
@@ -93,19 +81,26 @@ class ServiceCounters:
     telemetry: int = 0
     commands_sent: int = 0
     commands_unsent: int = 0
-    journal_writes: int = 0
     audit_records: int = 0
 
 
 @dataclass
 class ControllerService:
-    """Runs the configured pens. ``await start()``, use, ``await stop()``."""
+    """Runs the configured pens. ``await start()``, use, ``await stop()``.
+
+    ``channel``: listen for the edge process (the tablet API and MQTT) on a Unix
+    socket in the state directory; off only for tests of the core alone.
+    """
 
     settings: ServiceSettings
     policy: TreatmentPolicy | None = None
-    controller_id: str = "controller-1"
     live_rate_hz: float = 10.0
+    channel: bool = True
     counters: ServiceCounters = field(default_factory=ServiceCounters)
+
+    @property
+    def controller_id(self) -> str:
+        return self.settings.controller_id
 
     def __post_init__(self) -> None:
         if self.policy is None:
@@ -115,11 +110,13 @@ class ControllerService:
         self.journal = Journal(state / "journal.db")
         self.audit = AuditLog(state / "audit.db")
         self.writer = DurableWriter()
+        self.records = RegistryJournal(self.journal, self.writer)
+        self.fanout = Fanout(self.live_rate_hz)
         self.executor = OutcomeExecutor(
             send=self._send,
             apply_lease=self._apply_lease,
             commit=self._commit,
-            publish=self._publish_events,
+            publish=self.fanout.publish,
             withdraw=self._withdraw_arm,
         )
         lease_ms = self.settings.link.lease_ms
@@ -127,14 +124,13 @@ class ControllerService:
             _port_name(index, endpoint): endpoint.expected_serial
             for index, endpoint in enumerate(self.settings.pens)
         }
-        saved = self.journaled_registry()
+        saved = self.records.read()
         if saved is None:
             self.registry = SessionRegistry(self.policy, ports=ports, lease_ms=lease_ms)
         else:
             self.registry = SessionRegistry.from_dict(
                 self.policy, saved, ports=ports, lease_ms=lease_ms
             )
-        self._journaled_live: dict[str, str] = {}  # port -> live session last journaled
         # A Stop leaves the moment the registry decides it, not after the outcome
         # (events, audit entries) is built: that is the safety reaction.
         self.registry.urgent_sink = self.executor.urgent
@@ -151,31 +147,29 @@ class ControllerService:
                 ),
                 self._link_callback(port),
             )
-            self.pens[port] = _PenRuntime(port, endpoint, link)
-        self.publisher: TelemetryPublisher | None = None
-        if self.settings.mqtt.enabled:
-            self.outbox = Outbox(state / "outbox.db")
-            self.publisher = TelemetryPublisher(
-                self.settings.mqtt,
-                self.outbox,
-                clinic_id=self.settings.clinic_id,
-                controller_id=self.controller_id,
-                pseudonymize=Pseudonymizer.configured(self.settings.pseudonym_key, state),
+            self.pens[port] = _PenRuntime(port, endpoint, link, tags=(port, None, None, None))
+        self.core_channel: CoreChannel | None = None
+        if self.channel:
+            self.core_channel = CoreChannel(
+                socket_path(state),
+                hello=self._hello,
+                snapshot=self._snapshot,
+                stats=self._stats,
+                handle_request=self._handle_request,
+                payload_size=Telemetry.FORMAT.size,
             )
-        self._subscribers: set[Subscription] = set()
-        self._meta: dict[str, tuple[str | None, str | None]] = {}
+            self.fanout.channel = self.core_channel
         self._tasks: list[asyncio.Task[None]] = []
-        self._waiters: list[
-            tuple[Callable[[SessionEvent], bool], asyncio.Future[SessionEvent]]
-        ] = []
         self._pen_watchers = PenWatchers(self.pen_view)
 
     # === lifecycle ====================================================================
 
     async def start(self) -> None:
-        """Recover from the journal, then connect every pen (and the broker)."""
+        """Recover from the journal, listen for the edge, then connect every pen."""
         self.executor.set_loop_callback(asyncio.get_running_loop().call_soon_threadsafe)
         self._execute(self.registry.recover(time.time()), None)
+        if self.core_channel is not None:
+            await self.core_channel.start()
         # Everything built so far (modules, policy, registry) lives as long as the
         # process: take it out of the collector's sight, so a full collection walks
         # only what treatment allocates and stalls every pen for less time.
@@ -183,34 +177,27 @@ class ControllerService:
         gc.freeze()
         for pen in self.pens.values():
             self._tasks.append(asyncio.create_task(pen.link.run(), name=f"link-{pen.port}"))
-        if self.publisher is not None:
-            self._tasks.append(asyncio.create_task(self.publisher.run(), name="publisher"))
-            self._status_task = asyncio.create_task(self._status_loop(), name="pen statuses")
-            self._tasks.append(self._status_task)
 
     async def stop(self) -> None:
         for pen in self.pens.values():
             await pen.link.close()
-        if self.publisher is not None:
-            # Retained statuses stay true: every pen and the controller say offline,
-            # and no refresh may come after that.
-            self._status_task.cancel()
-            self.sync_records()
-            self._publish_statuses(stopping=True)
-            await self.publisher.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         self.writer.close()  # every queued record lands, then its events go out
         self.executor.publish_ready_events()
-        if self.publisher is not None:
-            self.publisher.flush()
-            self.outbox.close()
+        if self.core_channel is not None:
+            await self.core_channel.stop()
         self.journal.close()
         self.audit.close()
 
-    # === in-process interface (the tablet API calls these) ===========================
+    @property
+    def socket_path(self) -> str:
+        """Where the edge connects (empty without a channel)."""
+        return str(self.core_channel.path) if self.core_channel is not None else ""
+
+    # === in-process interface (the channel, the scripted therapist, tests) ============
 
     def act(self, action: Action) -> Outcome:
         """Apply a therapist or manager action. Raises ActionRefused with the reason."""
@@ -239,7 +226,7 @@ class ControllerService:
 
         def listen() -> None:
             if not future.done():
-                self._waiters.append(waiter)
+                self.fanout.add_waiter(waiter)
 
         # Events of earlier outcomes may still wait for their commit: start listening
         # where this action's events begin, or an earlier answer would be taken for its.
@@ -250,8 +237,7 @@ class ControllerService:
                 return await future
         finally:
             future.cancel()
-            with contextlib.suppress(ValueError):
-                self._waiters.remove(waiter)
+            self.fanout.remove_waiter(waiter)
 
     def session(self, session_id: str) -> Session | None:
         return self.registry.session(session_id)
@@ -326,12 +312,88 @@ class ControllerService:
 
     def subscribe(self, maxsize: int = 256) -> Subscription:
         """Live events and tablet-rate telemetry for every pen; unsubscribe() when done."""
-        sub = Subscription(maxsize)
-        self._subscribers.add(sub)
-        return sub
+        return self.fanout.subscribe(maxsize)
 
     def unsubscribe(self, sub: Subscription) -> None:
-        self._subscribers.discard(sub)
+        self.fanout.unsubscribe(sub)
+
+    def sync_records(self) -> None:
+        """Wait until every journal and audit record decided so far is on disk, and
+        publish the events that were waiting for them (tests; never on a running loop's
+        hot path)."""
+        self.writer.call(lambda: None, "sync")
+        self.executor.publish_ready_events()
+
+    def journaled_registry(self) -> dict[str, Any] | None:
+        """The registry as the journal holds it (see controller/persistence.py)."""
+        return self.records.read()
+
+    # === the channel: what the edge is told, and the one thing it may ask ==============
+
+    def _hello(self) -> dict[str, Any]:
+        policy = self.registry.policy
+        return {
+            "controller_id": self.settings.controller_id,
+            "clinic_id": self.settings.clinic_id,
+            "pens": [{"name": p.port, "url": p.endpoint.url} for p in self.pens.values()],
+            "policy": policy_as_dict(policy),
+            "policy_fingerprint": policy.fingerprint,
+            "lease_ms": self.settings.link.lease_ms,
+        }
+
+    def _snapshot(self) -> list[dict[str, Any]]:
+        """Every pen and live session, one document each (sent a few per loop turn)."""
+        parts = self.registry.to_parts(self.registry.live_session_ids(), set(self.pens))
+        docs: list[dict[str, Any]] = [
+            {"pens": {port: body}} for port, body in parts["pens"].items()
+        ]
+        docs += [{"sessions": {sid: body}} for sid, body in parts["sessions"].items()]
+        return docs
+
+    def _stats(self) -> dict[str, Any]:
+        return {
+            "pens": {
+                port: {
+                    k: v
+                    for k, v in pen.link.stats().items()
+                    if isinstance(v, int | float | str) and not isinstance(v, bool)
+                }
+                for port, pen in self.pens.items()
+            }
+        }
+
+    def _handle_request(
+        self, body: dict[str, Any], reply: Callable[[dict[str, Any]], None]
+    ) -> None:
+        """One request from the edge: apply an action (or read a session's controls).
+
+        An action is answered once its records are durable and announced, so the edge's
+        mirror shows its outcome by the time the tablet gets the answer.
+        """
+        op = body.get("op")
+        if op == "controls":
+            reply({"ok": True, "controls": self.controls(str(body.get("session_id", "")))})
+            return
+        if op != "act":
+            reply({"error": "bad_request", "detail": f"unknown op {op!r}"})
+            return
+        action = decode_action(body.get("action") or {})  # ValueError: answered bad_request
+        first = self.fanout.decided
+        answer: dict[str, Any]
+        try:
+            self.act(action)
+            answer = {"ok": True, "first_event": first}
+        except ActionRefused as exc:
+            refusal = exc.refusal
+            answer = {
+                "refusal": {
+                    "code": str(refusal.code),
+                    "message": refusal.message,
+                    "remediation": refusal.remediation,
+                },
+                "first_event": first,
+            }
+        self.executor.after(None, lambda: reply(answer))
 
     # === link events ==================================================================
 
@@ -349,7 +411,10 @@ class ControllerService:
             outcome = self.registry.handle_link_event(port, event, now)
             if outcome.commands or outcome.events or outcome.state_changed:
                 self._execute(outcome, port)
-            self._on_telemetry(pen, event.message, now)
+            self.counters.telemetry += 1
+            if self._pen_watchers:  # someone waits for the pen's telemetry rate to be known
+                self._pen_watchers.changed(port)
+            self.fanout.telemetry(pen.tags, event.message, now)
             return
         if isinstance(event, LinkUp):
             pen.serial = event.identity.serial_text
@@ -369,58 +434,12 @@ class ControllerService:
         else:
             outcome = self.registry.handle_link_event(port, event, now)
         self._execute(outcome, port)
-        if isinstance(event, LinkUp | LinkDown):
-            self._publish_statuses([port])
-
-    async def _status_loop(self) -> None:
-        # Retained statuses stay true: refreshed link counters, and a controller
-        # that stops refreshing them is noticed (docs/MQTT.md).
-        while True:
-            await asyncio.sleep(self.settings.mqtt.status_interval_s)
-            self._publish_statuses()
-
-    def _publish_statuses(
-        self, ports: Iterable[str] | None = None, *, stopping: bool = False
-    ) -> None:
-        if self.publisher is None:
-            return
-        for port in self.pens if ports is None else ports:
-            pen, state = self.pens[port], self.registry.pen(port)
-            if pen.serial:
-                self.publisher.set_status(
-                    pen.serial,
-                    online=state.link == "up" and not stopping,
-                    state="stopped" if stopping else state.link,
-                    firmware=state.firmware,
-                    session=pen.session_id,
-                    link=pen.link.stats(),
-                )
-
-    def _on_telemetry(self, pen: _PenRuntime, sample: Telemetry, now: float) -> None:
-        self.counters.telemetry += 1
-        if self._pen_watchers:  # someone waits for the pen's telemetry rate to be known
-            self._pen_watchers.changed(pen.port)
-        if self.publisher is not None and pen.serial:
-            self.publisher.add_sample(pen.serial, sample, session=pen.session_id, zone=pen.zone)
-        if self._subscribers and now - pen.last_live >= 1.0 / self.live_rate_hz:
-            pen.last_live = now
-            item = LiveTelemetry(
-                pen.port,
-                pen.session_id,
-                now,
-                sample.depth_set_um,
-                sample.depth_um,
-                sample.speed_hz,
-                sample.strokes,
-                sample.flags,
-            )
-            for sub in self._subscribers:
-                sub.offer(item)
 
     # === outcomes =====================================================================
 
     def _execute(self, outcome: Outcome, port: str | None) -> None:
         """Carry out an outcome (see controller/executor.py); wake whoever waits on the pen."""
+        self.fanout.decided += len(outcome.events)
         self.executor.execute(outcome, port)
         if self._pen_watchers:  # rarely anyone: a test or a scripted therapist
             self._pen_watchers.changed(port)
@@ -429,16 +448,28 @@ class ControllerService:
         """Queue the outcome's journal and audit records; the future of the last one."""
         commit: concurrent.futures.Future[Any] | None = None
         if outcome.state_changed:
-            commit = self._save_registry(port, outcome.also_changed)
+            commit, parts = self.records.save(self.registry, port, outcome.also_changed)
+            self._refresh_tags(parts["pens"])
+            self.executor.after(commit, lambda: self.fanout.state(parts))
         if outcome.audit:
             entries = list(outcome.audit)
             commit = self.writer.submit(lambda: self.audit.extend(entries), "audit")
             self.counters.audit_records += len(entries)
         return commit
 
-    def _publish_events(self, events: Sequence[SessionEvent]) -> None:
-        for event in events:
-            self._publish_event(event)
+    def _refresh_tags(self, ports: Mapping[str, Any]) -> None:
+        for port in ports:
+            pen = self.pens.get(port)
+            if pen is None:
+                continue
+            # Cheap lookups only: this runs on every state change, at pass rate.
+            zone = self.registry.gate_context(port).zone
+            pen.tags = (
+                port,
+                pen.serial,
+                self.registry.live_session_id(port),
+                zone.zone_id if zone else None,
+            )
 
     def _withdraw_arm(self, port: str, token: int, why: str) -> None:
         self._execute(self.registry.arm_withdrawn(port, token, why, time.time()), port)
@@ -471,123 +502,10 @@ class ControllerService:
                 error=str(exc),
             )
 
-    def sync_records(self) -> None:
-        """Wait until every journal and audit record decided so far is on disk, and
-        publish the events that were waiting for them."""
-        self.writer.call(lambda: None, "sync")
-        self.executor.publish_ready_events()
-
-    def journaled_registry(self) -> dict[str, Any] | None:
-        """Reassemble what _save_registry stored piecewise (see SessionRegistry.to_parts),
-        once every record queued before the call has landed."""
-        return self.writer.call(self._read_journal, "journal read")
-
-    def _read_journal(self) -> dict[str, Any] | None:
-        meta = self.journal.load(*REGISTRY_DOC)
-        if meta is None:
-            return None
-        return {
-            **meta,
-            "pens": self.journal.load_all("pen"),
-            "sessions": self.journal.load_all("session"),
-            "ledger": self.journal.load_all("cartridge"),
-        }
-
-    def _save_registry(
-        self, port: str | None, also: Iterable[str] = ()
-    ) -> concurrent.futures.Future[None]:
-        """Journal what the input on ``port`` can have changed (None: everything live).
-
-        Whole-registry snapshots grew with the clinic's history and stalled every
-        pen's event loop for milliseconds; an input changes one port's pen, the
-        session live there before or after it, and that session's cartridges.
-        """
-        registry = self.registry
-        sessions: set[str | None]
-        if port is None:
-            ports = set(registry.to_dict()["pens"])
-            sessions = {*registry.live_session_ids(), *self._journaled_live.values()}
-        else:
-            ports = {port}
-            sessions = {registry.live_session_id(port), self._journaled_live.get(port)}
-        parts = registry.to_parts({s for s in (*sessions, *also) if s}, ports)
-        docs: list[tuple[str, str, Mapping[str, Any]]] = [
-            (
-                *REGISTRY_DOC,
-                {
-                    "format": parts["format"],
-                    "next_token": parts["next_token"],
-                    "departed": parts["departed"],
-                },
-            )
-        ]
-        docs += [("pen", p, body) for p, body in parts["pens"].items()]
-        docs += [("session", sid, body) for sid, body in parts["sessions"].items()]
-        docs += [("cartridge", cid, body) for cid, body in parts["ledger"].items()]
-        rows = self.journal.encode(docs)
-        commit = self.writer.submit(lambda: self.journal.write(rows), "journal")
-        for p in ports:
-            live = registry.live_session_id(p)
-            if live is None:
-                self._journaled_live.pop(p, None)
-            else:
-                self._journaled_live[p] = live
-        self.counters.journal_writes += 1
-        self._refresh_tags(ports)
-        return commit
-
-    def _refresh_tags(self, ports: Iterable[str]) -> None:
-        for port in ports:
-            pen = self.pens.get(port)
-            if pen is None:
-                continue
-            # Cheap lookups only: this runs on every state change, at pass rate.
-            pen.session_id = self.registry.live_session_id(port)
-            zone = self.registry.gate_context(port).zone
-            pen.zone = zone.zone_id if zone else None
-
-    def _session_meta(self, session_id: str | None) -> tuple[str | None, str | None]:
-        """(therapist, plan) of a session; fixed for its life, so looked up once."""
-        if session_id is None:
-            return None, None
-        meta = self._meta.get(session_id)
-        if meta is None:
-            session = self.registry.session(session_id)
-            meta = (session.therapist_id, session.plan_id) if session else (None, None)
-            self._meta[session_id] = meta
-        return meta
-
-    def _publish_event(self, event: SessionEvent) -> None:
-        if event.kind in _LOGGED_EVENTS:
-            log.info(
-                event.kind.value,
-                port=event.port,
-                session=event.session_id,
-                **{k: v for k, v in event.detail.items() if isinstance(v, str | int | float)},
-            )
-        for sub in self._subscribers:
-            sub.offer(event)
-        for until, future in list(self._waiters):
-            if not future.done() and until(event):
-                future.set_result(event)
-        if self.publisher is None:
-            return
-        pen = self.pens.get(event.port)
-        serial = pen.serial if pen else None
-        if not serial:
-            return
-        therapist, plan = self._session_meta(event.session_id)
-        self.publisher.add_event(
-            serial,
-            event.kind.value,
-            event.detail,
-            session=event.session_id,
-            therapist=therapist,
-            plan=plan,
-            zone=pen.zone if pen else None,
-        )
-
 
 def _port_name(index: int, endpoint: PenEndpoint) -> str:
     """The registry's name for a configured pen: its name, or pen1, pen2, ..."""
     return endpoint.name or f"pen{index + 1}"
+
+
+__all__ = ["ActionRefused", "ControllerService", "ServiceCounters"]

@@ -14,13 +14,14 @@ from typing import Any
 import httpx
 from websockets.asyncio.client import ClientConnection
 
-from controller.api import UserStore, create_app, hash_password
+from controller.api import UserStore, hash_password
 from controller.api.auth import User
 from controller.api.server import ApiServer
 from controller.config import ApiSettings
+from controller.edge.runtime import Edge
 from controller.sessions import Role
 
-from .controller_rig import Rig, start_rig, stop_rig
+from .controller_rig import Rig, edge_for, start_rig, stop_rig
 
 
 def users_with_two_therapists() -> UserStore:
@@ -41,6 +42,7 @@ class SecureApi:
     server: ApiServer
     http: httpx.AsyncClient
     settings: ApiSettings
+    edge: Edge
 
     async def login(self, name: str, **headers: str) -> dict[str, str]:
         r = await self.http.post(
@@ -77,19 +79,19 @@ class SecureApi:
 @asynccontextmanager
 async def secure_api(tmp_path: Path, **settings: Any) -> AsyncIterator[SecureApi]:
     """The controller and its API, configured with ``settings`` (``ApiSettings`` keys)."""
-    api_settings = ApiSettings(**settings)
+    api_settings = ApiSettings(**{"port": 0, **settings})
     rig, collector = await start_rig(tmp_path)
-    server = ApiServer(create_app(rig.service, USERS, api_settings), settings=api_settings)
-    await server.start()
-    verify: Any = True
-    if server.tls:
-        ca = Path(str(api_settings.tls_certfile)).parent / "ca.crt"
-        verify = ssl.create_default_context(cafile=str(ca))
     try:
-        async with httpx.AsyncClient(base_url=server.url, timeout=10, verify=verify) as http:
-            yield SecureApi(rig, server, http, api_settings)
+        async with edge_for(rig.service, users=USERS, api=api_settings) as edge:
+            server = edge.server
+            assert server is not None
+            verify: Any = True
+            if server.tls:
+                ca = Path(str(api_settings.tls_certfile)).parent / "ca.crt"
+                verify = ssl.create_default_context(cafile=str(ca))
+            async with httpx.AsyncClient(base_url=server.url, timeout=10, verify=verify) as http:
+                yield SecureApi(rig, server, http, api_settings, edge)
     finally:
-        await server.stop()
         await stop_rig(rig, collector)
 
 

@@ -17,13 +17,13 @@ from typing import Any
 import pytest
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
 
-from controller.api import UserStore, create_app
+from controller.api import UserStore
 from controller.api.server import ApiServer
 from controller.config import ApiSettings
 from controller.influx import InfluxSettings
 from controller.sessions import EventKind
 
-from .controller_rig import Rig, start_rig, stop_rig
+from .controller_rig import Rig, edge_for, start_rig, stop_rig
 
 CHROMIUM = "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
@@ -93,15 +93,17 @@ async def serve(
     tmp_path: Path, *, pens: int = 1, influx: InfluxSettings | None = None, **app: Any
 ) -> AsyncIterator[Served]:
     rig, collector = await start_rig(tmp_path, pens=pens)
-    server = ApiServer(create_app(rig.service, USERS, ApiSettings(**app), influx=influx))
-    await server.start()
-    served = Served(rig, server)
     try:
-        yield served
+        settings = ApiSettings(**{"port": 0, **app})
+        async with edge_for(rig.service, users=USERS, api=settings, charts=influx) as edge:
+            assert edge.server is not None
+            served = Served(rig, edge.server)
+            try:
+                yield served
+            finally:
+                for context in served.contexts:
+                    await context.close()
     finally:
-        for context in served.contexts:
-            await context.close()
-        await server.stop()
         await stop_rig(rig, collector)
 
 

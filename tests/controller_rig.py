@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controller.config import load_settings
+from controller.api import UserStore
+from controller.config import ApiSettings, load_settings
+from controller.edge.runtime import Edge
+from controller.influx import InfluxSettings
 from controller.live import LiveItem
 from controller.policy import TreatmentPolicy, load_policy
 from controller.safety.context import LinkStatus
@@ -41,6 +45,15 @@ class Rig:
     events: list[SessionEvent] = field(default_factory=list)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     therapists: list[Therapist] = field(default_factory=list)
+    #: The edge (MQTT publisher) started with the rig when it was given an MQTT port.
+    edge: Edge | None = None
+
+    async def secured(self) -> None:
+        """Every record decided so far durable, and every event and sample secured in the
+        edge's outbox (flushed to disk)."""
+        self.service.sync_records()
+        assert self.service.core_channel is not None
+        await self.service.core_channel.drained()
 
     def pen(self, index: int = 0) -> SimulatedPen:
         return self.slots[index].pen
@@ -133,6 +146,36 @@ class Rig:
             self.service.unsubscribe(sub)
 
 
+@asynccontextmanager
+async def edge_for(
+    service: ControllerService,
+    *,
+    users: UserStore | None = None,
+    api: ApiSettings | None = None,
+    charts: InfluxSettings | None = None,
+    mqtt: bool = False,
+) -> AsyncIterator[Edge]:
+    """The edge (tablet API on ``api``, MQTT if ``mqtt``) joined to a running core.
+
+    In the test's own event loop, for the test's convenience; ``penctl serve`` runs it as
+    a process of its own (tests/test_core_isolation.py proves what that buys).
+    """
+    update: dict[str, Any] = {"api": api or ApiSettings(port=0)}
+    edge = Edge(
+        service.settings.model_copy(update=update),
+        Path(service.socket_path),
+        users=users,
+        api=api is not None,
+        mqtt=mqtt,
+        charts=charts,
+    )
+    await edge.start()
+    try:
+        yield edge
+    finally:
+        await edge.stop()
+
+
 def policy_with(tmp_path: Path, extra_zone_lines: str = "") -> TreatmentPolicy:
     """The default policy, optionally with extra TOML lines appended (e.g. a budget)."""
     source = Path(__file__).resolve().parent.parent / "controller" / "default_policy.toml"
@@ -156,6 +199,7 @@ async def start_rig(
     mqtt_port: int | None = None,
     expected_serials: list[str | None] | None = None,
     mqtt: dict[str, Any] | None = None,
+    api: dict[str, Any] | None = None,
 ) -> tuple[Rig, asyncio.Task[None]]:
     """A controller on fresh simulated pens, or on given pens/urls (pens elsewhere)."""
     if urls is None:
@@ -176,12 +220,16 @@ async def start_rig(
             for i, url in enumerate(urls)
         ],
         mqtt={"enabled": mqtt_port is not None, "port": mqtt_port or 1883, **(mqtt or {})},
+        api={"port": 0, **(api or {})},
     )
     service = ControllerService(settings, policy=policy)
     therapists = [Therapist(service, f"room{i + 1}", THERAPIST) for i in range(len(urls))]
     rig = Rig(runner, service, slots or [], therapists=therapists)
     collector = asyncio.create_task(rig._collect())
     await service.start()
+    if mqtt_port is not None:
+        rig.edge = Edge(settings, Path(service.socket_path), api=False, mqtt=True)
+        await rig.edge.start()
     for therapist in therapists:
         # Connected, and the cartridge reported in answer to the QueryStatus sent on connect
         # (a pen with an unexpected serial is connected too, though never armed).
@@ -200,6 +248,8 @@ async def start_rig(
 async def stop_rig(rig: Rig, collector: asyncio.Task[None], close_runner: bool = True) -> None:
     collector.cancel()
     await asyncio.gather(collector, return_exceptions=True)
+    if rig.edge is not None:
+        await rig.edge.stop()
     await rig.service.stop()
     if close_runner and rig.runner is not None:
         rig.runner.close()

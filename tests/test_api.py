@@ -16,11 +16,11 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from controller.api import UserStore, create_app
+from controller.api import UserStore
 from controller.api.server import ApiServer
 from controller.config import ApiSettings
 
-from .controller_rig import Rig, eventually, start_rig, stop_rig
+from .controller_rig import Rig, edge_for, eventually, start_rig, stop_rig
 
 USERS = UserStore.demo()  # hashing is slow on purpose: once per module
 
@@ -44,13 +44,13 @@ class Api:
 @pytest.fixture
 async def api(tmp_path: Path) -> AsyncIterator[Api]:
     rig, collector = await start_rig(tmp_path)
-    server = ApiServer(create_app(rig.service, USERS, ApiSettings(login_attempts_per_minute=3)))
-    await server.start()
+    settings = ApiSettings(port=0, login_attempts_per_minute=3)
     try:
-        async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
-            yield Api(rig, server, http)
+        async with edge_for(rig.service, users=USERS, api=settings) as edge:
+            assert edge.server is not None
+            async with httpx.AsyncClient(base_url=edge.server.url, timeout=10) as http:
+                yield Api(rig, edge.server, http)
     finally:
-        await server.stop()
         await stop_rig(rig, collector)
 
 

@@ -9,7 +9,7 @@ in order and acknowledged, nothing queued without bound, a flood answered "busy"
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,13 +23,14 @@ from controller.contract import EventKind
 from controller.edge.client import CoreClient
 from controller.errors import ActionRefused, CoreUnavailableError
 from controller.live import LiveTelemetry
-from controller.policy import load_policy
+from controller.policy import load_policy, policy_as_dict
 from controller.sessions import Actor, ArmPen, Role, SessionEvent
 from firmware_protocol.messages import Telemetry
 
 from .controller_rig import eventually
 
 THERAPIST = Actor("t-1", Role.THERAPIST)
+POLICY = load_policy()
 PAYLOAD = Telemetry(1, 500, 498, 100, 300, 2500, 4000, 10, 0x03, 1).encode()
 
 
@@ -41,18 +42,13 @@ class Core:
     refuse: bool = False
     events_decided: int = 0
 
-    def handle(self, body: dict[str, Any]) -> dict[str, Any]:
+    def handle(self, body: dict[str, Any], reply: Callable[[dict[str, Any]], None]) -> None:
         self.requests.append(body)
         if self.refuse:
-            return {
-                "refusal": {
-                    "code": "no_depth_set",
-                    "message": "No depth.",
-                    "remediation": "Set it.",
-                },
-                "first_event": self.events_decided,
-            }
-        return {"ok": True, "first_event": self.events_decided}
+            refusal = {"code": "no_depth_set", "message": "No depth.", "remediation": "Set it."}
+            reply({"refusal": refusal, "first_event": self.events_decided})
+            return
+        reply({"ok": True, "first_event": self.events_decided})
 
 
 @dataclass
@@ -68,7 +64,12 @@ async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
     core = Core()
     channel = CoreChannel(
         socket_path(tmp_path),
-        hello=lambda: {"controller_id": "c1"},
+        hello=lambda: {
+            "controller_id": "c1",
+            "pens": [{"name": "room1", "url": "/dev/null"}],
+            "policy": policy_as_dict(POLICY),
+            "policy_fingerprint": POLICY.fingerprint,
+        },
         snapshot=lambda: [
             {"pens": {}, "sessions": {}},
         ],
@@ -84,13 +85,7 @@ async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
     async def secured(item: StreamItem) -> None:
         items.append(item)
 
-    client = CoreClient(
-        channel.path,
-        policy=load_policy(),
-        state_dir=tmp_path,
-        pens=[{"name": "room1", "url": "/dev/null"}],
-        on_stream=secured,
-    )
+    client = CoreClient(channel.path, state_dir=tmp_path, on_stream=secured)
     await client.start()
     async with asyncio.timeout(5):
         await client.ready.wait()
@@ -171,13 +166,7 @@ async def test_unacknowledged_items_are_sent_again_to_a_new_edge(pair: Pair) -> 
     async def secured(item: StreamItem) -> None:
         items.append(item)
 
-    client = CoreClient(
-        pair.channel.path,
-        policy=load_policy(),
-        state_dir=pair.client.state_dir,
-        pens=[{"name": "room1", "url": "/dev/null"}],
-        on_stream=secured,
-    )
+    client = CoreClient(pair.channel.path, state_dir=pair.client.state_dir, on_stream=secured)
     await client.start()
     try:
         await eventually(lambda: bool(items))
@@ -187,12 +176,7 @@ async def test_unacknowledged_items_are_sent_again_to_a_new_edge(pair: Pair) -> 
 
 
 async def test_without_the_core_an_action_fails_fast(tmp_path: Path) -> None:
-    client = CoreClient(
-        tmp_path / "nobody.sock",
-        policy=load_policy(),
-        state_dir=tmp_path,
-        pens=[],
-    )
+    client = CoreClient(tmp_path / "nobody.sock", state_dir=tmp_path)
     await client.start()
     try:
         with pytest.raises(CoreUnavailableError):

@@ -42,6 +42,14 @@ def alive(pid: int) -> bool:
     return state != "Z"  # a zombie has exited; only its exit status is left
 
 
+def is_edge(pid: int) -> bool:
+    """The tablet's edge process: it dies with its core (PDEATHSIG), so no pid file names it."""
+    try:
+        return b"controller.edge" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 def processes_naming(text: str) -> set[int]:
     """Live processes whose command line contains ``text`` (the test's state dir)."""
     pids = set()
@@ -148,7 +156,7 @@ def test_a_killed_demo_leaves_nothing_once_started_again(tmp_path: Path) -> None
         pids: set[int] = set()
         while (len(children) < 3 or pids != children) and time.monotonic() < deadline:
             assert demo.poll() is None, (tmp_path / "demo.out").read_text()[-3000:]
-            children = {pid for pid in descendants(demo.pid) if alive(pid)}
+            children = {pid for pid in descendants(demo.pid) if alive(pid) and not is_edge(pid)}
             with contextlib.suppress(OSError, ValueError):
                 pids = {int(p) for p in (state / "children.pids").read_text().split()}
             time.sleep(0.1)

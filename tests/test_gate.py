@@ -304,12 +304,14 @@ zones = st.builds(
     puncture_budget=st.none() | st.integers(1, 100),
     overridden=st.booleans(),
 )
-contexts = st.builds(
+_bare_contexts = st.builds(
     GateContext,
     limits=st.builds(
         SafetyLimits,
         device_ceiling_um=st.integers(500, 2500),
         depth_tolerance_um=st.just(50),
+        max_depth_accuracy_um=st.sampled_from([25, 50, 100]),
+        min_telemetry_rate_hz=st.just(50),
         min_speed_hz=st.just(50),
         max_speed_hz=st.just(150),
         max_lease_ms=st.just(500),
@@ -329,6 +331,80 @@ contexts = st.builds(
 )
 
 
+def _with_pen_reports(
+    ctx: GateContext, confirmed: bool, held: str, other: int, rate: float | None
+) -> GateContext:
+    """What the pen confirmed: often exactly the approved setpoint, sometimes not."""
+    pen_depth = {"approved": ctx.depth_setpoint_um, "none": None, "other": other}[held]
+    return dataclasses.replace(
+        ctx, pen_confirmed=confirmed, pen_depth_set_um=pen_depth, telemetry_rate_hz=rate
+    )
+
+
+_random_contexts = st.builds(
+    _with_pen_reports,
+    _bare_contexts,
+    st.booleans(),
+    st.sampled_from(["approved", "approved", "none", "other"]),
+    st.integers(-100, 3000),
+    st.none() | st.sampled_from([10.0, 49.9, 50.0, 100.0]),
+)
+
+
+@st.composite
+def _ready_contexts(draw: st.DrawFn) -> GateContext:
+    """A pen that may arm (every §4.1 condition holds), with none, one or two of the
+    conditions then spoiled: random contexts almost never reach the boundary."""
+    ctx = draw(_bare_contexts)
+    max_passes = draw(st.integers(1, 8))
+    zone = ZoneContext(
+        "cheeks",
+        "cheeks",
+        max_depth_um=draw(st.integers(1, 2500)),
+        max_passes=max_passes,
+        passes_done=draw(st.integers(0, max_passes - 1)),
+        puncture_budget=draw(st.none() | st.integers(1, 100)),
+        overridden=draw(st.booleans()),
+    )
+    ceiling = min(zone.max_depth_um, ctx.limits.device_ceiling_um)
+    setpoint = draw(st.integers(0, ceiling))
+    ctx = dataclasses.replace(
+        ctx,
+        limits=dataclasses.replace(
+            ctx.limits, max_depth_accuracy_um=draw(st.sampled_from([50, 100]))
+        ),
+        session_state=SessionState.ACTIVE,
+        link=LinkStatus.UP,
+        fault=None,
+        zone=zone,
+        cartridge=draw(st.sampled_from(sorted(USABLE_CARTRIDGES))),
+        depth_setpoint_um=setpoint,
+        pen_confirmed=True,
+        pen_depth_set_um=setpoint,
+        telemetry_rate_hz=draw(st.sampled_from([50.0, 100.0])),
+    )
+    spoilers = {
+        "paused": {"session_state": SessionState.PAUSED},
+        "link down": {"link": LinkStatus.DOWN},
+        "faulted": {"fault": "a fault"},
+        "passes used": {"zone": dataclasses.replace(zone, passes_done=max_passes)},
+        "cartridge spent": {"cartridge": CartridgeStatus.SPENT},
+        "no setpoint": {"depth_setpoint_um": None},
+        "too deep": {"depth_setpoint_um": ceiling + 1},
+        "unconfirmed": {"pen_confirmed": False},
+        "pen holds another depth": {"pen_depth_set_um": setpoint + 10},
+        "imprecise": {"limits": dataclasses.replace(ctx.limits, max_depth_accuracy_um=25)},
+        "slow telemetry": {"telemetry_rate_hz": 49.9},
+        "no telemetry": {"telemetry_rate_hz": None},
+    }
+    for name in draw(st.lists(st.sampled_from(sorted(spoilers)), max_size=2, unique=True)):
+        ctx = dataclasses.replace(ctx, **spoilers[name])
+    return ctx
+
+
+contexts = _random_contexts | _ready_contexts()
+
+
 def _may_arm(ctx: GateContext) -> bool:
     """product.md §4.1, written out independently of the gate."""
     zone = ctx.zone
@@ -341,6 +417,12 @@ def _may_arm(ctx: GateContext) -> bool:
         and ctx.cartridge in USABLE_CARTRIDGES
         and ctx.depth_setpoint_um is not None
         and 0 <= ctx.depth_setpoint_um <= min(zone.max_depth_um, ctx.limits.device_ceiling_um)
+        # Issue 11: from what the pen confirmed and what was measured of it.
+        and ctx.pen_confirmed
+        and ctx.pen_depth_set_um == ctx.depth_setpoint_um
+        and ctx.limits.depth_tolerance_um <= ctx.limits.max_depth_accuracy_um
+        and ctx.telemetry_rate_hz is not None
+        and ctx.telemetry_rate_hz >= ctx.limits.min_telemetry_rate_hz
     )
 
 

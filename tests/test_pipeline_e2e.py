@@ -28,11 +28,9 @@ async def test_every_sample_and_event_lands_once(
             rig.runner.close()  # the pens go away: no more telemetry after this point
             for pen in rig.service.pens.values():
                 await pen.link.close()
-            rig.service.sync_records()  # the last events (links down) are published
-            publisher = rig.service.publisher
-            assert publisher is not None
-            publisher.flush()
-            outbox = rig.service.outbox
+            await rig.secured()  # the last events (links down) are in the edge's outbox
+            assert rig.edge is not None and rig.edge.publisher is not None
+            publisher, outbox = rig.edge.publisher, rig.edge.publisher.outbox
             await eventually(lambda: outbox.counters.depth == 0, within=20)
             samples = rig.service.counters.telemetry
             events = publisher.counters.events

@@ -47,7 +47,7 @@ async def test_serve_connects_simulated_pens_and_stops_cleanly(tmp_path: Path) -
         state = tmp_path / "state"
         config = tmp_path / "controller.toml"
         config.write_text(
-            f'state_dir = "{state}"\n[mqtt]\nenabled = false\n'
+            f'state_dir = "{state}"\n[mqtt]\nenabled = false\n[api]\nport = 0\n'
             + "".join(f'[[pens]]\nurl = "{p}"\nname = "room{i}"\n' for i, p in enumerate(paths))
         )
         serve = await asyncio.create_subprocess_exec(
@@ -65,7 +65,8 @@ async def test_serve_connects_simulated_pens_and_stops_cleanly(tmp_path: Path) -
         try:
             log = b""
             async with asyncio.timeout(20):
-                while log.count(b"pen connected") < 2:
+                # The pens, and the tablet API from the edge process the core started.
+                while log.count(b"pen connected") < 2 or b"tablet API listening" not in log:
                     line = await serve.stdout.readline()
                     assert line, log.decode()
                     log += line

@@ -17,15 +17,15 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 
-from controller.api import UserStore, create_app
+from controller.api import UserStore
 from controller.api.charts import queries
-from controller.api.server import ApiServer
+from controller.config import ApiSettings
 from controller.influx import InfluxClient, InfluxSettings, format_line
 from controller.sessions import EventKind
 from devtools.stack.processes import ServerProcess
 from simulated_pen.faults import Fault, FaultKind
 
-from .controller_rig import Rig, start_rig, stop_rig
+from .controller_rig import Rig, edge_for, start_rig, stop_rig
 
 USERS = UserStore.demo()  # hashing is slow on purpose: once per module
 
@@ -52,13 +52,12 @@ class Tablet:
 
 async def serve(tmp_path: Path, influx: InfluxSettings | None = None) -> AsyncIterator[Tablet]:
     rig, collector = await start_rig(tmp_path)
-    server = ApiServer(create_app(rig.service, USERS, influx=influx))
-    await server.start()
     try:
-        async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
-            yield Tablet(rig, http)
+        async with edge_for(rig.service, users=USERS, api=ApiSettings(port=0), charts=influx) as e:
+            assert e.server is not None
+            async with httpx.AsyncClient(base_url=e.server.url, timeout=10) as http:
+                yield Tablet(rig, http)
     finally:
-        await server.stop()
         await stop_rig(rig, collector)
 
 

@@ -9,7 +9,6 @@ by InfluxDB's certificate.
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -19,7 +18,6 @@ from typing import Any
 
 import pytest
 
-from controller.audit_anchor import AuditAnchor
 from controller.errors import ActionRefused
 from controller.influx import InfluxClient, InfluxSettings, InfluxUnavailable
 from controller.ingest import IngestWorker
@@ -116,14 +114,8 @@ async def test_telemetry_and_the_audit_head_travel_over_tls(
             tmp_path, mqtt_port=servers.broker.port, mqtt=servers.mqtt()
         )
         service = rig.service
-        anchor = AuditAnchor(
-            service.settings.state_dir / "audit.db",
-            service.settings.clinic_id,
-            service.controller_id,
-            service.settings.mqtt,
-            interval_s=0.5,
-        )
-        tasks = [asyncio.create_task(anchor.run()), asyncio.create_task(anchor.follow(service))]
+        assert rig.edge is not None and rig.edge.anchor is not None
+        anchor = rig.edge.anchor  # the edge's, as under penctl serve
         try:
             sid = await rig.start_treating("cheeks", 1000)
             await rig.one_pass()
@@ -142,9 +134,6 @@ async def test_telemetry_and_the_audit_head_travel_over_tls(
             await eventually(landed, 30, "telemetry and audit heads in InfluxDB over HTTPS")
             assert anchor.published >= 1 and anchor.disagreements == 0
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
             await stop_rig(rig, collector)
 
 

@@ -123,6 +123,14 @@ class UserStore:
         store.add_demo_users()
         return store
 
+    @classmethod
+    def for_api(cls, users_file: Path | None, *, demo_users: bool) -> UserStore:
+        """The API's users: the users file (if any), plus the demo users in demo mode."""
+        store = cls.load(users_file) if users_file else cls()
+        if demo_users:
+            store.add_demo_users()
+        return store
+
     def add_demo_users(self) -> None:
         for name, (role, actor_id, password) in DEMO_USERS.items():
             self.users.setdefault(name, User(name, role, actor_id, hash_password(password)))

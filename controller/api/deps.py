@@ -16,14 +16,14 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.requests import HTTPConnection
 
 from controller.audit import AuditRecord
-from controller.errors import ActionRefused
+from controller.errors import ActionRefused, CoreBusyError, CoreUnavailableError
 from controller.live import Subscription
 from controller.policy import Plan, ZoneLimits
 from controller.sessions import Action, SessionEvent
 from controller.sessions.records import Session
 
 from .auth import TokenStore, User, UserStore
-from .errors import ApiError, refusal_error, unknown_session
+from .errors import ApiError, core_unavailable, refusal_error, unknown_session
 from .models import SessionView
 from .roles import ROLE_MATRIX
 from .signin import SignInLimiter
@@ -33,13 +33,16 @@ class ControllerApi(Protocol):
     """What the tablet API needs of the controller, and nothing more.
 
     ``ControllerService`` provides it today, in the same process and event loop.
-    When the API moves to a process of its own and talks to the safety core over
-    a channel (issue 12), a client of that channel implements this interface and
-    the routers stay as they are. Every value crossing it is plain data.
+    The API runs in the edge process and talks to the safety core over a channel
+    (``controller.edge.client.CoreClient`` implements this); reads come from its
+    mirror, actions are the only requests that reach the core. Every value
+    crossing it is plain data.
     """
 
-    def act(self, action: Action) -> object:
-        """Apply a therapist's or manager's action; raises ``ActionRefused`` with the reason."""
+    async def act(self, action: Action) -> Mapping[str, Any]:
+        """Apply a therapist's or manager's action in the safety core; raises
+        ``ActionRefused`` with the reason (``CoreBusyError``, ``CoreUnavailableError``
+        when the core cannot take it now)."""
         ...
 
     async def act_and_wait(
@@ -64,7 +67,7 @@ class ControllerApi(Protocol):
         """The session's report, or None for an unknown session."""
         ...
 
-    def controls(self, session_id: str) -> dict[str, Any] | None:
+    async def controls(self, session_id: str) -> dict[str, Any] | None:
         """What the tablet may do in the session now (each action None or its refusal),
         the depth range of the selected zone and the pen's arming; None if unknown."""
         ...
@@ -188,12 +191,15 @@ def require(operation: str) -> Callable[..., Awaitable[User]]:
     return dependency
 
 
-def act(service: ControllerApi, action: Action) -> None:
-    """Hand ``action`` to the controller; a refusal becomes the matching API error."""
+async def act(service: ControllerApi, action: Action) -> None:
+    """Hand ``action`` to the safety core; a refusal becomes the matching API error, a
+    core that cannot take it now a 503 saying to try again."""
     try:
-        service.act(action)
+        await service.act(action)
     except ActionRefused as exc:
         raise refusal_error(exc.refusal) from exc
+    except (CoreBusyError, CoreUnavailableError) as exc:
+        raise core_unavailable(exc) from exc
 
 
 def session_or_404(service: ControllerApi, session_id: str) -> Session:

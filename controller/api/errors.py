@@ -99,3 +99,14 @@ async def validation_error(request: Request, exc: RequestValidationError) -> Res
         errors=errors,
     )
     return _problem_response(422, problem)
+
+
+def core_unavailable(error: Exception) -> ApiError:
+    """The safety core could not take the request now (busy, restarting): try again."""
+    return ApiError(
+        503,
+        "controller_unavailable",
+        "The controller could not take this request right now.",
+        "Try again in a moment; if it repeats, check that the controller is running.",
+        **{"Retry-After": "1"},
+    )

@@ -51,7 +51,9 @@ MAX_SOCKET_PATH: Final = 100
 REQUEST_ID: Final = struct.Struct("!I")
 
 PenTags = tuple[str, str | None, str | None, str | None]  # port, serial, session, zone
-RequestHandler = Callable[[dict[str, Any]], dict[str, Any]]
+#: Takes a request and a ``reply`` to call with the answer, now or once the request's
+#: outcome is durable and announced (so the edge's mirror already shows it).
+RequestHandler = Callable[[dict[str, Any], Callable[[dict[str, Any]], None]], None]
 
 
 def socket_path(state_dir: Path) -> Path:
@@ -125,6 +127,8 @@ class CoreChannel:
         #: (seq, encoded frame, has events) not yet acknowledged, oldest first.
         self._unacked: collections.deque[tuple[int, bytes, bool]] = collections.deque()
         self._unacked_bytes = 0
+        self._all_acked = asyncio.Event()
+        self._all_acked.set()
         self._tasks: list[asyncio.Task[None]] = []
 
     # === life ============================================================================
@@ -157,6 +161,11 @@ class CoreChannel:
     @property
     def connected(self) -> bool:
         return self._edge is not None
+
+    async def drained(self) -> None:
+        """Return once the edge has secured everything told so far (tests, benchmarks)."""
+        self.flush()
+        await self._all_acked.wait()
 
     # === what the core tells (called on the core's loop) ====================================
 
@@ -196,6 +205,7 @@ class CoreChannel:
         frame = encode_frame(Kind.STREAM, encode_stream(item, self._payload_size))
         self._unacked.append((seq, frame, bool(pending.events)))
         self._unacked_bytes += len(frame)
+        self._all_acked.clear()
         self._bound_unacked()
         if self._edge is not None:
             self._edge.send(frame)
@@ -227,6 +237,8 @@ class CoreChannel:
         while self._unacked and self._unacked[0][0] <= upto:
             _, frame, _ = self._unacked.popleft()
             self._unacked_bytes -= len(frame)
+        if not self._unacked:
+            self._all_acked.set()
 
     def _connected(self, edge: _EdgeConnection) -> bool:
         if self._edge is not None:
@@ -250,6 +262,7 @@ class CoreChannel:
         if not last:
             asyncio.get_running_loop().call_soon(self._send_snapshot, edge, docs, start + 16)
             return
+        self._send_stats()  # the link statistics at once, not a stats interval later
         for _, frame, _ in self._unacked:  # everything the last edge did not secure
             edge.send(frame)
 
@@ -267,25 +280,31 @@ class CoreChannel:
                     self.counters.bad_frames += 1
             elif kind == Kind.REQUEST and len(body) >= REQUEST_ID.size:
                 (request_id,) = REQUEST_ID.unpack_from(body)
+                reply = self._replier(edge, request_id)
                 handled += 1
                 if handled > self.max_requests_per_read:
                     self.counters.busy += 1
-                    answer: dict[str, Any] = {"error": "busy"}
+                    reply({"error": "busy"})
                 else:
                     self.counters.requests += 1
-                    answer = self._answer(kind, body[REQUEST_ID.size :])
-                edge.send(
-                    encode_frame(Kind.RESPONSE, REQUEST_ID.pack(request_id) + encode_json(answer))
-                )
+                    self._answer(kind, body[REQUEST_ID.size :], reply)
             else:
                 self.counters.bad_frames += 1
 
-    def _answer(self, kind: int, body: bytes) -> dict[str, Any]:
+    def _replier(self, edge: _EdgeConnection, request_id: int) -> Callable[[dict[str, Any]], None]:
+        def reply(answer: dict[str, Any]) -> None:
+            edge.send(
+                encode_frame(Kind.RESPONSE, REQUEST_ID.pack(request_id) + encode_json(answer))
+            )
+
+        return reply
+
+    def _answer(self, kind: int, body: bytes, reply: Callable[[dict[str, Any]], None]) -> None:
         try:
-            return self._handle_request(decode_json(kind, body))
+            self._handle_request(decode_json(kind, body), reply)
         except ValueError as exc:  # ChannelDecodeError is one: bad input changes nothing
             self.counters.bad_frames += 1
-            return {"error": "bad_request", "detail": str(exc)}
+            reply({"error": "bad_request", "detail": str(exc)})
 
 
 class _EdgeConnection(asyncio.Protocol):

@@ -54,6 +54,7 @@ from controller.sessions import (
     StartSession,
     StopPen,
 )
+from controller.sessions.actions import RecordSignIn, SignInResult, TakeOverSession
 
 
 class Kind(enum.IntEnum):
@@ -109,6 +110,8 @@ ACTIONS: Final[dict[str, type[Any]]] = {
         AcknowledgeFault,
         EndSession,
         OverrideZone,
+        TakeOverSession,
+        RecordSignIn,
     )
 }
 
@@ -119,6 +122,8 @@ def encode_action(action: Action) -> dict[str, Any]:
         value = getattr(action, f.name)
         if isinstance(value, Actor):
             value = {"actor_id": value.actor_id, "role": str(value.role)}
+        elif isinstance(value, enum.Enum):
+            value = value.value
         body[f.name] = value
     return body
 
@@ -134,7 +139,12 @@ _FIELD_TYPES: Final[dict[str, tuple[type, ...]]] = {
     "rate_hz": (int,),
     "max_depth_um": (int, type(None)),
     "max_passes": (int, type(None)),
+    "source": (str,),
+    "actor_id": (str, type(None)),
+    "attempts": (int,),
 }
+#: Fields whose text is one of an enumeration's values.
+_ENUM_FIELDS: Final[dict[str, type[enum.Enum]]] = {"result": SignInResult, "role": Role}
 _MAX_TEXT: Final = 2000
 
 
@@ -153,6 +163,9 @@ def decode_action(body: Mapping[str, Any]) -> Action:
         if f.name == "actor":
             values["actor"] = _decode_actor(value)
             continue
+        if f.name in _ENUM_FIELDS:
+            values[f.name] = _decode_enum(f.name, value, _ENUM_FIELDS[f.name])
+            continue
         allowed = _FIELD_TYPES.get(f.name)
         if (
             allowed is None
@@ -167,6 +180,15 @@ def decode_action(body: Mapping[str, Any]) -> Action:
         raise ChannelDecodeError(Kind.REQUEST, f"{cls.__name__}: unknown {sorted(extra)}")
     action: Action = cls(**values)
     return action
+
+
+def _decode_enum(name: str, value: Any, kind: type[enum.Enum]) -> Any:
+    if value is None and name == "role":
+        return None
+    try:
+        return kind(value)
+    except ValueError:
+        raise ChannelDecodeError(Kind.REQUEST, f"bad {name} {value!r}") from None
 
 
 def _decode_actor(value: Any) -> Actor:

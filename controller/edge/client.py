@@ -21,6 +21,7 @@ import functools
 import itertools
 import secrets
 import sqlite3
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +42,7 @@ from controller.channel.messages import (
 )
 from controller.errors import ActionRefused, CoreBusyError, CoreUnavailableError
 from controller.live import LiveTelemetry, Subscription
-from controller.policy import Plan, TreatmentPolicy, ZoneLimits
+from controller.policy import Plan, TreatmentPolicy, ZoneLimits, policy_from_dict
 from controller.safety.gate import RefusalReason, Refused
 from controller.sessions import Action, SessionEvent
 from controller.sessions.records import PenState, Session
@@ -51,6 +52,8 @@ from firmware_protocol.messages import Telemetry, decode_message
 log = structlog.get_logger(__name__)
 
 REQUEST_ID_BYTES = 4
+#: How long a session's controls (asked of the core) are reused for the tablet.
+CONTROLS_TTL_S = 0.2
 StreamHandler = Callable[[StreamItem], Awaitable[None]]
 
 
@@ -80,16 +83,15 @@ class CoreClient:
         self,
         path: Path,
         *,
-        policy: TreatmentPolicy,
         state_dir: Path,
-        pens: list[Mapping[str, Any]],
         on_stream: StreamHandler | None = None,
         live_rate_hz: float = 10.0,
         request_timeout: float = 5.0,
         max_frame: int = 64 * 1024 * 1024,
     ) -> None:
         self.path = path
-        self.policy = policy
+        #: The treatment policy in force, as the core announced it (HELLO).
+        self.policy: TreatmentPolicy | None = None
         self.state_dir = state_dir
         self.on_stream = on_stream
         self.live_rate_hz = live_rate_hz
@@ -98,7 +100,8 @@ class CoreClient:
         self.counters = ClientCounters()
         self.ready = asyncio.Event()
         self.hello: dict[str, Any] = {}
-        self._pens = {str(p["name"]): _Pen(p) for p in pens}
+        self._pens: dict[str, _Pen] = {}
+        self._controls: dict[str, tuple[float, dict[str, Any] | None]] = {}
         self._sessions: dict[str, Session] = {}
         self._subscribers: set[Subscription] = set()
         self._event_waiters: list[Callable[[int, SessionEvent], None]] = []
@@ -109,12 +112,12 @@ class CoreClient:
         self._stream: asyncio.Queue[StreamItem] = asyncio.Queue()
         self._stream_task: asyncio.Task[None] | None = None
         self._last_seq = 0
+        self._history_loaded = False
         self._snapshot_docs: list[dict[str, Any]] = []
 
     # === life ============================================================================
 
     async def start(self) -> None:
-        await asyncio.to_thread(self._load_history)
         self._task = asyncio.create_task(self._connect_forever(), name="core-client")
         self._stream_task = asyncio.create_task(self._deliver_stream(), name="core-stream")
 
@@ -163,6 +166,7 @@ class CoreClient:
         """Apply an action in the core. ActionRefused with the reason; CoreBusyError or
         CoreUnavailableError when the core cannot take it now."""
         answer = await self._request({"op": "act", "action": encode_action(action)})
+        self._controls.clear()  # even a refusal may change them (a refusal is recorded)
         refusal = answer.get("refusal")
         if refusal is not None:
             raise ActionRefused(
@@ -239,13 +243,27 @@ class CoreClient:
         return build_report(session) if session else None
 
     def plans(self) -> list[Plan]:
-        return list(self.policy.plans.values())
+        return list(self.policy.plans.values()) if self.policy else []
 
     def zones(self) -> Mapping[str, ZoneLimits]:
-        return self.policy.zones
+        return self.policy.zones if self.policy else {}
+
+    async def controls(self, session_id: str) -> dict[str, Any] | None:
+        """What the tablet may do in the session now, with each refusal's reason: asked of
+        the core (its gate decides), at most every ``CONTROLS_TTL_S`` per session."""
+        now = time.monotonic()
+        cached = self._controls.get(session_id)
+        if cached is not None and now - cached[0] < CONTROLS_TTL_S:
+            return cached[1]
+        answer = await self._request({"op": "controls", "session_id": session_id})
+        controls: dict[str, Any] | None = answer.get("controls")
+        self._controls[session_id] = (now, controls)
+        return controls
 
     async def audit_records(self, session_id: str | None, limit: int) -> list[AuditRecord]:
         path = self.state_dir / "audit.db"
+        if not path.is_file():
+            return []  # the core has recorded nothing yet
         return await asyncio.to_thread(read_recent, path, session_id=session_id, limit=limit)
 
     def devices(self) -> list[dict[str, Any]]:
@@ -307,16 +325,32 @@ class CoreClient:
             for doc in snapshot.get("docs", []):
                 self._apply_docs(doc)
             if snapshot.get("last"):
+                if not self._history_loaded:
+                    self._history_loaded = True
+                    self._load_history()  # once, after the live state: never older over newer
                 self.ready.set()
         elif kind == Kind.HELLO:
             self.hello = decode_json(kind, body)
+            self._take_hello(self.hello)
             first = int(self.hello.get("first_seq", 1))
             if self._last_seq and first > self._last_seq + 1:
                 self.counters.gaps += first - self._last_seq - 1
         else:
             log.warning("unknown frame from the core", kind=kind)
 
+    def _take_hello(self, hello: Mapping[str, Any]) -> None:
+        """Who the core is: its pens, and its policy (kept only if it rebuilds exactly)."""
+        for pen in hello.get("pens", []):
+            name = str(pen["name"])
+            if name not in self._pens:
+                self._pens[name] = _Pen(pen)
+        try:
+            self.policy = policy_from_dict(hello["policy"], str(hello["policy_fingerprint"]))
+        except (KeyError, ValueError) as exc:
+            log.error("the core's policy did not rebuild here", error=str(exc))
+
     def _apply_docs(self, parts: Mapping[str, Any]) -> None:
+        self._controls.clear()  # something changed: what the tablet may do, ask again
         for port, body in parts.get("pens", {}).items():
             pen = self._pens.get(port)
             if pen is not None:
@@ -390,6 +424,8 @@ class CoreClient:
         finally:
             db.close()
         for sid, body in rows:
+            if sid in self._sessions:
+                continue  # the core told us of it: that is the newer word
             with contextlib.suppress(ValueError):
                 self._sessions[sid] = Session.model_validate_json(body)
 

@@ -1,7 +1,11 @@
 """A controller process serving a farm of simulated pens: the reaction and capacity rig.
 
-The pens run in a child process (``devtools.bench.pen_farm``), the controller
-runs here, each on its own core, talking over real pseudo-terminals. A few
+The pens run in a child process (``devtools.bench.pen_farm``), the controller's
+safety core runs here, each on its own core, talking over real pseudo-terminals.
+With MQTT or an API flood, the core's edge runs as under ``penctl serve``: a
+process of its own, started and supervised by the core (controller/edge/); a
+flood comes from a third process (``devtools.bench.api_flood``). A slow disk is
+a journal whose every commit takes ``slow_disk_s`` longer. A few
 "breaching" pens are kept in treatment: each pass they send a breaching frame,
 the controller stops them and faults their session, and this rig, playing the
 therapist, acknowledges the fault and arms again, so reactions keep coming. The
@@ -17,6 +21,7 @@ import json
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -24,13 +29,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from controller.config import load_settings
+from controller.config import ServiceSettings, load_settings
+from controller.edge.supervisor import EdgeSupervisor
 from controller.errors import ActionRefused
 from controller.live import PenView
 from controller.policy import TreatmentPolicy, load_policy
 from controller.safety.context import LinkStatus
 from controller.service import ControllerService
 from controller.sessions import Actor, EventKind, Role
+from devtools.stack.processes import free_port, wait_for_port
 from devtools.therapist import EventFeed, Therapist
 
 THERAPIST = Actor("bench-therapist", Role.THERAPIST)
@@ -62,7 +69,13 @@ class FleetResult:
     telemetry_lost: int = 0
     crc_errors: int = 0
     farm: dict[str, Any] = field(default_factory=dict)
+    flood: dict[str, Any] = field(default_factory=dict)
     loop_lag_max: float = 0.0
+
+    @property
+    def lease_expiries(self) -> int:
+        """Leases that ran out at a pen: a renewal the core did not send in time."""
+        return int(self.farm.get("lease_expiries", 0))
 
     def percentile(self, q: float) -> float:
         if not self.reactions:
@@ -94,10 +107,15 @@ async def run_fleet(
     duration: float,
     mqtt_port: int | None = None,
     observer: Observer | None = None,
+    *,
+    flood: bool = False,
+    slow_disk_s: float = 0.0,
 ) -> FleetResult:
     """Run the rig for ``duration`` seconds of measurement and return what it saw.
 
     ``observer()``, if given, runs beside the measurement and is cancelled after it.
+    ``flood``: a hostile client floods the tablet API throughout. ``slow_disk_s``:
+    every journal commit takes that much longer.
     """
     farm = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -116,22 +134,93 @@ async def run_fleet(
         try:
             lines = await asyncio.wait_for(_read_until(farm.stdout, "ready"), 60)
             urls = [line.split()[2] for line in lines if line.startswith("pen ")]
+            api_port = free_port() if flood else 0
             settings = load_settings(
                 None,
                 state_dir=Path(tmp) / "state",
                 pens=[{"url": url, "name": f"p{i + 1:03d}"} for i, url in enumerate(urls)],
                 mqtt={"enabled": mqtt_port is not None, "port": mqtt_port or 1883},
+                api={"enabled": flood, "port": api_port, "demo_users": True},
             )
             service = ControllerService(settings, policy=bench_policy(Path(tmp)))
+            if slow_disk_s:
+                _slow_journal(service, slow_disk_s)
             await service.start()
+            edge = None
             try:
-                return await _measure(service, farm.stdout, pens, breachers, duration, observer)
+                if flood or mqtt_port is not None:
+                    edge = await _start_edge(settings, service.socket_path)
+                flooded: dict[str, Any] = {}
+                if flood:
+                    url = f"http://127.0.0.1:{api_port}"
+                    observer = _flooding(url, duration, observer, flooded)
+                result = await _measure(service, farm.stdout, pens, breachers, duration, observer)
+                result.flood = flooded
+                return result
             finally:
+                if edge is not None:
+                    await edge.stop()
                 await service.stop()
         finally:
             if farm.returncode is None:
                 farm.terminate()
             await farm.wait()
+
+
+async def _start_edge(settings: ServiceSettings, socket: str) -> EdgeSupervisor:
+    edge = EdgeSupervisor(settings, socket)
+    await edge.start()
+    if settings.api.enabled:
+        await wait_for_port("127.0.0.1", settings.api.port, within=60)
+    return edge
+
+
+def _slow_journal(service: ControllerService, delay_s: float) -> None:
+    """Every journal commit ``delay_s`` late (on the writer's thread, as a slow disk is)."""
+    write = service.journal.write
+    pause = threading.Event()
+
+    def slow(rows: Any) -> None:
+        pause.wait(delay_s)
+        write(rows)
+
+    service.journal.write = slow  # type: ignore[method-assign]
+
+
+def _flooding(
+    url: str, seconds: float, observer: Observer | None, summary: dict[str, Any]
+) -> Observer:
+    """An observer that floods ``url`` from another process for ``seconds`` (beside
+    ``observer``); the flood's own summary lands in ``summary``."""
+
+    async def read(stream: asyncio.StreamReader) -> None:
+        while raw := await stream.readline():
+            if raw.startswith(b"flood "):
+                summary.update(json.loads(raw[6:]))
+
+    async def run() -> None:
+        flood = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "devtools.bench.api_flood",
+            "--url",
+            url,
+            "--seconds",
+            str(seconds),
+            stdout=asyncio.subprocess.PIPE,
+        )
+        assert flood.stdout is not None
+        try:
+            await asyncio.gather(read(flood.stdout), observer() if observer else asyncio.sleep(0))
+        finally:
+            # Cancelled as the measurement ends, about when the flood ends too: its summary.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(read(flood.stdout), 10)
+            if flood.returncode is None:
+                flood.terminate()
+            await flood.wait()
+
+    return run
 
 
 async def _measure(

@@ -144,6 +144,7 @@ async def main(args: argparse.Namespace) -> None:
             "pens": args.pens,
             "telemetry_sent": sum(s.pen.connection.stats.frames_sent for s in slots),
             "reactions": sum(len(b.samples) for b in breachers),
+            "lease_expiries": sum(s.pen.firmware.lease_expiries for s in slots),
             "runner": {
                 "lateness_max_s": runner.stats.lateness_max,
                 "busy_s": runner.stats.busy_s,

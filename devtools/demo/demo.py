@@ -16,14 +16,13 @@ from pathlib import Path
 
 import structlog
 
-from controller.api import UserStore, create_app
-from controller.api.server import ApiServer
 from controller.config import load_settings
+from controller.edge.supervisor import EdgeSupervisor
 from controller.influx import InfluxClient, InfluxError, InfluxSettings
 from controller.policy import load_policy
-from controller.serve_cli import start_audit_anchor
 from controller.service import ControllerService
-from devtools.stack.supervisor import MQTT_USERS, LocalStack, reap_leftovers
+from devtools.stack.processes import wait_for_port
+from devtools.stack.supervisor import MQTT_USERS, LocalStack, port_or_free, reap_leftovers
 from devtools.therapist import EventFeed
 from simulated_pen.control import ControlServer
 from simulated_pen.runner import PenRunner, PenSlot
@@ -92,31 +91,35 @@ class Demo:
             for slot in slots:
                 controls.append(await ControlServer.start(runner, slot))
             user, password = MQTT_USERS["controller"]
+            api_port = port_or_free(self.api_port)
             settings = load_settings(
                 None,
                 state_dir=self.state_dir / "controller",
                 pens=[{"url": s.address, "name": f"room{i + 1}"} for i, s in enumerate(slots)],
                 mqtt={"port": mqtt_port, "username": user, "password": password},
                 influx={"url": influx_url},
+                api={"host": "127.0.0.1", "port": api_port, "demo_users": True},
             )
             # The clinic's script follows the same policy the controller enforces.
             policy = load_policy(settings.policy_file)
             if policy.plan(self.plan) is None:
                 raise ValueError(f"no plan {self.plan!r} in the treatment policy")
             service = ControllerService(settings, policy=policy)
-            api = _tablet_api(service, self.api_port, InfluxSettings(url=influx_url, timeout=5.0))
             await service.start()
-            await api.start()
-            self.tablet_url = api.url + "/"
-            tasks.append(asyncio.create_task(_stop_api_when_cancelled(api)))
+            # The tablet API, MQTT and the audit anchor run in the edge process, as under
+            # penctl serve: the controller's loop serves only the pens (and, in the demo,
+            # the scripted clinic's therapists).
+            edge = EdgeSupervisor(settings, service.socket_path)
+            await edge.start()
+            tasks.append(asyncio.create_task(_stop_edge_when_cancelled(edge)))
+            await wait_for_port("127.0.0.1", api_port, within=30.0)
+            self.tablet_url = f"http://127.0.0.1:{api_port}/"
             scripted = self.pens - self.free
             self._banner(mqtt_port, influx_url, slots, controls, scripted)
             tasks.append(asyncio.create_task(self._watch_first_data(influx_url)))
             tasks.append(asyncio.create_task(self._watch_ingest()))
             feed = EventFeed(service)
             tasks.append(asyncio.create_task(feed.run(), name="event-feed"))
-            # The audit log's head, published as penctl serve does (docs/SECURITY.md).
-            tasks += start_audit_anchor(service)
             for i, slot in enumerate(slots[:scripted]):
                 port = f"room{i + 1}"
                 therapist = ClinicTherapist(
@@ -221,19 +224,8 @@ class Demo:
         )
 
 
-def _tablet_api(service: ControllerService, port: int, influx: InfluxSettings) -> ApiServer:
-    """The tablet API with the demo users, on ``port`` or, if that is taken, any free one;
-    the manager's charts come from the demo's InfluxDB."""
-    app = create_app(service, UserStore.demo(), influx=influx)
-    try:
-        return ApiServer(app, "127.0.0.1", port)
-    except OSError:
-        log.warning("tablet port taken; using a free one", port=port)
-        return ApiServer(app, "127.0.0.1", 0)
-
-
-async def _stop_api_when_cancelled(api: ApiServer) -> None:
+async def _stop_edge_when_cancelled(edge: EdgeSupervisor) -> None:
     try:
         await asyncio.Event().wait()
     finally:
-        await api.stop()
+        await edge.stop()

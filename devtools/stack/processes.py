@@ -9,6 +9,7 @@ outage tests kill and revive a broker or a database mid-session.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import getpass
 import os
@@ -34,6 +35,23 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+async def wait_for_port(host: str, port: int, *, within: float) -> None:
+    """Return once ``host:port`` accepts TCP connections; TimeoutError after ``within`` s."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            _, writer = await asyncio.open_connection(host, port)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on {host}:{port} after {within} s") from None
+            await asyncio.sleep(0.05)  # polling a port: there is no event to await
+            continue
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return
 
 
 def _binary(candidates: tuple[str, ...], name: str) -> str:

@@ -63,8 +63,8 @@ async def stream_through_outages(
     worker = IngestWorker(make_settings(mosquitto, influxd, tmp_path / "ingest", batch_seconds=0.1))
     async with running(worker):
         rig, collector = await start_rig(tmp_path, pens=pens, mqtt_port=mosquitto.port)
-        publisher, outbox = rig.service.publisher, rig.service.outbox
-        assert publisher is not None
+        assert rig.edge is not None and rig.edge.publisher is not None
+        publisher, outbox = rig.edge.publisher, rig.edge.publisher.outbox
         try:
             sids = [await rig.start_treating("cheeks", 1000, index=i) for i in range(pens)]
             await eventually(lambda: worker.counters.batches >= 3, 10, "ingest under way")
@@ -83,8 +83,7 @@ async def stream_through_outages(
             rig.runner.close()  # the pens go away: no more telemetry after this point
             for pen in rig.service.pens.values():
                 await pen.link.close()
-            rig.service.sync_records()  # the last events (links down) are published
-            publisher.flush()
+            await rig.secured()  # the last events (links down) are in the edge's outbox
             await eventually(lambda: outbox.counters.depth == 0, within=30)
             samples, events = rig.service.counters.telemetry, publisher.counters.events
             detail = {

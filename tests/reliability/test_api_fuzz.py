@@ -12,6 +12,7 @@ reliability.json and asserted.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 from pathlib import Path
@@ -23,7 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from controller.api import UserStore, create_app
-from controller.config import ApiSettings, load_settings
+from controller.config import ApiSettings
+from controller.edge.client import CoreClient
 from controller.errors import ActionRefused
 from controller.safety.context import SessionState
 from controller.service import ControllerService
@@ -102,19 +104,20 @@ async def live_session(service: ControllerService, sid: str | None) -> str:
 async def test_no_request_gets_a_server_error(tmp_path: Path, record: Record) -> None:
     # Generate first, from the same document served by an idle controller: generation
     # is CPU-bound and would starve the pens' links if it ran beside them.
-    idle = ControllerService(
-        load_settings(None, state_dir=tmp_path / "idle", mqtt={"enabled": False})
-    )
+    idle = CoreClient(tmp_path / "no-core.sock", state_dir=tmp_path / "idle")
     schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(idle, USERS))
     cases = generate_cases(schema)
-    idle.journal.close()
-    idle.audit.close()
     random.Random(7).shuffle(cases)  # interleave operations, as a tablet would
     rig, collector = await start_rig(tmp_path)
+    # The API as penctl serve runs it: its reads from the edge's mirror, its actions
+    # asked of the core over the channel.
+    client = CoreClient(Path(rig.service.socket_path), state_dir=rig.service.settings.state_dir)
+    await client.start()
     try:
+        await asyncio.wait_for(client.ready.wait(), 10)
         service = rig.service
         app = create_app(
-            service,
+            client,
             USERS,
             ApiSettings(
                 login_attempts_per_minute=1000,
@@ -184,6 +187,7 @@ async def test_no_request_gets_a_server_error(tmp_path: Path, record: Record) ->
         # The fuzz reached past authentication and validation to the controller itself.
         assert statuses.get(200, 0) > 50 and statuses.get(409, 0) > 10
     finally:
+        await client.stop()
         await stop_rig(rig, collector)
 
 

@@ -52,9 +52,7 @@ async def _finish(rig: Rig, sids: list[str]) -> None:
     rig.runner.close()
     for pen in rig.service.pens.values():
         await pen.link.close()
-    rig.service.sync_records()
-    assert rig.service.publisher is not None
-    rig.service.publisher.flush()
+    await rig.secured()
 
 
 async def test_plain_subscriber_ingest_down_and_broker_killed_lose_nothing(
@@ -72,8 +70,8 @@ async def test_plain_subscriber_ingest_down_and_broker_killed_lose_nothing(
             )
             sids = [await rig.start_treating("cheeks", 1000, index=i) for i in range(PENS)]
             await eventually(lambda: first.counters.controller_acks >= 10, 10)
-        publisher, outbox = rig.service.publisher, rig.service.outbox
-        assert publisher is not None
+        assert rig.edge is not None and rig.edge.publisher is not None
+        publisher, outbox = rig.edge.publisher, rig.edge.publisher.outbox
         try:
             down_at = time.monotonic()
             await rig.one_pass(index=0, hold=1.0)  # events and samples while ingest is away
@@ -143,8 +141,8 @@ async def test_published_before_ingest_ever_subscribed_and_nothing_personal(
         rig, collector = await start_rig(
             tmp_path, pens=PENS, mqtt_port=mosquitto.port, mqtt=_fast_acks()
         )
-        publisher, outbox = rig.service.publisher, rig.service.outbox
-        assert publisher is not None
+        assert rig.edge is not None and rig.edge.publisher is not None
+        publisher, outbox = rig.edge.publisher, rig.edge.publisher.outbox
         try:
             sids = [
                 await rig.start_treating("cheeks", 1000, index=i, client_ref=CLEAR_CODE)

@@ -4,6 +4,10 @@ Every sign-in, failed sign-in and sign-out becomes an audit record (through the
 controller, so it joins the one hash-chained log); the password never leaves
 this function. The limiter (``controller/api/signin.py``) takes its place
 before the password is hashed, so concurrent guesses cannot slip past it.
+
+With the safety core away, signing in fails closed (503, no token: nothing would
+record it), while signing out still ends the token at once; only its record is
+lost then, and the log says so.
 """
 
 # No `from __future__ import annotations`: FastAPI evaluates the endpoints' annotations.
@@ -11,17 +15,20 @@ before the password is hashed, so concurrent guesses cannot slip past it.
 import asyncio
 from typing import Annotated
 
+import structlog
 from fastapi import APIRouter, Depends, Request
 
+from controller.errors import CoreBusyError, CoreUnavailableError
 from controller.sessions.actions import RecordSignIn, SignInResult
 
 from ..auth import User
-from ..deps import Credentials, Limiter, Service, Tokens, Users, client_source, require
+from ..deps import Credentials, Limiter, Service, Tokens, Users, act, client_source, require
 from ..errors import ApiError
 from ..models import LoginRequest, LoginResponse, Me, Problem, RenewResponse
 from ..signin import Throttled
 
 router = APIRouter(tags=["auth"])
+log = structlog.get_logger(__name__)
 
 
 @router.post("/api/login", operation_id="login", responses={429: {"model": Problem}})
@@ -41,8 +48,9 @@ async def login(
     if isinstance(attempt, Throttled):
         pending = limiter.note_throttled(body.username, source)
         if pending:
-            service.act(
-                RecordSignIn(SignInResult.THROTTLED, source, actor_id, role, attempts=pending)
+            await act(
+                service,
+                RecordSignIn(SignInResult.THROTTLED, source, actor_id, role, attempts=pending),
             )
         wait = int(attempt.retry_after_s) + 1
         raise ApiError(
@@ -56,7 +64,7 @@ async def login(
     user = await asyncio.to_thread(users.verify, body.username, body.password)
     if user is None:
         attempt.failed()
-        service.act(RecordSignIn(SignInResult.BAD_CREDENTIALS, source, actor_id, role))
+        await act(service, RecordSignIn(SignInResult.BAD_CREDENTIALS, source, actor_id, role))
         raise ApiError(
             401,
             "bad_credentials",
@@ -64,8 +72,9 @@ async def login(
             "Check both and try again.",
         )
     attempt.succeeded()
+    # Recorded first: a sign-in the audit log cannot hold gets no token.
+    await act(service, RecordSignIn(SignInResult.SIGNED_IN, source, user.actor_id, user.role))
     token, lifetime = tokens.issue(user)
-    service.act(RecordSignIn(SignInResult.SIGNED_IN, source, user.actor_id, user.role))
     return LoginResponse(
         token=token,
         expires_in=lifetime,
@@ -86,9 +95,11 @@ async def logout(
     """End this token at once, and every live stream that uses it."""
     if credentials:
         tokens.revoke(credentials.credentials)
-    service.act(
-        RecordSignIn(SignInResult.SIGNED_OUT, client_source(request), user.actor_id, user.role)
-    )
+    record = RecordSignIn(SignInResult.SIGNED_OUT, client_source(request), user.actor_id, user.role)
+    try:
+        await service.act(record)
+    except (CoreBusyError, CoreUnavailableError) as exc:
+        log.warning("sign-out not recorded: the safety core is away", user=user.name, why=str(exc))
 
 
 @router.post("/api/token/renew", operation_id="renew_token")

@@ -19,7 +19,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 from fastapi import Path as PathParam
 
-from controller.errors import ActionRefused
+from controller.errors import ActionRefused, CoreBusyError, CoreUnavailableError
 from controller.sessions import (
     AcknowledgeFault,
     Action,
@@ -42,7 +42,7 @@ from controller.sessions.actions import TakeOverSession
 
 from ..auth import User
 from ..deps import Service, act, owns, require, session_view_or_404
-from ..errors import ApiError, refusal_error
+from ..errors import ApiError, core_unavailable, refusal_error
 from ..models import (
     ID_PATTERN,
     CreateSessionRequest,
@@ -90,7 +90,7 @@ async def create_session(
 ) -> SessionView:
     """Open a session for a pseudonymous client on a pen, with a plan. It is yours."""
     sid = service.new_session_id()
-    act(service, CreateSession(sid, body.port, body.client_ref, body.plan_id, user.actor))
+    await act(service, CreateSession(sid, body.port, body.client_ref, body.plan_id, user.actor))
     return session_view_or_404(service, sid, user)
 
 
@@ -111,7 +111,7 @@ def _simple(operation: str, path: str, build: Callable[[str, User], Action], doc
     async def endpoint(
         session_id: SessionId, user: Annotated[User, Depends(require(operation))], service: Service
     ) -> SessionView:
-        act(service, build(session_id, user))
+        await act(service, build(session_id, user))
         return session_view_or_404(service, session_id, user)
 
     endpoint.__doc__ = doc
@@ -169,7 +169,7 @@ async def select_zone(
     user: Annotated[User, Depends(require("select_zone"))],
     service: Service,
 ) -> SessionView:
-    act(service, SelectZone(session_id, body.zone_id, user.actor))
+    await act(service, SelectZone(session_id, body.zone_id, user.actor))
     return session_view_or_404(service, session_id, user)
 
 
@@ -181,7 +181,7 @@ async def set_depth(
     service: Service,
 ) -> SessionView:
     """Set the needle depth for the selected zone; above the zone's limit is refused."""
-    act(service, SetZoneDepth(session_id, body.depth_um, user.actor))
+    await act(service, SetZoneDepth(session_id, body.depth_um, user.actor))
     return session_view_or_404(service, session_id, user)
 
 
@@ -194,7 +194,7 @@ async def set_stroke_rate(
     user: Annotated[User, Depends(require("set_stroke_rate"))],
     service: Service,
 ) -> SessionView:
-    act(service, SetStrokeRate(session_id, body.rate_hz, user.actor))
+    await act(service, SetStrokeRate(session_id, body.rate_hz, user.actor))
     return session_view_or_404(service, session_id, user)
 
 
@@ -207,12 +207,16 @@ async def arm_pen(
     def answered(e: SessionEvent) -> bool:
         # "already": armed or being armed by an earlier request; arming is idempotent.
         already = e.kind is EventKind.ARMING and bool(e.detail.get("already"))
-        return e.session_id == session_id and (e.kind in _ARM_ANSWERS or already)
+        # The session left ACTIVE meanwhile (ended, paused by another tablet): no arming.
+        left = e.kind is EventKind.STATE_CHANGED and e.detail.get("state") != "active"
+        return e.session_id == session_id and (e.kind in _ARM_ANSWERS or already or left)
 
     try:
         event = await service.act_and_wait(ArmPen(session_id, user.actor), answered)
     except ActionRefused as exc:
         raise refusal_error(exc.refusal) from exc
+    except (CoreBusyError, CoreUnavailableError) as exc:
+        raise core_unavailable(exc) from exc
     except TimeoutError as exc:
         raise ApiError(
             504,
@@ -220,6 +224,14 @@ async def arm_pen(
             "The pen did not confirm arming in time.",
             "Check that the pen is on and connected, then tap Arm again.",
         ) from exc
+    if event.kind is EventKind.STATE_CHANGED:
+        raise ApiError(
+            409,
+            "session_not_active",
+            f"The session became {event.detail.get('state')} before the pen armed; "
+            "the pen stays disarmed.",
+            "Resume or reopen the session, then tap Arm again.",
+        )
     if event.kind not in (EventKind.ARMED, EventKind.ARMING):
         raise ApiError(
             409,
@@ -240,7 +252,7 @@ async def override_zone(
     service: Service,
 ) -> SessionView:
     """A manager raises (or lowers) a zone's limits for this session only, with a reason."""
-    act(
+    await act(
         service,
         OverrideZone(
             session_id,
@@ -267,5 +279,5 @@ async def take_over_session(
 
     The manager becomes its owner: from then on only they treat in it and see its client.
     """
-    act(service, TakeOverSession(session_id, user.actor, body.reason))
+    await act(service, TakeOverSession(session_id, user.actor, body.reason))
     return session_view_or_404(service, session_id, user)

@@ -11,12 +11,11 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 from starlette.requests import HTTPConnection
 
-from controller.errors import ActionRefused
 from controller.sessions import StopPen
 
 from ..auth import User
-from ..deps import ControllerApi, Service, require, session_or_404
-from ..errors import ApiError, refusal_error
+from ..deps import ControllerApi, Service, act, require, session_or_404
+from ..errors import ApiError
 from ..stopkeys import StopKey, StopKeyStore
 from ..views import (
     StopByKeyRequest,
@@ -116,8 +115,5 @@ async def stop_by_key(body: StopByKeyRequest, service: Service, keys: StopKeys) 
             "restarted).",
             "Sign in to stop a pen; the pen also stops when its button is released.",
         )
-    try:
-        service.act(StopPen(grant.session_id, grant.owner))
-    except ActionRefused as exc:  # pragma: no cover - a stop is never refused
-        raise refusal_error(exc.refusal) from exc
+    await act(service, StopPen(grant.session_id, grant.owner))  # never refused; 503 if away
     return StoppedByKey(port=grant.port, session_id=grant.session_id)

@@ -80,7 +80,7 @@ async def session_controls(
     refusal it would answer (code, message, remediation); the selected zone's depth
     range; the pen's arming. The controller still decides when the action is asked."""
     session = session_or_404(service, session_id)
-    controls = service.controls(session_id)
+    controls = await service.controls(session_id)
     if controls is None:  # pragma: no cover - the session exists
         raise ApiError(404, "unknown_session", "No such session.", "Check the session id.")
     if not owns(user, session):
