@@ -225,7 +225,7 @@ class SupervisedProcess:
                 try:
                     await self._spawn()
                     break
-                except (StartError, OSError) as exc:
+                except Exception as exc:  # whatever it was: try again later
                     # Counted and retried with a longer backoff, for ever: the cause
                     # (a port still held, a disk full) may well go away.
                     self.failed_starts += 1
@@ -279,7 +279,11 @@ class SupervisedProcess:
             )
         self.proc, self._started_at = proc, time.monotonic()
         if self.on_start is not None:
-            self.on_start(self)
+            try:
+                self.on_start(self)
+            except Exception:
+                # Bookkeeping (the pid file) failing is no reason to kill a good child.
+                log.exception("stack child's start hook failed", child=self.name)
         if self.ready is not None:
             await self._until_ready(proc, self.ready)
 
