@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -183,3 +184,92 @@ def test_a_killed_demo_leaves_nothing_once_started_again(tmp_path: Path) -> None
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         log.close()
+
+
+def _stack_children(state: Path) -> dict[str, int]:
+    """The demo's live children by part, from its pid file and their command lines."""
+    found: dict[str, int] = {}
+    with contextlib.suppress(OSError, ValueError):
+        for word in (state / "children.pids").read_text().split():
+            with contextlib.suppress(OSError):
+                cmdline = Path(f"/proc/{word}/cmdline").read_bytes()
+                for part in ("mosquitto", "influxd", "ingest"):
+                    if f"/{part}".encode() in cmdline and alive(int(word)):
+                        found[part] = int(word)
+    return found
+
+
+def test_a_killed_part_is_restarted_and_the_clinic_goes_on(tmp_path: Path) -> None:
+    """SIGKILL the demo's ingest worker, then its broker, then its database: the demo
+    keeps running (it used to stop within 0.4 s of losing ingest), restarts each,
+    logs why and after which backoff, and its clinic's passes keep reaching InfluxDB.
+    SIGTERM then stops everything, the replacements included."""
+    state = tmp_path / "demo"
+    influx_port = free_port()
+    influx = f"http://127.0.0.1:{influx_port}"
+    out_path = tmp_path / "demo.out"
+    out = out_path.open("wb")
+    demo = subprocess.Popen(
+        [
+            *(PENCTL, "demo", "--state-dir", str(state)),
+            *("--pens", "2", "--duration", "300", "--log-format", "json"),
+            *("--mqtt-port", "0", "--influx-port", str(influx_port), "--api-port", "0"),
+        ],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env={k: v for k, v in os.environ.items() if not k.startswith("PENCTL_")},
+    )
+    every: set[int] = set()
+    try:
+        deadline = time.monotonic() + 60
+        passes = 0
+        while passes == 0 or len(_stack_children(state)) < 3:
+            assert demo.poll() is None, out_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the demo's clinic never treated a pass"
+            with contextlib.suppress(InfluxError):
+                passes = asyncio.run(influx_counts(influx))["passes"]
+            time.sleep(0.25)
+        for part in ("ingest", "mosquitto", "influxd"):
+            before = _stack_children(state)
+            every |= set(before.values())
+            os.kill(before[part], signal.SIGKILL)
+            deadline = time.monotonic() + 30
+            while _stack_children(state).get(part) in (None, before[part]):
+                assert demo.poll() is None, f"the demo stopped when {part} died"
+                assert time.monotonic() < deadline, f"{part} was not restarted"
+                time.sleep(0.05)  # another process's pid file: nothing to await
+            every |= set(_stack_children(state).values())
+        # The clinic goes on: more passes reach InfluxDB after all three came back.
+        deadline = time.monotonic() + 60
+        after = passes
+        while after <= passes:
+            assert demo.poll() is None, out_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"no pass in InfluxDB after the restarts {after}"
+            with contextlib.suppress(InfluxError):
+                after = asyncio.run(influx_counts(influx))["passes"]
+            time.sleep(0.25)
+        restarts = [
+            line
+            # The JSON log lines; the banner is plain text.
+            for line in (
+                json.loads(raw) for raw in out_path.read_bytes().splitlines() if raw[:1] == b"{"
+            )
+            if line.get("event") == "stack child exited; restarting after a backoff"
+        ]
+        assert [(r["child"], r["status"]) for r in restarts] == [
+            (part, "killed by SIGKILL") for part in ("ingest", "mosquitto", "influxd")
+        ]
+        assert all(r["backoff_s"] == 0.25 for r in restarts)  # each part's first death
+
+        demo.send_signal(signal.SIGTERM)
+        assert demo.wait(60) == 0, out_path.read_text()[-3000:]
+        left = {pid for pid in every if alive(pid)} | processes_naming(str(state))
+        assert not left, f"processes left after SIGTERM: {left}"
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+        for pid in every | processes_naming(str(state)):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        out.close()

@@ -24,6 +24,11 @@ The first pen's first client also sees a refusal (a depth above the zone's
 limit) and a depth overshoot that the monitor stops (a fault, acknowledged);
 on the second pen a manager allows one extra pass (an override).
 
+mosquitto, influxd and the ingest worker are supervised: one that dies is
+started again in the same place (port, data directory, worker id) after a
+backoff of 0.25 s doubling to 10 s, for as long as the demo runs, each restart
+logged with its exit status and backoff; the controller and the clinic go on.
+
 Every child is killed on exit, whatever the reason (Ctrl-C, SIGTERM, SIGHUP,
 ``--duration``, an error). The ingest subprocess also dies with this process if
 it is SIGKILLed (PR_SET_PDEATHSIG); the servers' pids are kept in

@@ -81,10 +81,11 @@ class Demo:
         controls: list[ControlServer] = []
         stack = self._stack = LocalStack(self.state_dir)
         try:
-            mqtt_port, influx_url = self.external_servers or stack.start_servers(
+            # Supervised: a part that dies is started again; the treatment goes on.
+            mqtt_port, influx_url = self.external_servers or await stack.start_servers(
                 self.mqtt_port, self.influx_port
             )
-            stack.start_ingest(mqtt_port, influx_url)
+            await stack.start_ingest(mqtt_port, influx_url)
             runner = PenRunner(seed=self.seed, auto_hand=True)
             slots = await runner.start(self.pens, "pty")
             # Every pen takes commands at run time (simulated_pen/README.md, control port).
@@ -117,7 +118,6 @@ class Demo:
             scripted = self.pens - self.free
             self._banner(mqtt_port, influx_url, slots, controls, scripted)
             tasks.append(asyncio.create_task(self._watch_first_data(influx_url)))
-            tasks.append(asyncio.create_task(self._watch_ingest()))
             feed = EventFeed(service)
             tasks.append(asyncio.create_task(feed.run(), name="event-feed"))
             for i, slot in enumerate(slots[:scripted]):
@@ -144,17 +144,11 @@ class Demo:
                 control.close()
             if runner is not None:
                 runner.close()
-            stack.stop()
+            await stack.stop()
             for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.remove_signal_handler(sig)  # an embedding program (a test) keeps its own
             log.info("demo stopped", first_data_s=self.first_data_s)
         return self._status
-
-    async def _watch_ingest(self) -> None:
-        assert self._stack is not None
-        code = await self._stack.ingest_exited()
-        log.error("ingest worker exited", returncode=code, log=str(self.state_dir / "ingest.log"))
-        self.stop(1)
 
     async def _watch_first_data(self, influx_url: str) -> None:
         """Log how long it took from start until telemetry and events are queryable."""

@@ -116,13 +116,14 @@ class ServerProcess:
             if self.proc is not None and self.proc.poll() is not None:
                 tail = self.log_path.read_text(errors="replace")[-2000:]
                 raise ServerError(f"{self.name} exited with {self.proc.returncode}:\n{tail}")
-            if self._is_ready():
+            if self.is_ready():
                 return
             time.sleep(0.05)
         self.kill()
         raise ServerError(f"{self.name} not ready on port {self.port} after {timeout:.0f} s")
 
-    def _is_ready(self) -> bool:
+    def is_ready(self) -> bool:
+        """Whether the server answers now (its port, or its HTTP ready URL with a 2xx)."""
         if self.ready_check == "tcp":
             with (
                 contextlib.suppress(OSError),
@@ -158,7 +159,32 @@ def start_mosquitto(
     tls: BrokerTls | None = None,
     timeout: float = 30.0,
 ) -> ServerProcess:
+    """Mosquitto 2 (:func:`mosquitto_server`), started and ready."""
+    server = mosquitto_server(
+        workdir,
+        port,
+        password_file=password_file,
+        acl_file=acl_file,
+        max_queued_messages=max_queued_messages,
+        tls=tls,
+    )
+    return server.start_again(timeout)
+
+
+def mosquitto_server(
+    workdir: Path,
+    port: int | None = None,
+    *,
+    password_file: Path | None = None,
+    acl_file: Path | None = None,
+    max_queued_messages: int = 1_000_000,
+    tls: BrokerTls | None = None,
+) -> ServerProcess:
     """Mosquitto 2 with persistence and raised queue limits; TLS only, with ``tls``.
+
+    Writes its configuration under ``workdir`` and returns it not yet started
+    (``start_again()`` starts it; devtools.stack.supervisor runs the same argv
+    under asyncio so that it can await the process's exit).
 
     Debian ships 2.0.11, which queues only 1000 messages per client by default:
     a durable ingest session that falls behind would lose messages, so the limit
@@ -199,14 +225,13 @@ def start_mosquitto(
         lines.append(f"acl_file {acl_file}")
     conf = workdir / "mosquitto.conf"
     conf.write_text("\n".join(lines) + "\n")
-    server = ServerProcess(
+    return ServerProcess(
         "mosquitto",
         [_binary(MOSQUITTO_BINARIES, "mosquitto"), "-c", str(conf)],
         port,
         workdir,
         "tcp",
     )
-    return server.start_again(timeout)
 
 
 def start_influxd(
@@ -217,9 +242,23 @@ def start_influxd(
     https: tuple[Path, Path] | None = None,
     timeout: float = 60.0,
 ) -> ServerProcess:
+    """InfluxDB 1.x (:func:`influxd_server`), started and ready."""
+    return influxd_server(workdir, port, auth_enabled=auth_enabled, https=https).start_again(
+        timeout
+    )
+
+
+def influxd_server(
+    workdir: Path,
+    port: int | None = None,
+    *,
+    auth_enabled: bool = False,
+    https: tuple[Path, Path] | None = None,
+) -> ServerProcess:
     """InfluxDB 1.x serving its v1 HTTP API (the API 2.x and 3.x also accept).
 
-    ``https``: (certificate, key) to serve HTTPS only.
+    ``https``: (certificate, key) to serve HTTPS only. Writes its configuration
+    under ``workdir`` and returns it not yet started, as :func:`mosquitto_server`.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
@@ -255,7 +294,7 @@ bind-address = "127.0.0.1:{rpc_port}"
   enabled = false
 """
     )
-    server = ServerProcess(
+    return ServerProcess(
         "influxd",
         [_binary(INFLUXD_BINARIES, "influxd"), "-config", str(conf)],
         port,
@@ -263,4 +302,3 @@ bind-address = "127.0.0.1:{rpc_port}"
         # Over HTTPS the port answering is enough (the test's CA is not the system's).
         "tcp" if https else f"http://127.0.0.1:{port}/ping",
     )
-    return server.start_again(timeout)

@@ -1,9 +1,23 @@
-"""The local stack's child processes: mosquitto, influxd and one ingest worker.
+"""The local stack's child processes: mosquitto, influxd and one ingest worker, supervised.
 
-:class:`LocalStack` starts them under one state directory and stops them in an
-order that loses nothing (ingest first: it acknowledges what it wrote; then the
-database; then the broker). The broker uses the compose stack's password file
-and ACL (deploy/mosquitto), so running the stack proves those too.
+:class:`LocalStack` starts them under one state directory, keeps them running
+and stops them in an order that loses nothing (ingest first: it acknowledges
+what it wrote; then the database; then the broker). The broker uses the compose
+stack's password file and ACL (deploy/mosquitto), so running the stack proves
+those too.
+
+**Supervision.** Each child runs as a :class:`~.supervision.SupervisedProcess`:
+its exit is awaited (asyncio's child watcher, no polling), and a dead child is
+started again after a bounded exponential backoff (:class:`~.supervision.Backoff`:
+0.25 s doubling to 10 s, back to 0.25 s once it stayed up 30 s), for as long as
+the stack runs, each restart logged with the exit status and the backoff. A
+restart is the same process in the same place: mosquitto and influxd on the same
+ports with the same data directories (persisted sessions, queues and points
+survive), the ingest worker with the same configuration and so the same worker
+id, which is what gets its durable MQTT session back, with the messages the
+broker queued for it while it was dead (docs/MQTT.md). Nothing a telemetry part
+does stops the caller: the controller's outbox holds what cannot be delivered
+meanwhile, and sends it again until ingest acknowledges it.
 
 The ingest worker is a ``penctl ingest`` subprocess, not a task in the caller's
 loop: the controller's event loop checks every pen's telemetry for the safety
@@ -12,27 +26,26 @@ monitor, and JSON decoding and HTTP writes of ingest batches must not stall it
 command an operator deploys.
 
 Every child dies with its parent, whatever the reason: the ingest worker by
-PR_SET_PDEATHSIG even when the parent is SIGKILLed; the servers' pids are kept
-in ``children.pids`` so the next start on the same state directory reaps any a
-SIGKILLed parent left behind (:func:`reap_leftovers`).
+PR_SET_PDEATHSIG (set by :mod:`.deathsig` before it execs the worker) even when
+the parent is SIGKILLed; the servers' pids are kept in ``children.pids``
+(rewritten at every restart) so the next start on the same state directory
+reaps any a SIGKILLed parent left behind (:func:`reap_leftovers`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import ctypes
 import os
 import signal
 import socket
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
 
-from .processes import ServerProcess, free_port, start_influxd, start_mosquitto
+from .processes import ServerProcess, free_port, influxd_server, mosquitto_server
+from .supervision import Backoff, Probe, SupervisedProcess, http_probe, tcp_probe
 
 log = structlog.get_logger("devtools.stack")
 
@@ -43,6 +56,8 @@ MQTT_USERS = {
     "ingest": ("ingest", "ingest-demo-password"),
 }
 PIDFILE = "children.pids"
+#: The demo's one ingest worker: a fixed id, so a restarted worker resumes its durable session.
+INGEST_WORKER_ID = "demo-ingest"
 
 
 def port_or_free(preferred: int) -> int:
@@ -55,13 +70,6 @@ def port_or_free(preferred: int) -> int:
             except OSError:
                 pass
     return free_port()
-
-
-def _die_with_parent() -> None:
-    # Runs in the forked child before exec: SIGKILL it when the parent dies, even by
-    # SIGKILL, so a killed stack never leaves a worker writing into InfluxDB.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def reap_leftovers(state_dir: Path) -> list[int]:
@@ -85,38 +93,66 @@ def reap_leftovers(state_dir: Path) -> list[int]:
     return killed
 
 
+#: The order in which the children start; they stop in the reverse order.
+ORDER = ("mosquitto", "influxd", "ingest")
+
+
 @dataclass
 class LocalStack:
-    """The broker, the database and an ingest worker under ``state_dir``; :meth:`stop` ends them."""
+    """The broker, the database and an ingest worker under ``state_dir``, kept running.
+
+    ``await start_servers(...)``, ``await start_ingest(...)``, then ``await stop()``.
+    """
 
     state_dir: Path
-    _servers: list[ServerProcess] = field(default_factory=list)
-    _ingest: subprocess.Popen[bytes] | None = None
+    backoff: Backoff = field(default_factory=Backoff)
+    #: The running children by name ("mosquitto", "influxd", "ingest").
+    children: dict[str, SupervisedProcess] = field(default_factory=dict, init=False)
+    #: The servers' configuration (ports, data directories), by name.
+    servers: dict[str, ServerProcess] = field(default_factory=dict, init=False)
 
-    def start_servers(self, mqtt_port: int, influx_port: int) -> tuple[int, str]:
+    async def start_servers(self, mqtt_port: int, influx_port: int) -> tuple[int, str]:
         """Start mosquitto and influxd on these ports (taken or 0: any free one).
 
-        Returns the broker's port and InfluxDB's URL.
+        Returns the broker's port and InfluxDB's URL once both answer.
         """
         passwd, acl = DEPLOY / "mosquitto" / "passwd", DEPLOY / "mosquitto" / "acl"
         authenticated = passwd.exists() and acl.exists()
-        mosquitto = start_mosquitto(
+        mosquitto = mosquitto_server(
             self.state_dir / "mosquitto",
             port_or_free(mqtt_port),
             password_file=passwd if authenticated else None,
             acl_file=acl if authenticated else None,
         )
-        self._servers.append(mosquitto)
-        self._record_pids()
+        await self._start_server(mosquitto, tcp_probe(mosquitto.port), ready_timeout_s=30.0)
         log.info("mosquitto running", port=mosquitto.port, authenticated=authenticated)
-        influxd = start_influxd(self.state_dir / "influxd", port_or_free(influx_port))
-        self._servers.append(influxd)
-        self._record_pids()
+        influxd = influxd_server(self.state_dir / "influxd", port_or_free(influx_port))
+        assert influxd.ready_check != "tcp"  # plain HTTP: /ping says when it serves
+        await self._start_server(influxd, http_probe(influxd.ready_check), ready_timeout_s=60.0)
         log.info("influxd running", port=influxd.port)
         return mosquitto.port, f"http://127.0.0.1:{influxd.port}"
 
-    def start_ingest(self, mqtt_port: int, influx_url: str) -> None:
-        """Start ``penctl ingest`` as MQTT user ``ingest``, logging to ``ingest.log``."""
+    async def _start_server(
+        self, server: ServerProcess, probe: Probe, *, ready_timeout_s: float
+    ) -> None:
+        self.servers[server.name] = server
+        await self._supervise(
+            SupervisedProcess(
+                server.name,
+                server.argv,
+                server.log_path,
+                ready=probe,
+                ready_timeout_s=ready_timeout_s,
+                backoff=self.backoff,
+                on_start=self._started,
+            )
+        )
+
+    async def start_ingest(self, mqtt_port: int, influx_url: str) -> None:
+        """Start ``penctl ingest`` as MQTT user ``ingest``, logging to ``ingest.log``.
+
+        Its configuration file fixes the worker id, so every restart is the same worker.
+        """
         user, password = MQTT_USERS["ingest"]
         config = self.state_dir / "ingest.toml"
         config.write_text(
@@ -124,47 +160,53 @@ class LocalStack:
             f'[mqtt]\nhost = "127.0.0.1"\nport = {mqtt_port}\n'
             f'username = "{user}"\npassword = "{password}"\n'
             f'[influx]\nurl = "{influx_url}"\ndatabase = "pen"\n'
-            '[ingest]\nworker_id = "demo-ingest"\n'
+            f'[ingest]\nworker_id = "{INGEST_WORKER_ID}"\n'
         )
         # The parent's PENCTL_* variables would beat the file: the stack decides here.
         env = {k: v for k, v in os.environ.items() if not k.startswith("PENCTL_")}
-        with (self.state_dir / "ingest.log").open("ab") as out:
-            self._ingest = subprocess.Popen(
-                [sys.executable, "-m", "penctl", "ingest", "--config", str(config)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
+        worker = [sys.executable, "-m", "penctl", "ingest", "--config", str(config)]
+        await self._supervise(
+            SupervisedProcess(
+                "ingest",
+                # Dies with this process even if it is SIGKILLed (deathsig.py says why
+                # not preexec_fn: restarts happen while the controller's threads run).
+                [sys.executable, "-m", "devtools.stack.deathsig", str(os.getpid()), "--", *worker],
+                self.state_dir / "ingest.log",
                 env={**env, "PYTHONUNBUFFERED": "1"},
-                preexec_fn=_die_with_parent,  # single-threaded here: safe
-                start_new_session=True,  # Ctrl-C in the terminal reaches only the parent
+                backoff=self.backoff,
+                on_start=self._started,
             )
-        self._record_pids()
-        log.info("ingest worker running", pid=self._ingest.pid, log=str(out.name))
+        )
+        log.info("ingest worker running", pid=self.children["ingest"].pid, log="ingest.log")
 
-    async def ingest_exited(self) -> int | None:
-        """Return the ingest worker's exit status once it has exited (None: never started)."""
-        # A child process has no event to await in asyncio without owning its pipes.
-        while self._ingest is not None and self._ingest.poll() is None:  # noqa: ASYNC110
-            await asyncio.sleep(0.5)
-        return self._ingest.returncode if self._ingest else None
+    async def _supervise(self, child: SupervisedProcess) -> None:
+        self.children[child.name] = child
+        await child.start()
+
+    def _started(self, child: SupervisedProcess) -> None:
+        # At every start, so that the file always names the live children.
+        self._record_pids()
 
     def _record_pids(self) -> None:
-        pids = [s.proc.pid for s in self._servers if s.proc is not None]
-        if self._ingest is not None:
-            pids.append(self._ingest.pid)
-        (self.state_dir / PIDFILE).write_text(" ".join(map(str, pids)) + "\n")
+        pids = [c.pid for c in self.children.values() if c.pid is not None]
+        path = self.state_dir / PIDFILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(" ".join(map(str, pids)) + "\n")
+        os.replace(tmp, path)  # never half a file for reap_leftovers to read
 
-    def stop(self) -> None:
-        """Ingest first (it acknowledges what it wrote), then the database, then the broker."""
-        if self._ingest is not None and self._ingest.poll() is None:
-            self._ingest.terminate()
-            try:
-                self._ingest.wait(10)
-            except subprocess.TimeoutExpired:
-                self._ingest.kill()
-                self._ingest.wait()
-        for server in reversed(self._servers):
-            with contextlib.suppress(Exception):
-                server.stop()
-            if server.running:  # stop() escalates to SIGKILL; make sure of it anyway
-                server.kill()
+    async def stop(self) -> None:
+        """Ingest first (it acknowledges what it wrote), then the database, then the broker.
+
+        Every child's supervision ends before any child is stopped, so a part that
+        dies while the others are stopping is not started again. Each is given
+        ``stop_timeout_s`` (10 s) after SIGTERM before SIGKILL.
+        """
+        for child in self.children.values():
+            await child.halt()
+        for name in reversed(ORDER):
+            if (stopping := self.children.get(name)) is not None:
+                try:
+                    await stopping.stop()
+                except Exception:  # the others must stop all the same
+                    log.exception("stopping a stack child failed", child=name)
         (self.state_dir / PIDFILE).unlink(missing_ok=True)
