@@ -17,7 +17,7 @@ from controller.live import LiveItem
 from controller.policy import TreatmentPolicy, load_policy
 from controller.safety.context import LinkStatus
 from controller.service import ControllerService
-from controller.sessions import Actor, EventKind, Role, SessionEvent
+from controller.sessions import Actor, EndSession, EventKind, Role, SessionEvent
 from devtools.therapist import Therapist
 from simulated_pen.device import SimulatedPen
 from simulated_pen.runner import PenRunner, PenSlot
@@ -54,6 +54,17 @@ class Rig:
         self.service.sync_records()
         assert self.service.core_channel is not None
         await self.service.core_channel.drained()
+
+    async def finish(self, sids: list[str]) -> None:
+        """End the sessions, take the pens away (nothing new is produced after this) and
+        wait until everything decided is secured in the edge's outbox."""
+        for sid in sids:
+            self.service.act(EndSession(sid, THERAPIST))
+        assert self.runner is not None
+        self.runner.close()
+        for pen in self.service.pens.values():
+            await pen.link.close()
+        await self.secured()
 
     def pen(self, index: int = 0) -> SimulatedPen:
         return self.slots[index].pen

@@ -24,10 +24,10 @@ from typing import Any
 from controller.influx import InfluxClient, InfluxSettings
 from controller.ingest import IngestWorker
 from controller.ingest.worker import cancel_and_wait
-from controller.sessions import EndSession, OverrideZone
+from controller.sessions import OverrideZone
 from devtools.stack.processes import ServerProcess
 
-from ..controller_rig import MANAGER, THERAPIST, Rig, eventually, start_rig, stop_rig
+from ..controller_rig import MANAGER, eventually, start_rig, stop_rig
 from ..test_ingest import make_settings, running
 from .conftest import Record
 from .figures import Figures
@@ -42,17 +42,6 @@ REASON = "Maria Garcia asked for one more pass on her cheeks"
 def _fast_acks() -> dict[str, Any]:
     # The defaults (5 s, then doubling) suit a clinic; the scenarios want a verdict sooner.
     return {"ack_timeout_s": 1.0, "ack_timeout_max_s": 4.0, "reorder_s": 1.0}
-
-
-async def _finish(rig: Rig, sids: list[str]) -> None:
-    """End the sessions and take the pens away: nothing new is produced after this."""
-    for sid in sids:
-        rig.service.act(EndSession(sid, THERAPIST))
-    assert rig.runner is not None
-    rig.runner.close()
-    for pen in rig.service.pens.values():
-        await pen.link.close()
-    await rig.secured()
 
 
 async def test_plain_subscriber_ingest_down_and_broker_killed_lose_nothing(
@@ -86,7 +75,7 @@ async def test_plain_subscriber_ingest_down_and_broker_killed_lose_nothing(
             second = IngestWorker(settings)  # same worker id: the same durable session
             async with running(second):
                 await rig.one_pass(index=3, hold=0.5)
-                await _finish(rig, sids)
+                await rig.finish(sids)
                 await eventually(lambda: outbox.counters.depth == 0, 90, "all acknowledged")
                 window = publisher.window.counters
                 devices = sorted(p.serial for p in rig.service.pens.values() if p.serial)
@@ -155,7 +144,7 @@ async def test_published_before_ingest_ever_subscribed_and_nothing_personal(
             worker = IngestWorker(make_settings(mosquitto, influxd, tmp_path / "ingest"))
             async with running(worker):
                 await rig.one_pass(index=1)
-                await _finish(rig, sids)
+                await rig.finish(sids)
                 await eventually(lambda: outbox.counters.depth == 0, 60, "all acknowledged")
                 devices = sorted(p.serial for p in rig.service.pens.values() if p.serial)
                 numbers = assigned(outbox, devices)

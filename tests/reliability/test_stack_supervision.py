@@ -36,12 +36,11 @@ import pytest
 from controller.contract import EventKind
 from controller.influx import InfluxClient, InfluxSettings
 from controller.safety.context import SessionState
-from controller.sessions import EndSession
 from controller.telemetry.outbox import Outbox
 from devtools.stack.supervision import Restart, SupervisedProcess
 from devtools.stack.supervisor import MQTT_USERS, LocalStack
 
-from ..controller_rig import THERAPIST, Rig, eventually, start_rig, stop_rig
+from ..controller_rig import eventually, start_rig, stop_rig
 from .conftest import Record
 from .figures import Figures
 from .streams import assigned, count_streams, totals
@@ -96,19 +95,6 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-async def _finish(rig: Rig, sids: list[str]) -> None:
-    """End the sessions and take the pens away: nothing new is produced after this."""
-    for sid in sids:
-        rig.service.act(EndSession(sid, THERAPIST))
-    assert rig.runner is not None
-    rig.runner.close()
-    for pen in rig.service.pens.values():
-        await pen.link.close()
-    rig.service.sync_records()
-    assert rig.service.publisher is not None
-    rig.service.publisher.flush()
-
-
 async def _back(
     child: SupervisedProcess, number: int, outbox: Outbox
 ) -> tuple[Restart, int, float]:
@@ -128,8 +114,8 @@ async def test_a_killed_part_is_restarted_and_the_treatment_goes_on(
     broker, influxd = stack.servers["mosquitto"], stack.servers["influxd"]
     config_before = (stack.state_dir / "ingest.toml").read_text()
     rig, collector = await start_rig(tmp_path, pens=PENS, mqtt_port=broker.port, mqtt=_mqtt())
-    publisher, outbox = rig.service.publisher, rig.service.outbox
-    assert publisher is not None
+    assert rig.edge is not None and rig.edge.publisher is not None
+    publisher, outbox = rig.edge.publisher, rig.edge.publisher.outbox
     kills: list[dict[str, float]] = []
     pids: set[int] = {c.pid for c in stack.children.values() if c.pid is not None}
     try:
@@ -165,7 +151,7 @@ async def test_a_killed_part_is_restarted_and_the_treatment_goes_on(
         sessions = [rig.service.session(sid) for sid in sids]
         states = [s.state if s else None for s in sessions]
         passes = [s.zones["cheeks"].passes_done if s else -1 for s in sessions]
-        await _finish(rig, sids)
+        await rig.finish(sids)
         await eventually(lambda: outbox.counters.depth == 0, 90, "all acknowledged")
         devices = sorted(p.serial for p in rig.service.pens.values() if p.serial)
         numbers = assigned(outbox, devices)
