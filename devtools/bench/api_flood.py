@@ -2,13 +2,14 @@
 
     python -m devtools.bench.api_flood --url http://127.0.0.1:8080 --seconds 10
 
-For ``--seconds`` it keeps ``--connections`` requests in flight against the tablet
-API, round-robin over what a misbehaving or malicious client sends: signed-in
-reads (answered by the edge alone), wrong passwords (each recorded by the core,
+For ``--seconds`` it sends ``--rate`` requests/s (issue 12: 500) over
+``--connections`` connections to the tablet API, round-robin over what a
+misbehaving or malicious client sends: signed-in reads (answered by the edge alone), wrong passwords (each recorded by the core,
 until the sign-in limiter answers 429 at the edge), actions on sessions that do
 not exist (asked of the core), 100 MB bodies, declared and chunked (413 at the edge) and WebSocket
-upgrades that never authenticate. It prints ``flood JSON``: requests sent and
-answers by status. Signs in as the demo therapist (``api.demo_users``).
+upgrades that never authenticate; a 401 (an edge restarted) makes it sign in again.
+It prints ``flood swinging`` once answers flow, then ``flood JSON``: requests sent
+and answers by status. Signs in as the demo therapist (``api.demo_users``).
 """
 
 from __future__ import annotations
@@ -81,22 +82,49 @@ async def _silent_sockets(url: str, statuses: Counter[str], stop: asyncio.Event)
             statuses["ws_refused"] += 1
 
 
-async def flood(url: str, seconds: float, connections: int) -> dict[str, object]:
-    """Flood ``url`` for ``seconds``; what was sent and how it was answered."""
+#: Answers after which the flood announces it is in full swing (``flood swinging``).
+SWINGING_AFTER = 20
+
+
+async def flood(url: str, seconds: float, connections: int, rate: float) -> dict[str, object]:
+    """Flood ``url`` for ``seconds`` at up to ``rate`` requests/s (0: as fast as it
+    answers); what was sent and how it was answered."""
     statuses: Counter[str] = Counter()
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
     async with httpx.AsyncClient(base_url=url, timeout=5.0, limits=limits) as http:
         auth = await _sign_in(http)
+        signing_in = asyncio.Lock()
         kinds = itertools.cycle(_requests())
         stop = asyncio.Event()
         deadline = time.monotonic() + seconds
+        next_slot = time.monotonic()
+        answered = 0
+
+        async def paced() -> None:
+            nonlocal next_slot
+            if rate > 0:
+                slot = max(time.monotonic(), next_slot)
+                next_slot = slot + 1.0 / rate
+                await asyncio.sleep(slot - time.monotonic())
+
+        async def sign_in_again(token: str) -> None:
+            # A restarted edge forgot every token: sign in again, once for all workers.
+            async with signing_in:
+                if auth["Authorization"] == token:
+                    with contextlib.suppress(httpx.HTTPError):
+                        auth.update(await _sign_in(http))
 
         async def worker() -> None:
+            nonlocal answered
             while time.monotonic() < deadline:
+                await paced()
                 request = next(kinds)
+                token = auth["Authorization"]
                 try:
                     response = await request(http, auth)
                     statuses[str(response.status_code)] += 1
+                    if response.status_code == 401 and request.__name__ != "guess":
+                        await sign_in_again(token)
                 except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
                     # The edge answered 413 and closed while we were still writing: the
                     # reset usually swallows the answer. A refusal all the same.
@@ -104,6 +132,10 @@ async def flood(url: str, seconds: float, connections: int) -> dict[str, object]
                     statuses["big_body_cut_off" if big else "connection_lost"] += 1
                 except httpx.HTTPError as exc:
                     statuses[type(exc).__name__] += 1
+                    await asyncio.sleep(0.01)  # the edge is away: knock again soon
+                answered += 1
+                if answered == SWINGING_AFTER:
+                    print("flood swinging", flush=True)
 
         sockets = [asyncio.create_task(_silent_sockets(url, statuses, stop)) for _ in range(4)]
         await asyncio.gather(*(worker() for _ in range(connections)))
@@ -112,7 +144,12 @@ async def flood(url: str, seconds: float, connections: int) -> dict[str, object]
             task.cancel()
         await asyncio.gather(*sockets, return_exceptions=True)
     sent = sum(n for k, n in statuses.items() if k.isdigit())
-    return {"seconds": seconds, "requests": sent, "by_status": dict(sorted(statuses.items()))}
+    return {
+        "seconds": seconds,
+        "requests": sent,
+        "requests_per_s": round(sent / seconds, 1),
+        "by_status": dict(sorted(statuses.items())),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -120,8 +157,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--url", required=True)
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--connections", type=int, default=32)
+    p.add_argument("--rate", type=float, default=500.0, help="requests/s; 0: unpaced")
     args = p.parse_args(argv)
-    summary = asyncio.run(flood(args.url, args.seconds, args.connections))
+    summary = asyncio.run(flood(args.url, args.seconds, args.connections, args.rate))
     print("flood " + json.dumps(summary), flush=True)
 
 

@@ -195,7 +195,7 @@ def _flooding(
 
     async def read(stream: asyncio.StreamReader) -> None:
         while raw := await stream.readline():
-            if raw.startswith(b"flood "):
+            if raw.startswith(b"flood {"):
                 summary.update(json.loads(raw[6:]))
 
     async def run() -> None:
