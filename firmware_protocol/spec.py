@@ -18,8 +18,9 @@ from binascii import crc32
 from collections.abc import Callable
 from pathlib import Path
 
-from .connection import TRANSITIONS, LinkConfig
 from .framing import CRC_RESIDUE, MAX_FRAME, MAX_PAYLOAD, OVERHEAD, FrameKind, encode_frame
+from .link_config import LinkConfig
+from .link_states import TRANSITIONS
 from .messages import (
     CATALOGUE,
     PROTOCOL_VERSION,

@@ -1,9 +1,10 @@
 """The simulated pen: firmware rules, physics, scriptable faults, and transports.
 
-Pure core (no clock, no I/O): ``PenFirmware`` (firmware.py, with physics.py),
-``SimulatedPen`` (device.py: firmware + the protocol's DeviceConnection + line
-noise + a hand). Thin asyncio shells: transports.py (pseudo-terminal, TCP,
-memory) and runner.py (many pens, one timer). ``penctl simulate`` is cli.py.
+Pure core (no clock, no I/O): ``PenFirmware`` (firmware.py on firmware_core.py and
+firmware_config.py, with physics.py), ``SimulatedPen`` (device.py: firmware + the
+protocol's DeviceConnection + line noise + a hand). Thin asyncio shells:
+transports.py (pseudo-terminal, TCP, memory) and runner.py (many pens, one timer).
+``penctl simulate`` is cli.py.
 """
 
 from .device import PenStats, SimulatedPen
