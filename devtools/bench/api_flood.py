@@ -4,12 +4,14 @@
 
 For ``--seconds`` it sends ``--rate`` requests/s (issue 12: 500) over
 ``--connections`` connections to the tablet API, round-robin over what a
-misbehaving or malicious client sends: signed-in reads (answered by the edge alone), wrong passwords (each recorded by the core,
-until the sign-in limiter answers 429 at the edge), actions on sessions that do
-not exist (asked of the core), 100 MB bodies, declared and chunked (413 at the edge) and WebSocket
-upgrades that never authenticate; a 401 (an edge restarted) makes it sign in again.
-It prints ``flood swinging`` once answers flow, then ``flood JSON``: requests sent
-and answers by status. Signs in as the demo therapist (``api.demo_users``).
+misbehaving or malicious client sends: signed-in reads (answered by the edge
+alone), wrong passwords (each recorded by the core, until the sign-in limiter
+answers 429 at the edge), actions on sessions that do not exist (asked of the
+core), 100 MB bodies, declared and chunked (413 at the edge), and WebSocket
+upgrades that never authenticate; a 401 (an edge restarted) makes it sign in
+again. It prints ``flood swinging`` once answers flow, then ``flood JSON``:
+requests sent and answers by status. Signs in as the demo therapist
+(``api.demo_users``).
 """
 
 from __future__ import annotations
