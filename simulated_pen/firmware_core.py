@@ -38,6 +38,8 @@ _EPS = 1e-6
 #: What a strict pen puts in depth_set_um when it holds no setpoint (DEPTH_SET clear):
 #: the field is meaningless then, and a host that reads it anyway should notice.
 STRICT_NO_SETPOINT_UM = 0xFFFF
+#: Samples a late-stepped pen still sends (its transmit FIFO): 80 ms at 100 Hz.
+TELEMETRY_FIFO = 8
 
 
 def _grid_after(now: float, rate: int, phase: float = 0.0) -> tuple[int, float]:
@@ -137,14 +139,17 @@ class FirmwareCore:
                 now, self.config.control_rate_hz, self._phase
             )
         if now >= self._next_telemetry:
-            out.append(self._telemetry(now))
+            # A real pen samples on a hardware timer, whatever the host's load; the
+            # simulator runs when its process is scheduled. Stepped late, it sends the
+            # samples its timer took meanwhile (each stamped at its own tick, with the
+            # readings of now), up to a transmit FIFO's worth; older ones are skipped.
             rate = self.telemetry_rate_hz
-            k = self._tel_k + 1
-            t = (k + self._phase) / rate
-            if t <= now:  # the caller is more than a period late: skip, never burst
-                k, t = _grid_after(now, rate, self._phase)
-                self.telemetry_skipped += k - self._tel_k - 1
-            self._tel_k, self._next_telemetry = k, t
+            next_k, next_t = _grid_after(now, rate, self._phase)  # ticks before it are due
+            first = max(self._tel_k, next_k - TELEMETRY_FIFO)
+            self.telemetry_skipped += first - self._tel_k
+            for k in range(first, next_k):
+                out.append(self._telemetry(now, at=(k + self._phase) / rate))
+            self._tel_k, self._next_telemetry = next_k, next_t
         return out
 
     def sample(self, now: float) -> list[Message]:
@@ -389,10 +394,11 @@ class FirmwareCore:
         else:
             self._tel_k, self._next_telemetry = 0, _INF
 
-    def _telemetry(self, now: float) -> Telemetry:
+    def _telemetry(self, now: float, at: float | None = None) -> Telemetry:
+        """The sample of ``now``'s readings, stamped at ``at`` (its timer tick) or now."""
         ph = self.physics
         return Telemetry(
-            self.device_ms(now),
+            self.device_ms(now if at is None else at),
             self._depth_set_field(),
             min(0xFFFF, self._depth_reading),
             round(ph.speed_hz),

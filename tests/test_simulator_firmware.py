@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from typing import Any, TypeVar
@@ -37,6 +38,7 @@ from firmware_protocol.messages import (
 )
 from simulated_pen.faults import Fault, FaultKind
 from simulated_pen.firmware import FirmwareConfig, PenFirmware
+from simulated_pen.firmware_core import TELEMETRY_FIFO
 
 CARTRIDGE = 0xC0FFEE
 CEILING = 2500
@@ -170,12 +172,17 @@ def test_telemetry_rate_is_configurable_and_bounded() -> None:
     assert run(fw, 2.0, 3.0) == []  # 0 turns it off
 
 
-def test_telemetry_never_bursts_when_stepped_late() -> None:
+def test_a_late_step_sends_the_timers_samples_up_to_its_fifo() -> None:
     fw = make()
-    assert len(fw.step(0.5)) == 1  # half a second late: one sample, the rest skipped
-    # 48 or 49 skipped, depending on where in the 10 ms period this pen's clock ticks.
-    assert fw.telemetry_skipped in (48, 49)
+    late = fw.step(0.5)  # half a second late: the last FIFO's worth, the rest skipped
+    assert len(late) == TELEMETRY_FIFO
+    stamps = [m.device_ms for m in late if isinstance(m, Telemetry)]
+    assert [b - a for a, b in itertools.pairwise(stamps)] == [10] * (TELEMETRY_FIFO - 1)
+    assert 490 <= stamps[-1] <= 500  # each stamped at its own tick, the last one just past
+    # 49 or 50 ticks in all, depending on where in the 10 ms period this pen's clock ticks.
+    assert fw.telemetry_skipped + TELEMETRY_FIFO in (49, 50)
     assert 0.5 < fw.next_deadline() <= 0.51 + 1e-9
+    assert fw.step(0.502) == []  # nothing new is due until the next tick
 
 
 def test_lift_off_grace_is_bounded() -> None:
