@@ -28,6 +28,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from .tls import TlsError, client_context, server_context
+
 #: The shortest clinic secret accepted for pseudonyms (telemetry.events.Pseudonymizer).
 PSEUDONYM_KEY_MIN_CHARS = 32
 
@@ -75,8 +77,6 @@ class TlsClientSettings(_Section):
 
     @model_validator(mode="after")
     def _usable(self) -> TlsClientSettings:
-        from .tls import TlsError, client_context
-
         try:
             client_context(
                 self.ca_file, certfile=self.certfile, keyfile=self.keyfile, verify=self.verify
@@ -202,8 +202,6 @@ class ApiSettings(_Section):
             missing = "tls_keyfile" if self.tls_keyfile is None else "tls_certfile"
             raise ValueError(f"{missing} is missing: give api.tls_certfile and api.tls_keyfile")
         if self.tls_certfile is not None and self.tls_keyfile is not None:
-            from .tls import TlsError, server_context
-
             try:
                 server_context(self.tls_certfile, self.tls_keyfile)
             except TlsError as exc:

@@ -22,15 +22,29 @@ import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-if TYPE_CHECKING:  # config imports this module to validate its TLS sections
-    from .config import TlsClientSettings
+
+class ClientTls(Protocol):
+    """What a client TLS section holds (``config.TlsClientSettings`` is one).
+
+    Structural, so this module needs nothing from ``config``, which imports it to
+    validate its TLS sections at start.
+    """
+
+    @property
+    def ca_file(self) -> Path | None: ...
+    @property
+    def certfile(self) -> Path | None: ...
+    @property
+    def keyfile(self) -> Path | None: ...
+    @property
+    def verify(self) -> bool: ...
 
 
 class TlsError(ValueError):
@@ -89,7 +103,7 @@ def client_context(
     return context
 
 
-def settings_context(settings: TlsClientSettings | None) -> ssl.SSLContext | None:
+def settings_context(settings: ClientTls | None) -> ssl.SSLContext | None:
     """The client context for a ``[mqtt.tls]`` or ``[influx.tls]`` section (None: no TLS).
 
     The one function both the MQTT publisher and ingest (and the audit anchor)
