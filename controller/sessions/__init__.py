@@ -37,7 +37,8 @@ The parts, each one responsibility:
 ``store.py``       sessions, pens, the cartridge ledger; persistence
 ``step.py``        one input being processed: gate context, send, audit, event, refuse
 ``therapist.py``   therapist and manager actions, dispatched from a table by type
-``pen_events.py``  link events and pen messages, dispatched from a table by type
+``link_events.py`` the link: connected, lost, refused, rebooted; commands acknowledged
+``pen_events.py``  the pen's messages, dispatched from a table by type
 ``enforcement.py`` stop, fault, the life-cycle table, re-checks, link loss, passes
 ``wording.py``     every sentence the therapist reads that the registry writes
 ``report.py``      the end-of-session report

@@ -1,7 +1,7 @@
 """The enforcement rules: stop, fault, fire a life-cycle input, re-check, lose a link, close a pass.
 
-Shared by therapist actions (``therapist.py``) and pen events
-(``pen_events.py``); each is a function of the :class:`~.step.Step` being
+Shared by therapist actions (``therapist.py``), link events (``link_events.py``)
+and pen messages (``pen_events.py``); each is a function of the :class:`~.step.Step` being
 processed. The safety properties they keep are listed in ``registry.py``.
 """
 

@@ -65,7 +65,7 @@ from firmware_protocol.messages import (
     counter_diff,
 )
 
-from . import pen_events
+from . import link_events, pen_events
 from .actions import Action
 from .enforcement import close_pass, fire, stop_for, unapproved
 from .ledger import CartridgeLedger
@@ -259,7 +259,7 @@ class SessionRegistry:
                 return self.pen_message(port, event.message, now)
             case Delivered():
                 step = self._step(now)
-                if not pen_events.delivered(step, port, event.message):
+                if not link_events.delivered(step, port, event.message):
                     return EMPTY
                 return step.out.build()
             case Connected() if event.identity is not None:
@@ -277,31 +277,31 @@ class SessionRegistry:
     def pen_connected(self, port: str, identity: Identity, now: float) -> Outcome:
         """The handshake succeeded (``Connected``/``LinkUp``): the pen is identified."""
         step = self._step(now)
-        pen_events.pen_connected(step, port, identity)
+        link_events.pen_connected(step, port, identity)
         return step.out.build()
 
     def link_down(self, port: str, reason: str, now: float) -> Outcome:
         """The link is gone (``LinkFailed``, ``LinkDown``). The pen stops within its lease."""
         step = self._step(now)
-        pen_events.link_down(step, port, reason)
+        link_events.link_down(step, port, reason)
         return step.out.build()
 
     def handshake_refused(self, port: str, reason: str, identity: Identity, now: float) -> Outcome:
         """The pen failed the handshake (protocol/schema mismatch): it must never be armed."""
         step = self._step(now)
-        pen_events.handshake_refused(step, port, reason, identity)
+        link_events.handshake_refused(step, port, reason, identity)
         return step.out.build()
 
     def pen_rebooted(self, port: str, previous: Identity, current: Identity, now: float) -> Outcome:
         """``PeerRebooted``: the pen announced a new boot id. Treatment never resumes by itself."""
         step = self._step(now)
-        pen_events.pen_rebooted(step, port, current)
+        link_events.pen_rebooted(step, port, current)
         return step.out.build()
 
     def arm_withdrawn(self, port: str, token: int, why: str, now: float) -> Outcome:
         """The runtime did not send the Arm with ``token``: the pen was never asked to arm."""
         step = self._step(now)
-        pen_events.arm_withdrawn(step, port, token, why)
+        link_events.arm_withdrawn(step, port, token, why)
         return step.out.build()
 
     def pen_message(self, port: str, message: Message, now: float) -> Outcome:

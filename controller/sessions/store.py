@@ -1,7 +1,8 @@
 """Everything the registry knows, and how it is saved: sessions, pens, the cartridge ledger.
 
 The store holds state and answers lookups; it decides nothing. The rules that
-change it live in ``enforcement.py``, ``therapist.py`` and ``pen_events.py``.
+change it live in ``enforcement.py``, ``therapist.py``, ``link_events.py`` and
+``pen_events.py``.
 ``to_dict``/``from_dict`` round-trip the whole state exactly; ``to_parts`` is
 the slice one input can have changed (what the journal writes after it).
 """
