@@ -23,7 +23,9 @@ from .framework import BenchContext, Row
 DESCRIPTION = "safety reaction: breaching frame written by the pen to Stop read by the pen"
 PENS = 32
 BREACHERS = 4
-TARGET_P99_MS = 2.0
+#: Issue 12: quiet p99 at most 1 ms; with a slow disk or a flooded API at most 2 ms.
+TARGET_P99_MS = 1.0
+TARGET_ADVERSE_P99_MS = 2.0
 SLOW_DISK_S = 0.2
 
 
@@ -54,17 +56,23 @@ def run(ctx: BenchContext) -> list[Row]:
         slow = asyncio.run(run_fleet(PENS, BREACHERS, seconds, slow_disk_s=SLOW_DISK_S))
         advance(1)
         rows.append(
-            _p99("reaction p99 (slow disk)", slow, {**_common(slow), "commit_delay_s": SLOW_DISK_S})
+            _p99(
+                "reaction p99 (slow disk)",
+                slow,
+                {**_common(slow), "commit_delay_s": SLOW_DISK_S},
+                TARGET_ADVERSE_P99_MS,
+            )
         )
         flooded = asyncio.run(run_fleet(PENS, BREACHERS, seconds, flood=True))
         advance(1)
         flood = {
             **_common(flooded),
             "flood_requests": flooded.flood.get("requests"),
+            "flood_requests_per_s": flooded.flood.get("requests_per_s"),
             "flood_by_status": flooded.flood.get("by_status"),
         }
         rows += [
-            _p99("reaction p99 (API flood)", flooded, flood),
+            _p99("reaction p99 (API flood)", flooded, flood, TARGET_ADVERSE_P99_MS),
             Row(
                 "lease expiries (API flood)",
                 flooded.lease_expiries,
@@ -87,6 +95,8 @@ def _common(result: FleetResult) -> dict[str, Any]:
     }
 
 
-def _p99(name: str, result: FleetResult, extra: dict[str, Any]) -> Row:
+def _p99(
+    name: str, result: FleetResult, extra: dict[str, Any], target: float = TARGET_P99_MS
+) -> Row:
     value = round(result.percentile(0.99) * 1000.0, 3)
-    return Row(name, value, "ms", {**extra, "target": TARGET_P99_MS, "higher_is_better": False})
+    return Row(name, value, "ms", {**extra, "target": target, "higher_is_better": False})
