@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,7 @@ class Journal:
             rows.append((kind, doc_id, json.dumps(body, sort_keys=True), self._version))
         return rows
 
-    def write(self, rows: list[JournalRow]) -> None:
+    def write(self, rows: Sequence[JournalRow]) -> None:
         """Store encoded rows in one transaction. Rows must be written in encode order."""
         if not rows:
             return

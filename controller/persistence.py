@@ -14,8 +14,8 @@ import concurrent.futures
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
-from .durable_writer import DurableWriter
-from .journal import Journal
+from .durable_writer import DurableWriter, GroupCommit
+from .journal import Journal, JournalRow
 from .sessions import SessionRegistry
 
 REGISTRY_DOC: Final = ("registry", "main")
@@ -24,9 +24,12 @@ REGISTRY_DOC: Final = ("registry", "main")
 class RegistryJournal:
     """Saves the registry piecewise through ``writer``; reads it back whole."""
 
-    def __init__(self, journal: Journal, writer: DurableWriter) -> None:
+    def __init__(
+        self, journal: Journal, writer: DurableWriter, commits: GroupCommit[JournalRow, Any]
+    ) -> None:
         self.journal = journal
         self.writer = writer
+        self.commits = commits
         self.writes = 0
         self._live: dict[str, str] = {}  # port -> the live session last journaled there
 
@@ -56,8 +59,7 @@ class RegistryJournal:
         docs += [("pen", p, body) for p, body in parts["pens"].items()]
         docs += [("session", sid, body) for sid, body in parts["sessions"].items()]
         docs += [("cartridge", cid, body) for cid, body in parts["ledger"].items()]
-        rows = self.journal.encode(docs)
-        commit = self.writer.submit(lambda: self.journal.write(rows), "journal")
+        commit = self.commits.add(a=self.journal.encode(docs))
         for p in ports:
             live = registry.live_session_id(p)
             if live is None:

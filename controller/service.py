@@ -36,15 +36,15 @@ from firmware_protocol import LinkFailed, MessageReceived, NotReadyError
 from firmware_protocol.connection import LinkBusyError
 from firmware_protocol.messages import Telemetry
 
-from .audit import AuditLog, AuditRecord, read_recent
+from .audit import AuditEntry, AuditLog, AuditRecord, read_recent
 from .channel.core_side import CoreChannel, PenTags, socket_path
 from .channel.messages import decode_action
 from .config import PenEndpoint, ServiceSettings
-from .durable_writer import DurableWriter
+from .durable_writer import DurableWriter, GroupCommit
 from .errors import ActionRefused
 from .executor import OutcomeExecutor
 from .fanout import Fanout
-from .journal import Journal
+from .journal import Journal, JournalRow
 from .link import LinkDown, LinkUp, PenLink, PenLinkConfig
 from .link.pen_link import LinkEvent
 from .live import PenCondition, PenView, PenWatchers, Subscription
@@ -110,7 +110,14 @@ class ControllerService:
         self.journal = Journal(state / "journal.db")
         self.audit = AuditLog(state / "audit.db")
         self.writer = DurableWriter()
-        self.records = RegistryJournal(self.journal, self.writer)
+        # Late-bound (lambdas): a test or bench may slow one of them down in place.
+        self.commits: GroupCommit[JournalRow, AuditEntry] = GroupCommit(
+            self.writer,
+            lambda rows: self.journal.write(rows),
+            lambda entries: self.audit.extend(entries),
+            "journal and audit",
+        )
+        self.records = RegistryJournal(self.journal, self.writer, self.commits)
         self.fanout = Fanout(self.live_rate_hz)
         self.executor = OutcomeExecutor(
             send=self._send,
@@ -453,7 +460,7 @@ class ControllerService:
             self.executor.after(commit, lambda: self.fanout.state(parts))
         if outcome.audit:
             entries = list(outcome.audit)
-            commit = self.writer.submit(lambda: self.audit.extend(entries), "audit")
+            commit = self.commits.add(b=entries)
             self.counters.audit_records += len(entries)
         return commit
 

@@ -6,14 +6,59 @@ import asyncio
 import json
 import sqlite3
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
-from controller.durable_writer import DurableWriter
+from controller.durable_writer import DurableWriter, GroupCommit
 from controller.sessions import EventKind, SessionEvent
 
 from .controller_rig import Rig, start_rig, stop_rig
+
+
+def test_records_decided_during_a_slow_commit_share_the_next_one() -> None:
+    """A disk that takes long per commit: everything decided meanwhile lands in one
+    more commit, not one each (the queue would grow for as long as decisions come)."""
+    writer = DurableWriter()
+    started, release = threading.Event(), threading.Event()
+    rows: list[list[int]] = []
+    entries: list[list[str]] = []
+
+    def slow_rows(batch: Sequence[int]) -> None:
+        started.set()
+        release.wait()
+        rows.append(list(batch))
+
+    group: GroupCommit[int, str] = GroupCommit(
+        writer, slow_rows, lambda b: entries.append(list(b)), "test"
+    )
+    first = group.add(a=[0])
+    assert started.wait(5)  # the first commit is on the disk now
+    later = [group.add(a=[i], b=[f"e{i}"]) for i in range(1, 50)]
+    assert all(f is later[0] for f in later) and later[0] is not first
+    release.set()
+    later[0].result(5)
+    assert group.commits == 2
+    assert rows == [[0], list(range(1, 50))]  # in decision order
+    assert entries == [[f"e{i}" for i in range(1, 50)]]
+    writer.close()
+
+
+def test_a_failed_journal_write_still_writes_the_audit_and_fails_the_commit() -> None:
+    writer = DurableWriter()
+    entries: list[str] = []
+
+    def broken(batch: Sequence[int]) -> None:
+        raise OSError("disk full")
+
+    group: GroupCommit[int, str] = GroupCommit(writer, broken, entries.extend, "test")
+    commit = group.add(a=[1], b=["refused"])
+    with pytest.raises(OSError, match="disk full"):
+        commit.result(5)
+    assert entries == ["refused"]
+    assert writer.failures == 1
+    writer.close()
 
 
 def test_writes_land_in_submission_order_and_call_waits_for_all() -> None:

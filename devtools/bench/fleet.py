@@ -37,6 +37,7 @@ from controller.policy import TreatmentPolicy, load_policy
 from controller.safety.context import LinkStatus
 from controller.service import ControllerService
 from controller.sessions import Actor, EventKind, Role
+from devtools.bench.pen_farm import IDLE_SWAP_S
 from devtools.stack.processes import free_port, wait_for_port
 from devtools.therapist import EventFeed, Therapist
 
@@ -127,6 +128,10 @@ async def run_fleet(
         str(breachers),
         "--duration",
         str(duration + 15),
+        # A slow disk delays every re-arming by a few commits: the farm must not take
+        # that for a session's end and swap the cartridge under the arming.
+        "--idle-swap",
+        str(IDLE_SWAP_S + 5 * slow_disk_s),
         stdout=asyncio.subprocess.PIPE,
     )
     assert farm.stdout is not None

@@ -35,7 +35,8 @@ BREACH_EXTRA_UM = 400
 #: A pass runs this long before its breach, so the controller has finished with
 #: its start (journal, events): the figure is the reaction under streaming load.
 SETTLE_S = 0.1
-#: A pen left disarmed this long is between clients: it gets a new cartridge.
+#: A pen left disarmed this long is between clients: it gets a new cartridge. A slow
+#: disk makes the controller's re-arming slower than this (``--idle-swap``).
 IDLE_SWAP_S = 0.3
 GAP_S = 0.05
 #: Fast passes so that a breaching pen measures often.
@@ -47,8 +48,9 @@ FAST_HAND = HandConfig(
 class Breacher:
     """Sends a breaching frame during each pass and times the Stop that answers it."""
 
-    def __init__(self, runner: PenRunner, pen: SimulatedPen) -> None:
+    def __init__(self, runner: PenRunner, pen: SimulatedPen, idle_swap_s: float) -> None:
         self.runner = runner
+        self.idle_swap_s = idle_swap_s
         self.pen = pen
         self.sent_at: float | None = None
         self.running_since: float | None = None
@@ -76,7 +78,7 @@ class Breacher:
             self.idle_since = None
         elif self.idle_since is None:
             self.idle_since = now
-        elif now - self.idle_since > IDLE_SWAP_S:
+        elif now - self.idle_since > self.idle_swap_s:
             # Left disarmed: the session has ended. Put in a fresh cartridge for the
             # next client, as the therapist would.
             self.idle_since = None
@@ -123,7 +125,7 @@ async def main(args: argparse.Namespace) -> None:
         for slot in slots:
             print(f"pen {slot.serial} {slot.address}", flush=True)
         print("ready", flush=True)
-        breachers = [Breacher(runner, s.pen) for s in slots[: args.breachers]]
+        breachers = [Breacher(runner, s.pen, args.idle_swap) for s in slots[: args.breachers]]
         started = time.monotonic()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(args.duration):
@@ -159,6 +161,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--breachers", type=int, default=4)
     p.add_argument("--duration", type=float, default=30.0)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--idle-swap", type=float, default=IDLE_SWAP_S, help="seconds disarmed")
     return p.parse_args(argv)
 
 
