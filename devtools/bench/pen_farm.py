@@ -55,6 +55,7 @@ class Breacher:
         self.sent_at: float | None = None
         self.running_since: float | None = None
         self.idle_since: float | None = None
+        self.served = False  # armed at least once: idle after that means between clients
         self.samples: list[float] = []
         original = pen.firmware.handle
 
@@ -76,6 +77,9 @@ class Breacher:
         now = time.perf_counter()
         if pen.armed or pen.running:
             self.idle_since = None
+            self.served = True
+        elif not self.served:
+            pass  # its first client is still being set up
         elif self.idle_since is None:
             self.idle_since = now
         elif now - self.idle_since > self.idle_swap_s:
