@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import os
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -160,7 +161,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--rate", type=float, default=500.0, help="requests/s; 0: unpaced")
+    p.add_argument("--nice", type=int, default=0, help="run at this niceness")
     args = p.parse_args(argv)
+    if args.nice:
+        os.nice(args.nice)
     summary = asyncio.run(flood(args.url, args.seconds, args.connections, args.rate))
     print("flood " + json.dumps(summary), flush=True)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from .fleet import FleetResult, run_fleet
+from .fleet import FLOOD_NICENESS, FleetResult, run_fleet
 from .framework import BenchContext, Row
 
 DESCRIPTION = "safety reaction: breaching frame written by the pen to Stop read by the pen"
@@ -69,6 +69,7 @@ def run(ctx: BenchContext) -> list[Row]:
             **_common(flooded),
             "flood_requests": flooded.flood.get("requests"),
             "flood_requests_per_s": flooded.flood.get("requests_per_s"),
+            "flood_niceness": FLOOD_NICENESS,
             "flood_by_status": flooded.flood.get("by_status"),
         }
         rows += [
