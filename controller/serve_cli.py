@@ -47,7 +47,7 @@ def register(subparsers: Any) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
-    configure_logging(args.log_format)
+    configure_logging(args.log_format, background=True)
     try:
         settings = load_settings(args.config)
         # A broken users file stops the start here, not in a restarting edge.
