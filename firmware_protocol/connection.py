@@ -31,7 +31,7 @@ from collections import deque
 
 from .endpoint import _Endpoint
 from .framing import Frame, FrameKind, encode_frame
-from .link_config import SEQ_MOD, LinkConfig
+from .link_config import LinkConfig
 from .link_events import (
     Connected,
     Delivered,
@@ -63,7 +63,6 @@ from .messages import (
 
 __all__ = [
     "RECENT_NONCES",
-    "SEQ_MOD",
     "TRANSITIONS",
     "Connected",
     "Delivered",

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 # Sequence numbers are u16 and wrap; one in the half behind the expected one is old.
-SEQ_MOD = 0x10000
 _HALF = 0x8000
 
 

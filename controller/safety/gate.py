@@ -504,16 +504,17 @@ def _check_query_status(ctx: GateContext, command: QueryStatus) -> GateDecision:
     return link_not_usable(ctx, treatment=False) or ALLOWED
 
 
-_LIVE_STATES: Final = frozenset(
-    {SessionState.ACTIVE, SessionState.PAUSED, SessionState.INTERRUPTED}
-)
+#: Sessions under way on the pen, which a Reset would cut short: deliberately
+#: narrower than the registry's LIVE_STATES (every session holding its port, created
+#: and faulted ones too), which this pure module does not import.
+_UNDER_WAY: Final = frozenset({SessionState.ACTIVE, SessionState.PAUSED, SessionState.INTERRUPTED})
 
 
 def _check_reset(ctx: GateContext, command: Reset) -> GateDecision:
     refusal = link_not_usable(ctx, treatment=False)
     if refusal:
         return refusal
-    if ctx.session_state in _LIVE_STATES or ctx.motor_running:
+    if ctx.session_state in _UNDER_WAY or ctx.motor_running:
         return Refused(
             RefusalReason.PEN_IN_USE,
             "The pen cannot be restarted while a session is using it.",
