@@ -224,7 +224,8 @@ class IngestWorker:
                         log.info("ingest_stopped", **self.counters.snapshot())
 
     async def _until_stopped(self, main: Coroutine[Any, Any, None]) -> None:
-        # Stopping cancels wherever the worker is: nothing unacknowledged is lost.
+        # Stopping cancels wherever the worker is: nothing unacknowledged is lost. Not a
+        # TaskGroup, for the reason given at _consume.
         task = asyncio.create_task(main)
         stop = asyncio.create_task(self._stopping.wait())
         try:
@@ -381,6 +382,8 @@ class IngestWorker:
         ]
         if not idle_s:
             tasks.append(asyncio.create_task(self._stats_loop(client)))
+        # Not a TaskGroup: it cancels once, and on Python 3.11 a task inside aiomqtt's
+        # wait_for can swallow that cancellation and hang the shutdown (cancel_and_wait).
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
