@@ -134,6 +134,26 @@ def test_running_without_approval_is_stopped(ctx: GateContext) -> None:
     assert decision.reason is HostStopReason.FAULT
 
 
+@pytest.mark.parametrize(
+    "ctx",
+    [
+        running(session_state=SessionState.PAUSED, stop_sent=True),
+        running(session_state=None, zone=None, depth_setpoint_um=None, stop_sent=True),
+        running(fault="stall", stop_sent=True),
+    ],
+)
+def test_a_sample_taken_before_our_stop_landed_is_no_fault(ctx: GateContext) -> None:
+    # Paused mid-pass: the Stop is on its way, and the pen's frames sent before it
+    # applied it still show the run the controller approved. Found by the state machine.
+    assert check_telemetry(ctx, sample(500)) is None
+
+
+def test_while_our_stop_is_on_its_way_depth_is_still_judged() -> None:
+    ctx = running(session_state=SessionState.PAUSED, stop_sent=True)
+    decision = check_telemetry(ctx, sample(1051))
+    assert decision is not None and decision.reason is HostStopReason.DEPTH_OVERSHOOT
+
+
 def test_the_running_flag_alone_is_enough() -> None:
     ctx = running(motor_running=False)  # the controller has not seen MotorStarted yet
     decision = check_telemetry(ctx, sample(1200))

@@ -4,7 +4,7 @@ smallest sequence that shows it, through the bench (real firmware + delivery).""
 from __future__ import annotations
 
 from controller.safety import SessionState
-from controller.sessions import EndSession
+from controller.sessions import EndSession, PauseSession
 
 from .test_session_harness import PORT, THERAPIST
 from .test_session_registry import SID, treating
@@ -45,3 +45,22 @@ def test_a_pen_rebooting_mid_pass_counts_that_pass_once() -> None:
     session = bench.registry.session(SID)
     assert session is not None and session.state is SessionState.FAULTED  # §4.7
     assert session.zones["cheeks"].passes_done == 1  # was 2: counted again from the chip
+
+
+def test_pausing_mid_pass_with_a_sample_on_the_line_is_no_fault() -> None:
+    """The therapist pauses during a pass; the pen's last sample, taken before the Stop
+    reached it, still shows the needle running and arrives after the pause was decided.
+    That run was approved until our Stop: the session is paused, not faulted (it was
+    faulted with 'The needle was running without an approved treatment setting')."""
+    bench = treating("cheeks", 1000)
+    pen = bench.pens[PORT]
+    bench.pen_says(pen.press())
+    on_the_line = pen.sample(1000, strokes=10)  # sent, not yet heard by the host
+    assert pen.firmware.running
+    pause = bench.registry.handle(PauseSession(SID, THERAPIST), bench.tick())
+    assert pause.refusal is None
+    bench.feed(pause, in_flight=on_the_line)
+    assert not pen.firmware.running and not pen.firmware.armed
+    session = bench.registry.session(SID)
+    assert session is not None and session.state is SessionState.PAUSED
+    assert session.fault is None

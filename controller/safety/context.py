@@ -146,6 +146,9 @@ class GateContext:
     link: LinkStatus = LinkStatus.DOWN
     fault: str | None = None
     motor_running: bool = False
+    #: The controller's Stop is on its way to the pen, not yet confirmed: a running
+    #: sample taken before the pen applied it shows an approved run that is ending.
+    stop_sent: bool = False
     lease_token: int | None = None
     pass_start_strokes: int | None = None
     pen_serial: str | None = None

@@ -8,12 +8,17 @@ the previous zone must not trigger a stop during a zone change.
 
 A sample is a reason to stop at once when the needle is running and:
 
-1. there is no zone or no approved depth setpoint for it -> ``FAULT``;
+1. there is no zone or no approved depth setpoint for it -> ``FAULT``, unless the
+   controller's own Stop is on its way (see 4);
 2. the measured depth is above the zone's effective limit by more than the pen's
    declared accuracy -> ``DEPTH_OVERSHOOT``;
 3. the measured depth is above the approved setpoint by more than the pen's
    declared accuracy -> ``DEPTH_OVERSHOOT``;
-4. the session is not active, or has an unresolved fault -> ``FAULT``;
+4. the session is not active, or has an unresolved fault -> ``FAULT``; unless the
+   controller's own Stop is on its way and not yet confirmed: the pen sends every
+   frame after applying a Stop, so a running sample before the confirmation was
+   taken before the Stop landed (a pause mid-pass), and is no reason to fault.
+   Should the pen run on once it confirmed the Stop, the registry faults it;
 5. the pen's own setpoint is deeper than the zone allows (the pen disagrees
    with what was approved) -> ``FAULT``;
 6. the pen's measured telemetry rate fell below the policy's minimum -> ``FAULT``;
@@ -73,7 +78,7 @@ def check_telemetry(ctx: GateContext, sample: Telemetry) -> StopDecision | None:
     zone = ctx.zone
     setpoint = ctx.depth_setpoint_um
     if zone is None or setpoint is None:
-        return _unapproved(details)
+        return None if ctx.stop_sent else _unapproved(details)
     details.update(
         zone_id=zone.zone_id,
         zone_limit_um=zone.max_depth_um,
@@ -105,7 +110,7 @@ def check_telemetry(ctx: GateContext, sample: Telemetry) -> StopDecision | None:
             details,
         )
     if ctx.session_state is not SessionState.ACTIVE or ctx.fault is not None:
-        return _unapproved(details)
+        return None if ctx.stop_sent else _unapproved(details)
     if sample.depth_set_um > zone.max_depth_um:
         return StopDecision(
             HostStopReason.FAULT,

@@ -115,6 +115,7 @@ class Step:
             link=link,
             fault=session.fault.detail if session is not None and session.fault else None,
             motor_running=pen.motor_running,
+            stop_sent=pen.stopping,
             lease_token=pen.lease_token,
             pass_start_strokes=current.start_strokes if current is not None else None,
             pen_serial=pen.serial,
