@@ -177,6 +177,7 @@ class Run:
     boot: int
     number: int  # the pen's run counter for it
     key: Key
+    approval: Approval  # the arming it ran under
     heard: bool = False  # its MotorStarted reached the registry
 
 
@@ -247,7 +248,7 @@ class OracleBench(Bench):
         if isinstance(event, MotorStarted):
             self.machine.run_heard(event)
         elif isinstance(event, MotorStopped):
-            self.machine.stop_heard()
+            self.machine.stop_heard(event)
         return super()._hear(port, event)
 
 
@@ -346,7 +347,7 @@ class SessionMachine(RuleBasedStateMachine):
         approval = self.approvals[fw.token]
         key = (approval.sid, approval.zone)
         self.world_runs[key] += 1
-        self.runs.append(Run(fw.serial, self._boot_of(fw), fw.runs, key))
+        self.runs.append(Run(fw.serial, self._boot_of(fw), fw.runs, key, approval))
         if not self.connected:
             event("the pen ran while the controller was not listening")
 
@@ -368,7 +369,30 @@ class SessionMachine(RuleBasedStateMachine):
             self.used_by.setdefault(self.pen.cartridge_id, self.sid)
         event("a pass started")
 
-    def stop_heard(self) -> None:
+    def stop_heard(self, message: MotorStopped) -> None:
+        """The end of a run reaches the registry, with the deepest reading of the run.
+
+        (1) also holds for samples nobody received: a pass whose peak is deeper than its
+        arming's setpoint (or the zone's limit) plus the accuracy is an overshoot the pen
+        confirms in a reliable message, and the registry faults the session on it
+        (pen_events._on_motor_stopped) just as it would on the sample. Without this the
+        oracle missed every overshoot whose samples were all lost, and then expected the
+        faulted session to take the therapist's next depth."""
+        if self.run_open and self.sid is not None and self.started:
+            run = next(
+                (
+                    r
+                    for r in reversed(self.runs)
+                    if (r.serial, r.boot, r.number) == (*self.identity(), message.runs)
+                ),
+                None,
+            )
+            assert run is not None, "a MotorStopped for a run the pen never made"
+            approval = run.approval
+            limit = self.limits(approval.zone)[0] if approval.sid == self.sid else 0
+            if message.peak_depth_um > min(limit, approval.depth_um) + TOLERANCE_UM:
+                event("an overshoot known only from the pass's peak")
+                self.needs_ack = True
         self.run_open = False
 
     # --- oracle helpers ---------------------------------------------------------------
@@ -594,7 +618,9 @@ class SessionMachine(RuleBasedStateMachine):
             assert self.pen.serial == self.bound[0]
             self.needs_ack = self.paused = self.interrupted = False
             self.bound = self.identity()
-            self.depth_for_zone = self.depth_for_zone if self.pen.depth_set_um else None
+            # The registry keeps an approved depth the pen still holds (a rebooted pen holds
+            # none). 0 mm is a depth: testing the setpoint's truth here once dropped it.
+            self.depth_for_zone = self.depth_for_zone if self.pen.depth_set_um is not None else None
 
     @precondition(lambda self: self.sid is not None)
     @rule(
