@@ -301,6 +301,7 @@ class SessionMachine(RuleBasedStateMachine):
         self.link = "down"  # "up", "broken" (the host has not noticed yet) or "down"
         self.link_epoch = 0
         self.broke_at = 0.0
+        self.identity_at_break: tuple[str, int] | None = None
         self.run_open = False  # a MotorStarted heard without its MotorStopped
         self.held: list[tuple[int, Telemetry, Approval | None]] = []  # overtaken samples
         self.journal: list[tuple[dict[str, Any], dict[str, Any], int, dict[str, int]]] = []
@@ -427,6 +428,20 @@ class SessionMachine(RuleBasedStateMachine):
     def identity(self) -> tuple[str, int]:
         return (self.pen.serial, self.pen.boot_id)
 
+    def pen_as_heard(self) -> tuple[tuple[str, int], bool]:
+        """The pen's identity, and whether its needle runs, as the registry can know them.
+
+        On a broken link the host has not noticed yet, nothing the pen did after the
+        break (a reboot nobody saw, a press of the button) has reached the registry: it
+        goes by the pen as it last heard it, what it sends is lost with the link, and the
+        next handshake reconciles (a changed pen faults the session, a depth it does not
+        hold is cleared). Judging its answers by the pen's state since the break asked
+        it to know what it cannot. In control, this is the pen itself."""
+        if self.link == "broken":
+            assert self.identity_at_break is not None
+            return self.identity_at_break, self.run_open
+        return self.identity(), self.pen.running
+
     def approval_now(self) -> Approval | None:
         fw = self.pen.firmware
         return self.approvals.get(fw.token) if fw.armed else None
@@ -515,7 +530,7 @@ class SessionMachine(RuleBasedStateMachine):
             assert self.treating()
             assert zone in POLICY.plans[self.plan].zone_ids
             assert self.countable((self.sid, zone)) < self.limits(zone)[1]
-            assert not self.pen.armed and not self.pen.running
+            assert not self.pen.armed and not self.pen_as_heard()[1]
             if zone != self.zone:
                 self.zone, self.depth_for_zone = zone, None
 
@@ -526,12 +541,13 @@ class SessionMachine(RuleBasedStateMachine):
         if near_limit is not None and self.zone is not None:
             depth = self.limits(self.zone)[0] + near_limit  # the edge is where bugs live
         outcome = self.act(SetZoneDepth(self.sid, depth, THERAPIST))
+        identity, running = self.pen_as_heard()
         valid = (
             self.zone is not None
             and self.treating()
             and 0 <= depth <= self.limits(self.zone)[0]
-            and self.identity() == self.bound
-            and not self.pen.running
+            and identity == self.bound
+            and not running
             and not self.pen.armed  # an arming's depth never changes under it
         )
         if self.in_control or outcome.refusal is None:
@@ -611,13 +627,13 @@ class SessionMachine(RuleBasedStateMachine):
             self.paused = True
         elif action == "resume":
             assert self.started and not self.needs_ack and (self.paused or self.interrupted)
-            assert self.identity() == self.bound and self.link != "down"
+            assert self.pen_as_heard()[0] == self.bound and self.link != "down"
             self.paused = self.interrupted = False
         elif action == "acknowledge":
             assert self.needs_ack and self.link != "down" and self.bound is not None
             assert self.pen.serial == self.bound[0]
             self.needs_ack = self.paused = self.interrupted = False
-            self.bound = self.identity()
+            self.bound = self.pen_as_heard()[0]  # the boot the registry knows of
             # The registry keeps an approved depth the pen still holds (a rebooted pen holds
             # none). 0 mm is a depth: testing the setpoint's truth here once dropped it.
             self.depth_for_zone = self.depth_for_zone if self.pen.depth_set_um is not None else None
@@ -825,6 +841,7 @@ class SessionMachine(RuleBasedStateMachine):
         self.pen.renew_token = None
         self.link = "broken"
         self.broke_at = self.bench.now
+        self.identity_at_break = self.identity()
         self.link_epoch += 1
         event("the link broke with deliveries in flight")
 
