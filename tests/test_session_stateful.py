@@ -179,6 +179,7 @@ class Run:
     key: Key
     approval: Approval  # the arming it ran under
     heard: bool = False  # its MotorStarted reached the registry
+    hidden: bool = False  # a reboot nobody saw hid it from the counters (the slack)
 
 
 class WorldFirmware(PenFirmware):
@@ -304,7 +305,10 @@ class SessionMachine(RuleBasedStateMachine):
         self.identity_at_break: tuple[str, int] | None = None
         self.run_open = False  # a MotorStarted heard without its MotorStopped
         self.held: list[tuple[int, Telemetry, Approval | None]] = []  # overtaken samples
-        self.journal: list[tuple[dict[str, Any], dict[str, Any], int, dict[str, int]]] = []
+        #: (registry state, controller facts, each run's ``heard`` then, each pen's boot)
+        self.journal: list[
+            tuple[dict[str, Any], dict[str, Any], tuple[bool, ...], dict[str, int]]
+        ] = []
         self.arm_on_the_wire = False
         self.checked_outcomes = 0
         self.session_count = 0
@@ -909,7 +913,7 @@ class SessionMachine(RuleBasedStateMachine):
                 self.over.add(run.key)
                 if not run.heard:
                     self.slack[run.key] += 1
-                    run.heard = True  # accounted for, by the slack
+                    run.heard = run.hidden = True  # accounted for, by the slack
 
     @rule()
     def another_pen_on_the_port(self) -> None:
@@ -1005,11 +1009,11 @@ class SessionMachine(RuleBasedStateMachine):
                 (
                     self.bench.registry.to_dict(),
                     self._controller_facts(),
-                    len(self.runs),
+                    self._heard(),
                     self._boots(),
                 )
             )
-        state, facts, runs_then, boots_then = points[
+        state, facts, heard_then, boots_then = points[
             data.draw(st.integers(0, len(points) - 1), label="journal point")
         ]
         if state != points[-1][0]:
@@ -1017,9 +1021,16 @@ class SessionMachine(RuleBasedStateMachine):
         for name, value in copy.deepcopy(facts).items():
             setattr(self, name, value)
         # Runs the journal never saw become runs nobody heard; after a reboot since then,
-        # the registry can tell them only from the cartridge chip.
-        for run in self.runs[runs_then:]:
-            run.heard = False
+        # the registry can tell them only from the cartridge chip. So do runs it saw made
+        # but not yet counted: a reconciliation after that journal point (the pen's
+        # counters read at a handshake) died with the controller, and the next one counts
+        # them when their pen is back on the port. Only the runs made since that point
+        # were reset here once, and the oracle then expected passes the restarted registry
+        # could not know of while their pen was away. A run already hidden by a reboot is
+        # in the slack for good.
+        for i, run in enumerate(self.runs):
+            if not run.hidden and not (i < len(heard_then) and heard_then[i]):
+                run.heard = False
         for serial, boot in boots_then.items():
             if self.pen_bank[serial].boot_id != boot:
                 self._hide_runs(serial, boot)
@@ -1035,6 +1046,9 @@ class SessionMachine(RuleBasedStateMachine):
         self._link_is_down()
         event("the controller died")
 
+    def _heard(self) -> tuple[bool, ...]:
+        return tuple(run.heard for run in self.runs)
+
     def _boots(self) -> dict[str, int]:
         return {serial: pen.boot_id for serial, pen in self.pen_bank.items()}
 
@@ -1047,7 +1061,7 @@ class SessionMachine(RuleBasedStateMachine):
             self.journal.clear()  # older journals are behind an Arm that went out
             self.arm_on_the_wire = False
         self.journal.append(
-            (self.bench.registry.to_dict(), self._controller_facts(), len(self.runs), self._boots())
+            (self.bench.registry.to_dict(), self._controller_facts(), self._heard(), self._boots())
         )
         del self.journal[:-JOURNAL_DEPTH]
 
