@@ -177,7 +177,9 @@ class Run:
     boot: int
     number: int  # the pen's run counter for it
     key: Key
+    approval: Approval  # the arming it ran under
     heard: bool = False  # its MotorStarted reached the registry
+    hidden: bool = False  # a reboot nobody saw hid it from the counters (the slack)
 
 
 class WorldFirmware(PenFirmware):
@@ -247,7 +249,7 @@ class OracleBench(Bench):
         if isinstance(event, MotorStarted):
             self.machine.run_heard(event)
         elif isinstance(event, MotorStopped):
-            self.machine.stop_heard()
+            self.machine.stop_heard(event)
         return super()._hear(port, event)
 
 
@@ -300,9 +302,13 @@ class SessionMachine(RuleBasedStateMachine):
         self.link = "down"  # "up", "broken" (the host has not noticed yet) or "down"
         self.link_epoch = 0
         self.broke_at = 0.0
+        self.identity_at_break: tuple[str, int] | None = None
         self.run_open = False  # a MotorStarted heard without its MotorStopped
         self.held: list[tuple[int, Telemetry, Approval | None]] = []  # overtaken samples
-        self.journal: list[tuple[dict[str, Any], dict[str, Any], int, dict[str, int]]] = []
+        #: (registry state, controller facts, each run's ``heard`` then, each pen's boot)
+        self.journal: list[
+            tuple[dict[str, Any], dict[str, Any], tuple[bool, ...], dict[str, int]]
+        ] = []
         self.arm_on_the_wire = False
         self.checked_outcomes = 0
         self.session_count = 0
@@ -346,7 +352,7 @@ class SessionMachine(RuleBasedStateMachine):
         approval = self.approvals[fw.token]
         key = (approval.sid, approval.zone)
         self.world_runs[key] += 1
-        self.runs.append(Run(fw.serial, self._boot_of(fw), fw.runs, key))
+        self.runs.append(Run(fw.serial, self._boot_of(fw), fw.runs, key, approval))
         if not self.connected:
             event("the pen ran while the controller was not listening")
 
@@ -368,7 +374,30 @@ class SessionMachine(RuleBasedStateMachine):
             self.used_by.setdefault(self.pen.cartridge_id, self.sid)
         event("a pass started")
 
-    def stop_heard(self) -> None:
+    def stop_heard(self, message: MotorStopped) -> None:
+        """The end of a run reaches the registry, with the deepest reading of the run.
+
+        (1) also holds for samples nobody received: a pass whose peak is deeper than its
+        arming's setpoint (or the zone's limit) plus the accuracy is an overshoot the pen
+        confirms in a reliable message, and the registry faults the session on it
+        (pen_events._on_motor_stopped) just as it would on the sample. Without this the
+        oracle missed every overshoot whose samples were all lost, and then expected the
+        faulted session to take the therapist's next depth."""
+        if self.run_open and self.sid is not None and self.started:
+            run = next(
+                (
+                    r
+                    for r in reversed(self.runs)
+                    if (r.serial, r.boot, r.number) == (*self.identity(), message.runs)
+                ),
+                None,
+            )
+            assert run is not None, "a MotorStopped for a run the pen never made"
+            approval = run.approval
+            limit = self.limits(approval.zone)[0] if approval.sid == self.sid else 0
+            if message.peak_depth_um > min(limit, approval.depth_um) + TOLERANCE_UM:
+                event("an overshoot known only from the pass's peak")
+                self.needs_ack = True
         self.run_open = False
 
     # --- oracle helpers ---------------------------------------------------------------
@@ -402,6 +431,20 @@ class SessionMachine(RuleBasedStateMachine):
 
     def identity(self) -> tuple[str, int]:
         return (self.pen.serial, self.pen.boot_id)
+
+    def pen_as_heard(self) -> tuple[tuple[str, int], bool]:
+        """The pen's identity, and whether its needle runs, as the registry can know them.
+
+        On a broken link the host has not noticed yet, nothing the pen did after the
+        break (a reboot nobody saw, a press of the button) has reached the registry: it
+        goes by the pen as it last heard it, what it sends is lost with the link, and the
+        next handshake reconciles (a changed pen faults the session, a depth it does not
+        hold is cleared). Judging its answers by the pen's state since the break asked
+        it to know what it cannot. In control, this is the pen itself."""
+        if self.link == "broken":
+            assert self.identity_at_break is not None
+            return self.identity_at_break, self.run_open
+        return self.identity(), self.pen.running
 
     def approval_now(self) -> Approval | None:
         fw = self.pen.firmware
@@ -491,7 +534,7 @@ class SessionMachine(RuleBasedStateMachine):
             assert self.treating()
             assert zone in POLICY.plans[self.plan].zone_ids
             assert self.countable((self.sid, zone)) < self.limits(zone)[1]
-            assert not self.pen.armed and not self.pen.running
+            assert not self.pen.armed and not self.pen_as_heard()[1]
             if zone != self.zone:
                 self.zone, self.depth_for_zone = zone, None
 
@@ -502,12 +545,13 @@ class SessionMachine(RuleBasedStateMachine):
         if near_limit is not None and self.zone is not None:
             depth = self.limits(self.zone)[0] + near_limit  # the edge is where bugs live
         outcome = self.act(SetZoneDepth(self.sid, depth, THERAPIST))
+        identity, running = self.pen_as_heard()
         valid = (
             self.zone is not None
             and self.treating()
             and 0 <= depth <= self.limits(self.zone)[0]
-            and self.identity() == self.bound
-            and not self.pen.running
+            and identity == self.bound
+            and not running
             and not self.pen.armed  # an arming's depth never changes under it
         )
         if self.in_control or outcome.refusal is None:
@@ -587,14 +631,16 @@ class SessionMachine(RuleBasedStateMachine):
             self.paused = True
         elif action == "resume":
             assert self.started and not self.needs_ack and (self.paused or self.interrupted)
-            assert self.identity() == self.bound and self.link != "down"
+            assert self.pen_as_heard()[0] == self.bound and self.link != "down"
             self.paused = self.interrupted = False
         elif action == "acknowledge":
             assert self.needs_ack and self.link != "down" and self.bound is not None
             assert self.pen.serial == self.bound[0]
             self.needs_ack = self.paused = self.interrupted = False
-            self.bound = self.identity()
-            self.depth_for_zone = self.depth_for_zone if self.pen.depth_set_um else None
+            self.bound = self.pen_as_heard()[0]  # the boot the registry knows of
+            # The registry keeps an approved depth the pen still holds (a rebooted pen holds
+            # none). 0 mm is a depth: testing the setpoint's truth here once dropped it.
+            self.depth_for_zone = self.depth_for_zone if self.pen.depth_set_um is not None else None
 
     @precondition(lambda self: self.sid is not None)
     @rule(
@@ -799,6 +845,7 @@ class SessionMachine(RuleBasedStateMachine):
         self.pen.renew_token = None
         self.link = "broken"
         self.broke_at = self.bench.now
+        self.identity_at_break = self.identity()
         self.link_epoch += 1
         event("the link broke with deliveries in flight")
 
@@ -866,7 +913,7 @@ class SessionMachine(RuleBasedStateMachine):
                 self.over.add(run.key)
                 if not run.heard:
                     self.slack[run.key] += 1
-                    run.heard = True  # accounted for, by the slack
+                    run.heard = run.hidden = True  # accounted for, by the slack
 
     @rule()
     def another_pen_on_the_port(self) -> None:
@@ -962,11 +1009,11 @@ class SessionMachine(RuleBasedStateMachine):
                 (
                     self.bench.registry.to_dict(),
                     self._controller_facts(),
-                    len(self.runs),
+                    self._heard(),
                     self._boots(),
                 )
             )
-        state, facts, runs_then, boots_then = points[
+        state, facts, heard_then, boots_then = points[
             data.draw(st.integers(0, len(points) - 1), label="journal point")
         ]
         if state != points[-1][0]:
@@ -974,9 +1021,16 @@ class SessionMachine(RuleBasedStateMachine):
         for name, value in copy.deepcopy(facts).items():
             setattr(self, name, value)
         # Runs the journal never saw become runs nobody heard; after a reboot since then,
-        # the registry can tell them only from the cartridge chip.
-        for run in self.runs[runs_then:]:
-            run.heard = False
+        # the registry can tell them only from the cartridge chip. So do runs it saw made
+        # but not yet counted: a reconciliation after that journal point (the pen's
+        # counters read at a handshake) died with the controller, and the next one counts
+        # them when their pen is back on the port. Only the runs made since that point
+        # were reset here once, and the oracle then expected passes the restarted registry
+        # could not know of while their pen was away. A run already hidden by a reboot is
+        # in the slack for good.
+        for i, run in enumerate(self.runs):
+            if not run.hidden and not (i < len(heard_then) and heard_then[i]):
+                run.heard = False
         for serial, boot in boots_then.items():
             if self.pen_bank[serial].boot_id != boot:
                 self._hide_runs(serial, boot)
@@ -992,6 +1046,9 @@ class SessionMachine(RuleBasedStateMachine):
         self._link_is_down()
         event("the controller died")
 
+    def _heard(self) -> tuple[bool, ...]:
+        return tuple(run.heard for run in self.runs)
+
     def _boots(self) -> dict[str, int]:
         return {serial: pen.boot_id for serial, pen in self.pen_bank.items()}
 
@@ -1004,7 +1061,7 @@ class SessionMachine(RuleBasedStateMachine):
             self.journal.clear()  # older journals are behind an Arm that went out
             self.arm_on_the_wire = False
         self.journal.append(
-            (self.bench.registry.to_dict(), self._controller_facts(), len(self.runs), self._boots())
+            (self.bench.registry.to_dict(), self._controller_facts(), self._heard(), self._boots())
         )
         del self.journal[:-JOURNAL_DEPTH]
 
