@@ -8,6 +8,7 @@ and every error message names the key (``mqtt.port: ...``).
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import Any, TypeVar
@@ -281,10 +282,26 @@ class ServiceSettings(PenctlSettings):
     state_dir: Path = Path("var/controller")
     policy_file: Path | None = None
     pens: list[PenEndpoint] = Field(default_factory=list)
+    core_cpus: list[int] = Field(
+        default_factory=list,
+        description="CPUs the safety core runs on alone (empty: anywhere); the edge "
+        "process it starts runs on the others",
+    )
     link: LinkSettings = Field(default_factory=LinkSettings)
     mqtt: MqttSettings = Field(default_factory=MqttSettings)
     influx: InfluxSection = Field(default_factory=InfluxSection)
     api: ApiSettings = Field(default_factory=ApiSettings)
+
+    @field_validator("core_cpus")
+    @classmethod
+    def _cpus_exist(cls, cpus: list[int]) -> list[int]:
+        # The machine's CPUs, not this process's: the edge reads these settings too,
+        # running on the CPUs the core left it.
+        usable = list(range(os.cpu_count() or 1))
+        missing = sorted(set(cpus) - set(usable))
+        if missing:
+            raise ValueError(f"CPU(s) {missing} are not available here: choose among {usable}")
+        return sorted(set(cpus))
 
     @field_validator("pseudonym_key")
     @classmethod

@@ -40,6 +40,7 @@ from .audit import AuditEntry, AuditLog, AuditRecord, read_recent
 from .channel.core_side import CoreChannel, PenTags, socket_path
 from .channel.messages import decode_action
 from .config import PenEndpoint, ServiceSettings
+from .cpus import pin_core
 from .durable_writer import DurableWriter, GroupCommit
 from .errors import ActionRefused
 from .executor import OutcomeExecutor
@@ -103,6 +104,8 @@ class ControllerService:
         return self.settings.controller_id
 
     def __post_init__(self) -> None:
+        # First, so every thread the core starts (writer, checkpoints) inherits it.
+        pin_core(self.settings.core_cpus)
         if self.policy is None:
             self.policy = load_policy(self.settings.policy_file)
         state = self.settings.state_dir

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from controller.config import ConfigError, load_settings
+from controller.cpus import others, pin_core, unpin
 
 
 def test_defaults_without_a_file() -> None:
@@ -54,3 +56,24 @@ def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
     broken.write_text("[mqtt\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_settings(broken)
+
+
+def test_core_cpus_must_exist_and_the_error_names_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"core_cpus.*not available here"):
+        load_settings(None, core_cpus=[4096])
+    assert load_settings(None, core_cpus=[0, 0]).core_cpus == [0]
+
+
+def test_a_pinned_core_leaves_the_other_cpus_to_everything_else() -> None:
+    mine = os.sched_getaffinity(0)
+    if len(mine) < 2:
+        assert others([min(mine)]) == mine  # one CPU: shared, nothing to leave
+        return
+    core = min(mine)
+    pin_core([core])
+    try:
+        assert os.sched_getaffinity(0) == {core}
+        assert others([core]) == mine - {core}
+    finally:
+        unpin()
+    assert os.sched_getaffinity(0) == mine

@@ -18,18 +18,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import statistics
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from controller.config import ServiceSettings, load_settings
+from controller.cpus import others, unpin
 from controller.edge.supervisor import EdgeSupervisor
 from controller.errors import ActionRefused
 from controller.live import PenView
@@ -111,12 +113,15 @@ async def run_fleet(
     *,
     flood: bool = False,
     slow_disk_s: float = 0.0,
+    core_cpus: Sequence[int] = (),
 ) -> FleetResult:
     """Run the rig for ``duration`` seconds of measurement and return what it saw.
 
     ``observer()``, if given, runs beside the measurement and is cancelled after it.
     ``flood``: a hostile client floods the tablet API throughout. ``slow_disk_s``:
-    every journal commit takes that much longer.
+    every journal commit takes that much longer. ``core_cpus``: the core runs
+    there alone (its ``core_cpus`` setting); the pen farm, the edge and the flood
+    run on the other CPUs, as the pens and the client would on other hardware.
     """
     farm = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -134,6 +139,7 @@ async def run_fleet(
         str(IDLE_SWAP_S + 5 * slow_disk_s),
         stdout=asyncio.subprocess.PIPE,
     )
+    _elsewhere(farm.pid, core_cpus)
     assert farm.stdout is not None
     with tempfile.TemporaryDirectory(prefix="penctl-bench-") as tmp:
         try:
@@ -146,6 +152,7 @@ async def run_fleet(
                 pens=[{"url": url, "name": f"p{i + 1:03d}"} for i, url in enumerate(urls)],
                 mqtt={"enabled": mqtt_port is not None, "port": mqtt_port or 1883},
                 api={"enabled": flood, "port": api_port, "demo_users": True},
+                core_cpus=list(core_cpus),
             )
             service = ControllerService(settings, policy=bench_policy(Path(tmp)))
             if slow_disk_s:
@@ -158,7 +165,7 @@ async def run_fleet(
                 flooded: dict[str, Any] = {}
                 if flood:
                     url = f"http://127.0.0.1:{api_port}"
-                    observer = _flooding(url, duration, observer, flooded)
+                    observer = _flooding(url, duration, observer, flooded, core_cpus)
                 result = await _measure(service, farm.stdout, pens, breachers, duration, observer)
                 result.flood = flooded
                 return result
@@ -166,6 +173,7 @@ async def run_fleet(
                 if edge is not None:
                     await edge.stop()
                 await service.stop()
+                unpin()  # the benchmarks after this one run anywhere again
         finally:
             if farm.returncode is None:
                 farm.terminate()
@@ -198,8 +206,19 @@ def _slow_journal(service: ControllerService, delay_s: float) -> None:
 FLOOD_NICENESS = 15
 
 
+def _elsewhere(pid: int, core_cpus: Sequence[int]) -> None:
+    """Keep a helper process of the bench off the core's CPUs."""
+    if core_cpus:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(pid, others(core_cpus))
+
+
 def _flooding(
-    url: str, seconds: float, observer: Observer | None, summary: dict[str, Any]
+    url: str,
+    seconds: float,
+    observer: Observer | None,
+    summary: dict[str, Any],
+    core_cpus: Sequence[int] = (),
 ) -> Observer:
     """An observer that floods ``url`` from another process for ``seconds`` (beside
     ``observer``); the flood's own summary lands in ``summary``."""
@@ -222,6 +241,7 @@ def _flooding(
             str(FLOOD_NICENESS),
             stdout=asyncio.subprocess.PIPE,
         )
+        _elsewhere(flood.pid, core_cpus)
         assert flood.stdout is not None
         try:
             await asyncio.gather(read(flood.stdout), observer() if observer else asyncio.sleep(0))
