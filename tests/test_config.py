@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from controller.config import ConfigError, load_settings
-from controller.cpus import others, pin_core, unpin
+from controller.cpus import move_off_core, others, pin_core, unpin
 
 
 def test_defaults_without_a_file() -> None:
@@ -77,3 +79,18 @@ def test_a_pinned_core_leaves_the_other_cpus_to_everything_else() -> None:
     finally:
         unpin()
     assert os.sched_getaffinity(0) == mine
+
+
+def test_another_process_is_moved_off_the_core_cpus() -> None:
+    mine = os.sched_getaffinity(0)
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        move_off_core(child.pid, [])  # no core pinned: left where it is
+        assert os.sched_getaffinity(child.pid) == mine
+        core = min(mine)
+        move_off_core(child.pid, [core])
+        assert os.sched_getaffinity(child.pid) == (mine - {core} or mine)
+    finally:
+        child.kill()
+        child.wait()
+    move_off_core(child.pid, [min(mine)])  # gone already: nothing raised

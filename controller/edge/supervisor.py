@@ -12,7 +12,6 @@ same values the core runs with, secrets included.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
@@ -26,7 +25,7 @@ import structlog
 from pydantic import SecretStr
 
 from controller.config import ServiceSettings
-from controller.cpus import others
+from controller.cpus import move_off_core
 
 log = structlog.get_logger(__name__)
 
@@ -117,9 +116,7 @@ class EdgeSupervisor:
                 log.error("cannot start the edge process", error=str(exc))
             else:
                 self.counters.starts += 1
-                if self.settings.core_cpus:  # the core's CPUs are the core's alone
-                    with contextlib.suppress(OSError):  # it may have died already
-                        os.sched_setaffinity(self.process.pid, others(self.settings.core_cpus))
+                move_off_core(self.process.pid, self.settings.core_cpus)
                 code = await self.process.wait()
                 self.counters.exits += 1
                 self.counters.last_exit = code

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from controller.config import ServiceSettings, load_settings
-from controller.cpus import others, unpin
+from controller.cpus import move_off_core, unpin
 from controller.edge.supervisor import EdgeSupervisor
 from controller.errors import ActionRefused
 from controller.live import PenView
@@ -139,7 +138,7 @@ async def run_fleet(
         str(IDLE_SWAP_S + 5 * slow_disk_s),
         stdout=asyncio.subprocess.PIPE,
     )
-    _elsewhere(farm.pid, core_cpus)
+    move_off_core(farm.pid, core_cpus)
     assert farm.stdout is not None
     with tempfile.TemporaryDirectory(prefix="penctl-bench-") as tmp:
         try:
@@ -206,13 +205,6 @@ def _slow_journal(service: ControllerService, delay_s: float) -> None:
 FLOOD_NICENESS = 15
 
 
-def _elsewhere(pid: int, core_cpus: Sequence[int]) -> None:
-    """Keep a helper process of the bench off the core's CPUs."""
-    if core_cpus:
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(pid, others(core_cpus))
-
-
 def _flooding(
     url: str,
     seconds: float,
@@ -241,7 +233,7 @@ def _flooding(
             str(FLOOD_NICENESS),
             stdout=asyncio.subprocess.PIPE,
         )
-        _elsewhere(flood.pid, core_cpus)
+        move_off_core(flood.pid, core_cpus)
         assert flood.stdout is not None
         try:
             await asyncio.gather(read(flood.stdout), observer() if observer else asyncio.sleep(0))
