@@ -266,6 +266,10 @@ class SupervisedProcess:
 
     async def _spawn(self) -> None:
         """Start the process and return once it is ready; StartError if it is not."""
+        # Taken before the fork: the spawn may return a few ms after the child began
+        # (slower on a loaded machine), and an uptime must never read shorter than
+        # the child's own life.
+        started_at = time.monotonic()
         with self.log_path.open("ab") as out:
             proc = await asyncio.create_subprocess_exec(
                 *self.argv,
@@ -277,7 +281,7 @@ class SupervisedProcess:
                 # which then stops the children in order.
                 start_new_session=True,
             )
-        self.proc, self._started_at = proc, time.monotonic()
+        self.proc, self._started_at = proc, started_at
         if self.on_start is not None:
             try:
                 self.on_start(self)
