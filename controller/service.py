@@ -45,6 +45,7 @@ from .durable_writer import DurableWriter, GroupCommit
 from .errors import ActionRefused
 from .executor import OutcomeExecutor
 from .fanout import Fanout
+from .gil import prefer_loop, restore
 from .journal import Journal, JournalRow
 from .link import LinkDown, LinkUp, PenLink, PenLinkConfig
 from .link.pen_link import LinkEvent
@@ -106,6 +107,7 @@ class ControllerService:
     def __post_init__(self) -> None:
         # First, so every thread the core starts (writer, checkpoints) inherits it.
         pin_core(self.settings.core_cpus)
+        self._switch_interval = prefer_loop()
         if self.policy is None:
             self.policy = load_policy(self.settings.policy_file)
         state = self.settings.state_dir
@@ -201,6 +203,7 @@ class ControllerService:
             await self.core_channel.stop()
         self.journal.close()
         self.audit.close()
+        restore(self._switch_interval)
 
     @property
     def socket_path(self) -> str:
