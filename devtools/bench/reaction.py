@@ -94,6 +94,7 @@ def _common(result: FleetResult) -> dict[str, Any]:
     return {
         "pens": PENS,
         "core_cpus": CORE_CPUS,
+        "pens_priority": result.farm_priority,
         "samples": len(result.reactions),
         "seconds": round(result.seconds, 1),
         "telemetry_frames": result.telemetry_received,
