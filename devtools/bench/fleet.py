@@ -142,7 +142,9 @@ async def run_fleet(
         stdout=asyncio.subprocess.PIPE,
     )
     move_off_core(farm.pid, core_cpus)
-    priority = prioritise_pens(farm.pid)
+    # Only beside a pinned core: unpinned (capacity), a real-time farm of hundreds of
+    # pens would take a whole CPU from whatever the scheduler put there, the core too.
+    priority = prioritise_pens(farm.pid) if core_cpus else "normal"
     assert farm.stdout is not None
     with tempfile.TemporaryDirectory(prefix="penctl-bench-") as tmp:
         try:
