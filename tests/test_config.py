@@ -11,6 +11,8 @@ import pytest
 
 from controller.config import ConfigError, load_settings
 from controller.cpus import move_off_core, others, pin_core, unpin
+from controller.gil import CORE_SWITCH_INTERVAL_S
+from controller.service import ControllerService
 
 
 def test_defaults_without_a_file() -> None:
@@ -94,3 +96,20 @@ def test_another_process_is_moved_off_the_core_cpus() -> None:
         child.kill()
         child.wait()
     move_off_core(child.pid, [min(mine)])  # gone already: nothing raised
+
+
+async def test_the_core_asks_its_threads_for_the_interpreter_soon_and_gives_the_setting_back(
+    tmp_path: Path,
+) -> None:
+    """While a core runs, its loop waits at most 0.5 ms for the GIL (controller/gil.py);
+    once it stops, the process has its own switch interval again (a bench runs on)."""
+    before = sys.getswitchinterval()
+    assert before != CORE_SWITCH_INTERVAL_S
+    service = ControllerService(
+        load_settings(None, state_dir=tmp_path / "state", pens=[]), channel=False
+    )
+    assert sys.getswitchinterval() == CORE_SWITCH_INTERVAL_S
+    await service.start()
+    assert sys.getswitchinterval() == CORE_SWITCH_INTERVAL_S
+    await service.stop()
+    assert sys.getswitchinterval() == before
