@@ -996,16 +996,7 @@ def test_arbitrary_input_never_crashes_either_end(chunks: list[bytes], state: st
         now = i * 0.05
         for conn in (w.host, w.device):
             for event in conn.receive_data(chunk, now) + conn.handle_timeout(now):
-                assert isinstance(
-                    event,
-                    Connected
-                    | HandshakeRefused
-                    | MessageReceived
-                    | Delivered
-                    | LinkFailed
-                    | PeerRebooted
-                    | ProtocolViolation,
-                )
+                assert isinstance(event, Event)  # one of the kinds the link declares
             conn.data_to_send()
 
 
