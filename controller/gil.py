@@ -9,6 +9,8 @@ being prepared on the writer thread could delay a Stop by up to 5 ms. The core
 asks for the lock back after ``CORE_SWITCH_INTERVAL_S`` instead; the cost is a
 few more hand-overs per second between threads that rarely run at once.
 
+ControllerService.start sets it, stop gives the previous one back.
+
 Measured (penctl bench reaction, 32 pens, core on its own CPU, 30 s runs):
 ``reaction p99 (API flood)`` 3.1 and 3.6 ms with the default, 1.4 and 3.2 ms with
 0.5 ms, 1.0-1.1 ms once the bench's pens also stopped sharing a CPU slice with

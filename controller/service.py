@@ -107,7 +107,7 @@ class ControllerService:
     def __post_init__(self) -> None:
         # First, so every thread the core starts (writer, checkpoints) inherits it.
         pin_core(self.settings.core_cpus)
-        self._switch_interval = prefer_loop()
+        self._switch_interval: float | None = None  # the process's own, while start()ed
         if self.policy is None:
             self.policy = load_policy(self.settings.policy_file)
         state = self.settings.state_dir
@@ -178,6 +178,8 @@ class ControllerService:
 
     async def start(self) -> None:
         """Recover from the journal, listen for the edge, then connect every pen."""
+        if self._switch_interval is None:
+            self._switch_interval = prefer_loop()
         self.executor.set_loop_callback(asyncio.get_running_loop().call_soon_threadsafe)
         self._execute(self.registry.recover(time.time()), None)
         if self.core_channel is not None:
@@ -203,7 +205,9 @@ class ControllerService:
             await self.core_channel.stop()
         self.journal.close()
         self.audit.close()
-        restore(self._switch_interval)
+        if self._switch_interval is not None:
+            restore(self._switch_interval)
+            self._switch_interval = None
 
     @property
     def socket_path(self) -> str:
