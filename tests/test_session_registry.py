@@ -55,6 +55,7 @@ from firmware_protocol.messages import (
     SetDepth,
     Stop,
     StopReason,
+    Telemetry,
     TelemetryFlag,
 )
 
@@ -518,6 +519,22 @@ def test_the_pen_running_without_a_session_is_stopped() -> None:
     assert [a.kind for a in outcome.audit] == [AuditKind.STOP]
 
 
+def test_a_pen_that_runs_on_after_confirming_our_stop_is_stopped_again() -> None:
+    """The Stop for an unapproved run is confirmed, and the pen keeps running (a faulty
+    pen): each running sample after the confirmation is stopped again. (The flag "our
+    Stop is on its way" was cleared only for a pen that had been armed, so here it
+    stayed set and the monitor and the unapproved-run rule both stood aside.)"""
+    bench = Bench.create()
+    bench.connect()
+    first = bench.registry.pen_message(PORT, MotorStarted(1, 500, 1000, 1, 0, 0, 0), bench.tick())
+    assert stops(first) == [HostStopReason.FAULT]
+    bench.registry.handle_link_event(PORT, Delivered(1, Stop(HostStopReason.FAULT)), bench.tick())
+    assert not bench.registry.pen(PORT).stopping  # confirmed: nothing of ours on the way
+    running = Telemetry(1100, 0, 400, 100, 400, 3500, 3900, 20, TelemetryFlag.MOTOR_RUNNING, 1)
+    again = bench.registry.pen_message(PORT, running, bench.tick())
+    assert stops(again) == [HostStopReason.FAULT]
+
+
 def test_firmware_protocol_events_are_accepted_directly() -> None:
     registry = SessionRegistry(load_policy(), ports=PORTS)
     now = 1_800_000_000.0
@@ -525,7 +542,9 @@ def test_firmware_protocol_events_are_accepted_directly() -> None:
     assert registry.pen(PORT).link == "up" and connected.commands
     registry.handle_link_event(PORT, MessageReceived(MotorStarted(1, 0, 0, 1, 0, 0, 0)), now)
     assert registry.pen(PORT).motor_running
-    assert registry.handle_link_event(PORT, Delivered(1, Disarm()), now) == Outcome()
+    # The MotorStarted was stopped (no session); the pen confirming it changes only state.
+    delivered = registry.handle_link_event(PORT, Delivered(1, Disarm()), now)
+    assert delivered == Outcome(state_changed=True) and not registry.pen(PORT).stopping
     registry.handle_link_event(PORT, PeerRebooted(identity(), identity(boot_id=2)), now)
     assert registry.pen(PORT).boot_id == 2 and registry.pen(PORT).link == "down"
     registry.handle_link_event(PORT, LinkFailed("gone"), now)

@@ -163,8 +163,13 @@ def delivered(step: Step, port: str, message: Message) -> bool:
         pen.arm = arm_transition(pen.arm, ArmInput.STOP_CONFIRMED)
         if pen.arm is ArmState.DISARMED and before is not ArmState.DISARMED:
             pen.lease_token = None
-            pen.stopping = False
             step.out.leases.append(LeaseDirective(port, LeaseAction.STOP_RENEWING))
+            step.out.state_changed = True
+        if pen.arm is ArmState.DISARMED and pen.stopping:
+            # Our Stop is confirmed, also one sent to a pen we held disarmed (it ran
+            # unapproved): a running sample from here on is the pen's own doing, and
+            # the monitor and the unapproved-run rule must judge it again.
+            pen.stopping = False
             step.out.state_changed = True
         return True
     return False
