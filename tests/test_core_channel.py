@@ -175,6 +175,46 @@ async def test_unacknowledged_items_are_sent_again_to_a_new_edge(pair: Pair) -> 
         await client.stop()
 
 
+async def test_items_decided_while_a_new_edge_catches_up_do_not_overtake_older_ones(
+    pair: Pair,
+) -> None:
+    """An event waits unacknowledged for an edge; while the next edge is being brought
+    up (snapshot on its way) the core decides another. The edge must get both, oldest
+    first, and the core may forget them only once the edge secured both. (The newer
+    one went out at once, the edge took the older one for a resend and acknowledged
+    past it, and the core deleted it unsecured.)"""
+    await pair.client.stop()
+    channel = pair.channel
+    channel.events([(0, _event(0))])
+    assert [seq for seq, _, _ in channel._unacked] == [1]
+    snapshot = channel._snapshot
+
+    def snapshot_meanwhile() -> list[dict[str, Any]]:
+        # Decided on the core's loop between the edge's HELLO and its snapshot.
+        asyncio.get_running_loop().call_soon(channel.events, [(1, _event(1))])
+        return snapshot()
+
+    channel._snapshot = snapshot_meanwhile
+    items: list[StreamItem] = []
+
+    async def secured(item: StreamItem) -> None:
+        items.append(item)
+
+    client = CoreClient(channel.path, state_dir=pair.client.state_dir, on_stream=secured)
+    await client.start()
+    try:
+        await asyncio.wait_for(channel.drained(), 5)
+        secured_events = [event.detail["n"] for item in items for _, event in item.events]
+        assert secured_events == [0, 1]
+        assert [item.seq for item in items] == [1, 2]
+    finally:
+        await client.stop()
+
+
+def _event(n: int) -> SessionEvent:
+    return SessionEvent(EventKind.ARMED, float(n), "room1", "s1", {"n": n})
+
+
 async def test_without_the_core_an_action_fails_fast(tmp_path: Path) -> None:
     client = CoreClient(tmp_path / "nobody.sock", state_dir=tmp_path)
     await client.start()

@@ -122,6 +122,10 @@ class CoreChannel:
         self.counters = ChannelCounters()
         self._server: asyncio.AbstractServer | None = None
         self._edge: _EdgeConnection | None = None
+        #: Until the edge has its snapshot and every unacknowledged item, in order,
+        #: nothing newer may overtake them: STATE waits here, new items in _unacked.
+        self._catching_up = False
+        self._held_state: list[bytes] = []
         self._pending = _Pending()
         self._next_seq = 1
         #: (seq, encoded frame, has events) not yet acknowledged, oldest first.
@@ -190,8 +194,13 @@ class CoreChannel:
     def state(self, parts: dict[str, Any]) -> None:
         """Durable records an outcome changed (pens, sessions): the edge's mirror."""
         edge = self._edge
-        if edge is not None:
-            edge.send(encode_frame(Kind.STATE, encode_json(parts)))
+        if edge is None:
+            return
+        frame = encode_frame(Kind.STATE, encode_json(parts))
+        if self._catching_up:
+            self._held_state.append(frame)  # newer than the snapshot still on its way
+        else:
+            edge.send(frame)
 
     def flush(self) -> None:
         """Close the stream item being filled and send it."""
@@ -207,7 +216,7 @@ class CoreChannel:
         self._unacked_bytes += len(frame)
         self._all_acked.clear()
         self._bound_unacked()
-        if self._edge is not None:
+        if self._edge is not None and not self._catching_up:
             self._edge.send(frame)
             self.counters.items_sent += 1
 
@@ -244,6 +253,8 @@ class CoreChannel:
         if self._edge is not None:
             return False
         self._edge = edge
+        self._catching_up = True
+        self._held_state.clear()  # the snapshot below holds what they said
         self.counters.connects += 1
         self.flush()
         first = self._unacked[0][0] if self._unacked else self._next_seq
@@ -263,12 +274,22 @@ class CoreChannel:
             asyncio.get_running_loop().call_soon(self._send_snapshot, edge, docs, start + 16)
             return
         self._send_stats()  # the link statistics at once, not a stats interval later
-        for _, frame, _ in self._unacked:  # everything the last edge did not secure
+        for frame in self._held_state:  # what changed while the snapshot went out
             edge.send(frame)
+        self._held_state.clear()
+        # Everything the last edge did not secure and everything decided since, in
+        # order: had a newer item gone first, the edge would take the older ones for
+        # resent and acknowledge past them, and they would be deleted unsecured.
+        for _, frame, _ in self._unacked:
+            edge.send(frame)
+            self.counters.items_sent += 1
+        self._catching_up = False
 
     def _disconnected(self, edge: _EdgeConnection) -> None:
         if self._edge is edge:
             self._edge = None
+            self._catching_up = False
+            self._held_state.clear()
 
     def _on_frames(self, edge: _EdgeConnection, frames: list[tuple[int, bytes]]) -> None:
         handled = 0
