@@ -73,6 +73,10 @@ def check_api_port(settings: ServiceSettings) -> None:
         pass
 
 
+#: How long a clean stop waits for the edge to secure the last events and samples.
+WIND_DOWN_S = 5.0
+
+
 async def run_until_signalled(service: ControllerService, *, log_format: str = "console") -> None:
     """Run the core, and its edge if the API or MQTT is on, until SIGINT or SIGTERM."""
     stop = asyncio.Event()
@@ -91,7 +95,11 @@ async def run_until_signalled(service: ControllerService, *, log_format: str = "
     try:
         await stop.wait()
     finally:
+        # The pens go first, then the edge gets what is left to secure: stopped
+        # earlier, it would lose what the channel still holds unacknowledged.
         if edge is not None:
+            with contextlib.suppress(Exception):
+                await service.wind_down(within=WIND_DOWN_S)
             with contextlib.suppress(Exception):
                 await edge.stop()
         with contextlib.suppress(Exception):

@@ -192,6 +192,25 @@ class ControllerService:
         for pen in self.pens.values():
             self._tasks.append(asyncio.create_task(pen.link.run(), name=f"link-{pen.port}"))
 
+    async def wind_down(self, within: float | None = None) -> bool:
+        """Before a clean stop: let go of the pens (nothing new is decided after this),
+        make every record durable and wait, up to ``within`` seconds (None: as long as
+        it takes), until the edge has secured every event and sample told so far. True
+        if it did (or no edge was there to tell). Call before the edge is stopped: the
+        channel forgets what the edge has not acknowledged when it closes."""
+        for pen in self.pens.values():
+            await pen.link.close()
+        self.sync_records()
+        channel = self.core_channel
+        if channel is None or not channel.connected:
+            return channel is None or not channel.has_unacknowledged
+        try:
+            await asyncio.wait_for(channel.drained(), within)
+        except TimeoutError:
+            log.warning("the edge did not secure the last records before the stop")
+            return False
+        return True
+
     async def stop(self) -> None:
         for pen in self.pens.values():
             await pen.link.close()

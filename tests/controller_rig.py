@@ -62,9 +62,7 @@ class Rig:
             self.service.act(EndSession(sid, THERAPIST))
         assert self.runner is not None
         self.runner.close()
-        for pen in self.service.pens.values():
-            await pen.link.close()
-        await self.secured()
+        assert await self.service.wind_down()
 
     def pen(self, index: int = 0) -> SimulatedPen:
         return self.slots[index].pen

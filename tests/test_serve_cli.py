@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+from controller.config import load_settings
 from controller.journal import Journal
+from controller.serve_cli import run_until_signalled
+from controller.service import ControllerService
+from devtools.stack.processes import free_port, wait_for_port
+from firmware_protocol.messages import Telemetry
+
+from .controller_rig import eventually
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -85,3 +93,35 @@ async def test_serve_connects_simulated_pens_and_stops_cleanly(tmp_path: Path) -
     finally:
         sim.send_signal(signal.SIGTERM)
         await sim.wait()
+
+
+async def test_a_clean_stop_lets_the_edge_secure_the_last_samples(tmp_path: Path) -> None:
+    """SIGTERM: the core lets go of its pens, and the edge secures what was told last
+    before it is stopped. (The edge was stopped first: whatever the channel still held
+    unacknowledged, here the last samples not yet flushed, was lost.)"""
+    port = free_port()
+    settings = load_settings(
+        None,
+        state_dir=tmp_path / "state",
+        pens=[],
+        mqtt={"enabled": False},
+        api={"enabled": True, "port": port, "demo_users": True},
+    )
+    service = ControllerService(settings)
+    channel = service.core_channel
+    assert channel is not None
+    channel.flush_interval = 3600.0  # only the stop flushes what is told below
+    serving = asyncio.create_task(run_until_signalled(service))
+    try:
+        await wait_for_port("127.0.0.1", port, within=30)
+        await eventually(lambda: channel.connected, within=10, what="edge connected")
+        payload = Telemetry(1, 500, 498, 100, 300, 2500, 4000, 10, 0x03, 1).encode()
+        channel.telemetry(("room1", "SIM-1", None, None), 1.0, payload)
+        assert channel.has_unacknowledged or channel._pending.records  # told, not secured
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(serving, 30)
+    finally:
+        if not serving.done():
+            serving.cancel()
+    assert not channel.has_unacknowledged
+    assert channel.counters.samples == 1

@@ -166,6 +166,11 @@ class CoreChannel:
     def connected(self) -> bool:
         return self._edge is not None
 
+    @property
+    def has_unacknowledged(self) -> bool:
+        """Items told that no edge has secured yet."""
+        return bool(self._unacked)
+
     async def drained(self) -> None:
         """Return once the edge has secured everything told so far (tests, benchmarks)."""
         self.flush()
