@@ -98,6 +98,13 @@ def configure_logging(
         def factory(*_args: Any) -> structlog.PrintLogger:
             return structlog.PrintLogger(stream)  # type: ignore[arg-type]
 
+        # The standard library's records too (asyncio's "Exception in callback", a
+        # transport's fatal error when a cable is pulled): without a handler they go
+        # to logging.lastResort, which writes to stderr on the caller's thread.
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(_JsonFormatter() if fmt == "json" else _CONSOLE_FORMAT)
+        logging.basicConfig(handlers=[handler], level=max(level, logging.WARNING), force=True)
+
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
@@ -111,6 +118,24 @@ def configure_logging(
         logger_factory=factory,
         cache_logger_on_first_use=False,
     )
+
+
+_CONSOLE_FORMAT = logging.Formatter("%(asctime)s [%(levelname)-8s] %(name)s: %(message)s")
+
+
+class _JsonFormatter(logging.Formatter):
+    """A standard-library record as one JSON line, like structlog's (traceback inside)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "event": record.getMessage(),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "timestamp": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
+        }
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line)
 
 
 def _stderr_logger(*_args: Any) -> structlog.PrintLogger:

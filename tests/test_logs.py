@@ -9,13 +9,16 @@ import textwrap
 
 CHILD = textwrap.dedent(
     """
-    import structlog, sys, time
+    import logging, structlog, sys, time
     from controller.logs import configure_logging
     configure_logging("json", background=True)
     log = structlog.get_logger("test")
+    stdlib = logging.getLogger("asyncio")  # what asyncio's exception handler logs to
     started = time.monotonic()
     for i in range(50_000):  # ~4 MB: far more than a pipe holds
         log.info("line", number=i, padding="x" * 40)
+        if i % 10 == 0:
+            stdlib.error("Exception in callback %d", i)
     print(f"done {time.monotonic() - started:.3f}", flush=True)
     """
 )
@@ -42,3 +45,4 @@ def test_logging_carries_on_while_nobody_reads_stderr() -> None:
     assert '"log lines dropped"' in err  # the reader was that far behind, and told
     assert all(line.startswith("{") and line.endswith("}") for line in lines), lines[:3]
     assert '"number": 0' in lines[0]
+    assert '"event": "Exception in callback 0"' in err  # the standard library's too
