@@ -292,6 +292,11 @@ class ServiceSettings(PenctlSettings):
     influx: InfluxSection = Field(default_factory=InfluxSection)
     api: ApiSettings = Field(default_factory=ApiSettings)
 
+    @property
+    def runs_edge(self) -> bool:
+        """Whether the core starts the edge process: the tablet API or MQTT is on."""
+        return self.api.enabled or self.mqtt.enabled
+
     @field_validator("core_cpus")
     @classmethod
     def _cpus_exist(cls, cpus: list[int]) -> list[int]:

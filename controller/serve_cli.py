@@ -53,7 +53,7 @@ def _main(args: argparse.Namespace) -> int:
         # A broken users file stops the start here, not in a restarting edge.
         UserStore.for_api(settings.api.users_file, demo_users=settings.api.demo_users)
         check_api_port(settings)
-        service = ControllerService(settings)
+        service = build_service(settings)
     except (ConfigError, PolicyError, UsersFileError) as exc:
         print(f"penctl serve: {exc}", file=sys.stderr)
         return 2
@@ -62,6 +62,12 @@ def _main(args: argparse.Namespace) -> int:
         return 2
     asyncio.run(run_until_signalled(service, log_format=args.log_format))
     return 0
+
+
+def build_service(settings: ServiceSettings) -> ControllerService:
+    """The safety core, with a channel for its edge only if it will start one: a channel
+    nobody reads would keep every event it is told, unacknowledged, for good."""
+    return ControllerService(settings, channel=settings.runs_edge)
 
 
 def check_api_port(settings: ServiceSettings) -> None:
@@ -86,7 +92,7 @@ async def run_until_signalled(service: ControllerService, *, log_format: str = "
     await service.start()
     settings = service.settings
     edge = None
-    if settings.api.enabled or settings.mqtt.enabled:
+    if settings.runs_edge:
         edge = EdgeSupervisor(settings, service.socket_path, log_format=log_format)
         await edge.start()
     log.info(

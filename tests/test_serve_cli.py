@@ -11,7 +11,7 @@ from pathlib import Path
 
 from controller.config import load_settings
 from controller.journal import Journal
-from controller.serve_cli import run_until_signalled
+from controller.serve_cli import build_service, run_until_signalled
 from controller.service import ControllerService
 from devtools.stack.processes import free_port, wait_for_port
 from firmware_protocol.messages import Telemetry
@@ -125,3 +125,12 @@ async def test_a_clean_stop_lets_the_edge_secure_the_last_samples(tmp_path: Path
             serving.cancel()
     assert not channel.has_unacknowledged
     assert channel.counters.samples == 1
+
+
+def test_without_api_or_mqtt_the_core_keeps_no_channel(tmp_path: Path) -> None:
+    """Nobody would read it: every event told would be kept unacknowledged for good."""
+    off = {"enabled": False}
+    alone = build_service(load_settings(None, state_dir=tmp_path / "a", api=off, mqtt=off))
+    assert alone.core_channel is None and alone.socket_path == ""
+    served = build_service(load_settings(None, state_dir=tmp_path / "b", mqtt=off))
+    assert served.core_channel is not None

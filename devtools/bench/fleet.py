@@ -159,13 +159,15 @@ async def run_fleet(
                 api={"enabled": flood, "port": api_port, "demo_users": True},
                 core_cpus=list(core_cpus),
             )
-            service = ControllerService(settings, policy=bench_policy(Path(tmp)))
+            service = ControllerService(
+                settings, policy=bench_policy(Path(tmp)), channel=settings.runs_edge
+            )
             if slow_disk_s:
                 _slow_journal(service, slow_disk_s)
             await service.start()
             edge = None
             try:
-                if flood or mqtt_port is not None:
+                if settings.runs_edge:
                     edge = await _start_edge(settings, service.socket_path)
                 flooded: dict[str, Any] = {}
                 if flood:
