@@ -99,16 +99,7 @@ class Fanout:
         if now - self._last_live.get(port, 0.0) < self.live_period:
             return
         self._last_live[port] = now
-        item = LiveTelemetry(
-            port,
-            tags[2],
-            now,
-            sample.depth_set_um,
-            sample.depth_um,
-            sample.speed_hz,
-            sample.strokes,
-            sample.flags,
-        )
+        item = LiveTelemetry.of(port, tags[2], now, sample)
         for sub in self.subscribers:
             sub.offer(item)
 

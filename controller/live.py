@@ -20,6 +20,8 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from firmware_protocol.messages import Telemetry
+
 from .safety.context import GateContext, LinkStatus, SessionState
 from .sessions import SessionEvent
 
@@ -36,6 +38,20 @@ class LiveTelemetry:
     speed_hz: int
     strokes: int
     flags: int
+
+    @classmethod
+    def of(cls, port: str, session_id: str | None, at: float, sample: Telemetry) -> LiveTelemetry:
+        """What the live view shows of ``sample``, received at ``at``."""
+        return cls(
+            port,
+            session_id,
+            at,
+            sample.depth_set_um,
+            sample.depth_um,
+            sample.speed_hz,
+            sample.strokes,
+            sample.flags,
+        )
 
 
 LiveItem = SessionEvent | LiveTelemetry

@@ -30,7 +30,6 @@ class RegistryJournal:
         self.journal = journal
         self.writer = writer
         self.commits = commits
-        self.writes = 0
         self._live: dict[str, str] = {}  # port -> the live session last journaled there
 
     def read(self) -> dict[str, Any] | None:
@@ -66,7 +65,6 @@ class RegistryJournal:
                 self._live.pop(p, None)
             else:
                 self._live[p] = live
-        self.writes += 1
         return commit, parts
 
     def _read(self) -> dict[str, Any] | None:

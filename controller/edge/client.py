@@ -385,16 +385,7 @@ class CoreClient:
             pen.last_live = record.received_at
             sample = decode_message(Telemetry.TYPE, record.payload)
             assert isinstance(sample, Telemetry)
-            live = LiveTelemetry(
-                port,
-                session_id,
-                record.received_at,
-                sample.depth_set_um,
-                sample.depth_um,
-                sample.speed_hz,
-                sample.strokes,
-                sample.flags,
-            )
+            live = LiveTelemetry.of(port, session_id, record.received_at, sample)
             for sub in self._subscribers:
                 sub.offer(live)
 
