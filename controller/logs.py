@@ -95,8 +95,10 @@ def configure_logging(
     if background:
         stream = BackgroundStderr()
 
-        def factory(*_args: Any) -> structlog.PrintLogger:
-            return structlog.PrintLogger(stream)  # type: ignore[arg-type]
+        def factory(*_args: Any) -> structlog.WriteLogger:
+            # One write per line (PrintLogger writes the line and its end apart): a
+            # standard-library record from another thread cannot land in between.
+            return structlog.WriteLogger(stream)  # type: ignore[arg-type]
 
         # The standard library's records too (asyncio's "Exception in callback", a
         # transport's fatal error when a cable is pulled): without a handler they go
