@@ -159,9 +159,9 @@ async def run_fleet(
                 api={"enabled": flood, "port": api_port, "demo_users": True},
                 core_cpus=list(core_cpus),
             )
-            service = ControllerService(
-                settings, policy=bench_policy(Path(tmp)), channel=settings.runs_edge
-            )
+            # With its channel even where no edge runs: a deployed core always has one,
+            # and pays for it on every sample.
+            service = ControllerService(settings, policy=bench_policy(Path(tmp)))
             if slow_disk_s:
                 _slow_journal(service, slow_disk_s)
             await service.start()
