@@ -30,7 +30,7 @@ from .config import ConfigError, ServiceSettings, load_settings
 from .edge.supervisor import EdgeSupervisor
 from .logs import configure_logging
 from .policy import PolicyError
-from .service import ControllerService
+from .service import WIND_DOWN_S, ControllerService
 
 log = structlog.get_logger(__name__)
 
@@ -77,10 +77,6 @@ def check_api_port(settings: ServiceSettings) -> None:
         return
     with socket.create_server((api.host, api.port), reuse_port=False):
         pass
-
-
-#: How long a clean stop waits for the edge to secure the last events and samples.
-WIND_DOWN_S = 5.0
 
 
 async def run_until_signalled(service: ControllerService, *, log_format: str = "console") -> None:

@@ -67,6 +67,9 @@ from .sessions.records import Session
 
 log = structlog.get_logger(__name__)
 
+#: How long a clean stop waits for the edge to secure the last events and samples.
+WIND_DOWN_S = 5.0
+
 
 @dataclass
 class _PenRuntime:
@@ -196,15 +199,17 @@ class ControllerService:
         """Before a clean stop: let go of the pens (nothing new is decided after this),
         make every record durable and wait, up to ``within`` seconds (None: as long as
         it takes), until the edge has secured every event and sample told so far. True
-        if it did (or no edge was there to tell). Call before the edge is stopped: the
+        if it did (or the core has no channel). Call before the edge is stopped: the
         channel forgets what the edge has not acknowledged when it closes."""
         for pen in self.pens.values():
             await pen.link.close()
         self.sync_records()
         channel = self.core_channel
-        if channel is None or not channel.connected:
-            return channel is None or not channel.has_unacknowledged
+        if channel is None:
+            return True
         try:
+            # Also when no edge is connected right now (not yet up, or being restarted
+            # after a crash): the next one catches up and secures it, if in time.
             await asyncio.wait_for(channel.drained(), within)
         except TimeoutError:
             log.warning("the edge did not secure the last records before the stop")

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from controller.config import load_settings
+from controller.edge.supervisor import EdgeSupervisor
 from controller.journal import Journal
 from controller.serve_cli import build_service, run_until_signalled
 from controller.service import ControllerService
@@ -134,3 +135,39 @@ def test_without_api_or_mqtt_the_core_keeps_no_channel(tmp_path: Path) -> None:
     assert alone.core_channel is None and alone.socket_path == ""
     served = build_service(load_settings(None, state_dir=tmp_path / "b", mqtt=off))
     assert served.core_channel is not None
+
+
+async def test_a_stop_before_the_edge_is_up_waits_for_it_to_secure_what_was_told(
+    tmp_path: Path,
+) -> None:
+    """The stop comes while no edge is connected (still starting, or being restarted
+    after a crash): the core waits for the next one to catch up and secure what was
+    told, within its limit. The edge runs in a session of its own, so a Ctrl-C at the
+    core's terminal reaches only the core, which stops the edge after that."""
+    port = free_port()
+    settings = load_settings(
+        None,
+        state_dir=tmp_path / "state",
+        pens=[],
+        mqtt={"enabled": False},
+        api={"enabled": True, "port": port, "demo_users": True},
+    )
+    service = build_service(settings)
+    channel = service.core_channel
+    assert channel is not None
+    await service.start()
+    edge = EdgeSupervisor(settings, service.socket_path)
+    try:
+        payload = Telemetry(1, 500, 498, 100, 300, 2500, 4000, 10, 0x03, 1).encode()
+        channel.telemetry(("room1", "SIM-1", None, None), 1.0, payload)
+        winding = asyncio.create_task(service.wind_down(within=30))
+        await asyncio.sleep(0)  # the wind-down is waiting, with nobody connected
+        assert not channel.connected and not winding.done()
+        await edge.start()
+        assert await winding
+        assert not channel.has_unacknowledged
+        assert edge.process is not None
+        assert os.getpgid(edge.process.pid) != os.getpgrp()
+    finally:
+        await edge.stop()
+        await service.stop()

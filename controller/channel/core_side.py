@@ -168,8 +168,9 @@ class CoreChannel:
 
     @property
     def has_unacknowledged(self) -> bool:
-        """Items told that no edge has secured yet."""
-        return bool(self._unacked)
+        """Something told (flushed or not) that no edge has secured yet."""
+        pending = self._pending
+        return bool(self._unacked or pending.events or pending.records)
 
     async def drained(self) -> None:
         """Return once the edge has secured everything told so far (tests, benchmarks)."""

@@ -111,6 +111,10 @@ class EdgeSupervisor:
                     str(os.getpid()),
                     "--log-format",
                     self.log_format,
+                    # Its own session: a Ctrl-C in the core's terminal reaches only the
+                    # core, which lets the edge secure what is left before stopping it
+                    # (and a core that dies takes the edge with it: PDEATHSIG).
+                    start_new_session=True,
                 )
             except OSError as exc:
                 log.error("cannot start the edge process", error=str(exc))

@@ -20,7 +20,7 @@ from controller.config import load_settings
 from controller.edge.supervisor import EdgeSupervisor
 from controller.influx import InfluxClient, InfluxError, InfluxSettings
 from controller.policy import load_policy
-from controller.service import ControllerService
+from controller.service import WIND_DOWN_S, ControllerService
 from devtools.stack.processes import wait_for_port
 from devtools.stack.supervisor import MQTT_USERS, LocalStack, port_or_free, reap_leftovers
 from devtools.therapist import EventFeed
@@ -77,6 +77,7 @@ class Demo:
             log.warning("killed processes a previous demo left behind", pids=killed)
         runner: PenRunner | None = None
         service: ControllerService | None = None
+        edge: EdgeSupervisor | None = None
         tasks: list[asyncio.Task[None]] = []
         controls: list[ControlServer] = []
         stack = self._stack = LocalStack(self.state_dir)
@@ -112,7 +113,6 @@ class Demo:
             # the scripted clinic's therapists).
             edge = EdgeSupervisor(settings, service.socket_path)
             await edge.start()
-            tasks.append(asyncio.create_task(_stop_edge_when_cancelled(edge)))
             await wait_for_port("127.0.0.1", api_port, within=30.0)
             self.tablet_url = f"http://127.0.0.1:{api_port}/"
             scripted = self.pens - self.free
@@ -137,6 +137,14 @@ class Demo:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            # As penctl serve stops: the pens go, the edge secures what is left, then
+            # it stops (stopped first, it would lose what the channel still holds).
+            if service is not None and edge is not None:
+                with contextlib.suppress(Exception):
+                    await service.wind_down(within=WIND_DOWN_S)
+            if edge is not None:
+                with contextlib.suppress(Exception):
+                    await edge.stop()
             if service is not None:
                 with contextlib.suppress(Exception):
                     await service.stop()
@@ -216,10 +224,3 @@ class Demo:
             pens=pens,
             free=[f"room{i + 1}" for i in range(scripted, self.pens)],
         )
-
-
-async def _stop_edge_when_cancelled(edge: EdgeSupervisor) -> None:
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await edge.stop()
