@@ -9,11 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from controller.config import load_settings
+from controller.config import ServiceSettings, load_settings
 from controller.edge.supervisor import EdgeSupervisor
 from controller.journal import Journal
 from controller.serve_cli import build_service, run_until_signalled
-from controller.service import ControllerService
 from devtools.stack.processes import free_port, wait_for_port
 from firmware_protocol.messages import Telemetry
 
@@ -96,19 +95,24 @@ async def test_serve_connects_simulated_pens_and_stops_cleanly(tmp_path: Path) -
         await sim.wait()
 
 
-async def test_a_clean_stop_lets_the_edge_secure_the_last_samples(tmp_path: Path) -> None:
-    """SIGTERM: the core lets go of its pens, and the edge secures what was told last
-    before it is stopped. (The edge was stopped first: whatever the channel still held
-    unacknowledged, here the last samples not yet flushed, was lost.)"""
-    port = free_port()
-    settings = load_settings(
+def _core_with_an_api(tmp_path: Path) -> ServiceSettings:
+    """A core with no pens whose edge serves the tablet API (MQTT off) on a free port."""
+    return load_settings(
         None,
         state_dir=tmp_path / "state",
         pens=[],
         mqtt={"enabled": False},
-        api={"enabled": True, "port": port, "demo_users": True},
+        api={"enabled": True, "port": free_port(), "demo_users": True},
     )
-    service = ControllerService(settings)
+
+
+async def test_a_clean_stop_lets_the_edge_secure_the_last_samples(tmp_path: Path) -> None:
+    """SIGTERM: the core lets go of its pens, and the edge secures what was told last
+    before it is stopped. (The edge was stopped first: whatever the channel still held
+    unacknowledged, here the last samples not yet flushed, was lost.)"""
+    settings = _core_with_an_api(tmp_path)
+    port = settings.api.port
+    service = build_service(settings)
     channel = service.core_channel
     assert channel is not None
     channel.flush_interval = 3600.0  # only the stop flushes what is told below
@@ -144,14 +148,7 @@ async def test_a_stop_before_the_edge_is_up_waits_for_it_to_secure_what_was_told
     after a crash): the core waits for the next one to catch up and secure what was
     told, within its limit. The edge runs in a session of its own, so a Ctrl-C at the
     core's terminal reaches only the core, which stops the edge after that."""
-    port = free_port()
-    settings = load_settings(
-        None,
-        state_dir=tmp_path / "state",
-        pens=[],
-        mqtt={"enabled": False},
-        api={"enabled": True, "port": port, "demo_users": True},
-    )
+    settings = _core_with_an_api(tmp_path)
     service = build_service(settings)
     channel = service.core_channel
     assert channel is not None
