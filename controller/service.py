@@ -504,12 +504,11 @@ class ControllerService:
             if pen is None:
                 continue
             # Cheap lookups only: this runs on every state change, at pass rate.
-            zone = self.registry.gate_context(port).zone
             pen.tags = (
                 port,
                 pen.serial,
                 self.registry.live_session_id(port),
-                zone.zone_id if zone else None,
+                self.registry.current_zone(port),
             )
 
     def _withdraw_arm(self, port: str, token: int, why: str) -> None:

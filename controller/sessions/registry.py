@@ -144,6 +144,14 @@ class SessionRegistry:
     def ledger(self) -> CartridgeLedger:
         return self._store.ledger
 
+    def current_zone(self, port: str) -> str | None:
+        """The zone the session live on ``port`` is treating, if any (cheap: no context
+        is built; it tags every telemetry sample)."""
+        session = self._store.live(port)
+        if session is None or session.current_zone not in session.zones:
+            return None
+        return session.current_zone
+
     def gate_context(self, port: str) -> GateContext:
         """The context the gate sees for this pen right now."""
         return self._step(0.0).context(port, self._store.live(port))
