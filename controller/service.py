@@ -26,7 +26,7 @@ import concurrent.futures
 import gc
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +39,7 @@ from firmware_protocol.messages import Telemetry
 from .audit import AuditEntry, AuditLog, AuditRecord, read_recent
 from .channel.core_side import CoreChannel, PenTags, socket_path
 from .channel.messages import decode_action
+from .commit_window import CommitWindow, Serialised
 from .config import PenEndpoint, ServiceSettings
 from .cpus import pin_core
 from .durable_writer import DurableWriter, GroupCommit
@@ -126,6 +127,7 @@ class ControllerService:
             "journal and audit",
         )
         self.records = RegistryJournal(self.journal, self.writer, self.commits)
+        self.window = CommitWindow(self.records, self.commits, lambda: self.registry)
         self.fanout = Fanout(self.live_rate_hz)
         self.executor = OutcomeExecutor(
             send=self._send,
@@ -223,6 +225,7 @@ class ControllerService:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        self.window.flush()
         self.writer.close()  # every queued record lands, then its events go out
         self.executor.publish_ready_events()
         if self.core_channel is not None:
@@ -362,11 +365,14 @@ class ControllerService:
         """Wait until every journal and audit record decided so far is on disk, and
         publish the events that were waiting for them (tests; never on a running loop's
         hot path)."""
+        self.window.flush()
         self.writer.call(lambda: None, "sync")
         self.executor.publish_ready_events()
 
     def journaled_registry(self) -> dict[str, Any] | None:
-        """The registry as the journal holds it (see controller/persistence.py)."""
+        """The registry as the journal holds it (see controller/persistence.py), with
+        every record decided so far."""
+        self.window.flush()
         return self.records.read()
 
     # === the channel: what the edge is told, and the one thing it may ask ==============
@@ -486,19 +492,29 @@ class ControllerService:
             self._pen_watchers.changed(port)
 
     def _commit(self, outcome: Outcome, port: str | None) -> concurrent.futures.Future[Any] | None:
-        """Queue the outcome's journal and audit records; the future of the last one."""
-        commit: concurrent.futures.Future[Any] | None = None
+        """Note the outcome's journal and audit records (see controller/commit_window.py);
+        the future of the commit that will hold them."""
+        if not outcome.state_changed and not outcome.audit:
+            return None
+        commit, serialised = self.window.add(
+            port,
+            also=outcome.also_changed,
+            state=outcome.state_changed,
+            audit=outcome.audit,
+        )
+        self.counters.audit_records += len(outcome.audit)
         if outcome.state_changed:
-            commit, parts = self.records.save(self.registry, port, outcome.also_changed)
-            self._refresh_tags(parts["pens"])
-            self.executor.after(commit, lambda: self.fanout.state(parts))
-        if outcome.audit:
-            entries = list(outcome.audit)
-            commit = self.commits.add(b=entries)
-            self.counters.audit_records += len(entries)
+            self._refresh_tags(self.pens if port is None else (port,))
+        if serialised is not None:
+
+            def tell_edge(parts: Serialised = serialised) -> None:
+                if parts.parts is not None:  # None: its serialisation failed (logged)
+                    self.fanout.state(parts.parts)
+
+            self.executor.after(commit, tell_edge)
         return commit
 
-    def _refresh_tags(self, ports: Mapping[str, Any]) -> None:
+    def _refresh_tags(self, ports: Iterable[str]) -> None:
         for port in ports:
             pen = self.pens.get(port)
             if pen is None:
