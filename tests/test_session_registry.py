@@ -535,6 +535,37 @@ def test_a_pen_that_runs_on_after_confirming_our_stop_is_stopped_again() -> None
     assert stops(again) == [HostStopReason.FAULT]
 
 
+def test_an_idle_sample_before_a_late_motor_stopped_is_not_taken_for_a_run() -> None:
+    """Our Stop after an overshoot is confirmed, and the pen's MotorStopped is lost on the
+    line (it comes again later). Until then we still believe the motor runs; the pen's
+    next samples show it idle, and the pen applies a Stop before it sends any later
+    frame. Those samples must not be judged a run without approval: no second Stop, no
+    fault "running without an approved setting" on the therapist's tablet and in the
+    audit log. The resent MotorStopped then closes the pass once."""
+    bench = treating(depth=800)
+    pen = bench.pens[PORT]
+    bench.pen_says(pen.press())
+    breach = [m for m in pen.sample(900, strokes=10) if isinstance(m, Telemetry)][-1]
+    stopped = bench.registry.handle_link_event(PORT, MessageReceived(breach), bench.tick())
+    assert stops(stopped) == [HostStopReason.DEPTH_OVERSHOOT]
+    stop = next(c.message for c in stopped.commands if isinstance(c.message, Stop))
+    answers = pen.apply(stop)  # MotorStopped and Disarmed: lost on the line, for now
+    bench.registry.handle_link_event(PORT, Delivered(1, stop), bench.tick())
+    assert bench.registry.pen(PORT).motor_running  # what we last heard
+    pen.pending_telemetry.clear()
+    pen.advance(bench.tick(0.05))
+    idle = pen.pending_telemetry[-1]
+    assert not idle.flags & TelemetryFlag.MOTOR_RUNNING
+    judged = bench.registry.handle_link_event(PORT, MessageReceived(idle), bench.tick())
+    assert stops(judged) == [] and not judged.audit and not judged.events
+    for message in answers:  # the pen resends them
+        bench.registry.handle_link_event(PORT, MessageReceived(message), bench.tick())
+    session = bench.registry.session(SID)
+    assert session is not None and session.fault is not None
+    assert session.fault.kind == "depth_overshoot"
+    assert [p.number for p in session.passes] == [1] and session.current_pass is None
+
+
 def test_firmware_protocol_events_are_accepted_directly() -> None:
     registry = SessionRegistry(load_policy(), ports=PORTS)
     now = 1_800_000_000.0

@@ -18,7 +18,12 @@ A sample is a reason to stop at once when the needle is running and:
    controller's own Stop is on its way and not yet confirmed: the pen sends every
    frame after applying a Stop, so a running sample before the confirmation was
    taken before the Stop landed (a pause mid-pass), and is no reason to fault.
-   Should the pen run on once it confirmed the Stop, the registry faults it;
+   Should the pen run on once it confirmed the Stop, the registry faults it.
+   Rules 1 and 4 go by the sample's own MOTOR_RUNNING flag, not by the MotorStarted
+   last heard: once a Stop is confirmed, a sample showing the motor idle is the
+   pen's word that it stopped, even if its MotorStopped was lost and is yet to come
+   again (judged by our belief, such a sample faulted the session a second time,
+   "running without an approved setting");
 5. the pen's own setpoint is deeper than the zone allows (the pen disagrees
    with what was approved) -> ``FAULT``;
 6. the pen's measured telemetry rate fell below the policy's minimum -> ``FAULT``;
@@ -66,9 +71,12 @@ class StopDecision:
 
 def check_telemetry(ctx: GateContext, sample: Telemetry) -> StopDecision | None:
     """A StopDecision when the sample breaches a limit (see the module docstring), else None."""
-    running = ctx.motor_running or bool(sample.flags & TelemetryFlag.MOTOR_RUNNING)
-    if not running:
+    says_running = bool(sample.flags & TelemetryFlag.MOTOR_RUNNING)
+    if not (ctx.motor_running or says_running):
         return None
+    # Rules 1 and 4 (a run with no approval) go by the pen's own word, and wait while
+    # our Stop is on its way; see the module docstring.
+    judge_unapproved = says_running and not ctx.stop_sent
     details: dict[str, Any] = {
         "depth_um": sample.depth_um,
         "pen_depth_set_um": sample.depth_set_um,
@@ -78,7 +86,7 @@ def check_telemetry(ctx: GateContext, sample: Telemetry) -> StopDecision | None:
     zone = ctx.zone
     setpoint = ctx.depth_setpoint_um
     if zone is None or setpoint is None:
-        return None if ctx.stop_sent else _unapproved(details)
+        return _unapproved(details) if judge_unapproved else None
     details.update(
         zone_id=zone.zone_id,
         zone_limit_um=zone.max_depth_um,
@@ -110,7 +118,7 @@ def check_telemetry(ctx: GateContext, sample: Telemetry) -> StopDecision | None:
             details,
         )
     if ctx.session_state is not SessionState.ACTIVE or ctx.fault is not None:
-        return None if ctx.stop_sent else _unapproved(details)
+        return _unapproved(details) if judge_unapproved else None
     if sample.depth_set_um > zone.max_depth_um:
         return StopDecision(
             HostStopReason.FAULT,
