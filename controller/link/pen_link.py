@@ -34,7 +34,7 @@ from firmware_protocol import (
     LinkState,
     PeerRebooted,
 )
-from firmware_protocol.messages import Disarm, HostStopReason, Identity, Message, Renew, Stop
+from firmware_protocol.messages import HostStopReason, Identity, Message, Renew, Stop
 
 from .lease import LeaseKeeper
 
@@ -122,20 +122,9 @@ class PenLink:
         await self._ready.wait()
 
     def send(self, message: Message) -> int | None:
-        """Send a message now. NotReadyError if the link is not up; LinkBusyError if full.
-
-        After a Stop or Disarm is written the thread gives up its CPU once
-        (``os.sched_yield``), so the kernel carries the bytes to the pen before the
-        controller goes on with the bookkeeping that follows a Stop. On a
-        pseudo-terminal a kernel worker moves written bytes to the other side; on a
-        core pinned to one CPU (``core_cpus``) that worker otherwise waited for the
-        loop's next sleep, 0.5 ms later (penctl bench reaction: the leg from Stop
-        written to Stop read had a p99 of 0.73-0.83 ms, 0.18-0.27 ms with the yield).
-        """
+        """Send a message now. NotReadyError if the link is not up; LinkBusyError if full."""
         seq = self.conn.send(message, self._now())
         self._flush()
-        if isinstance(message, Stop | Disarm):
-            os.sched_yield()
         return seq
 
     def keep_armed(self, token: int, lease_ms: int) -> None:
