@@ -8,25 +8,29 @@ arrive within a millisecond. Another pen's breaching frame that arrived
 meanwhile waited for all of it (penctl bench reaction: the tail of the quiet row).
 
 Here an outcome only notes what it changed; :meth:`CommitWindow.add` returns the
-future of the commit that will hold it. ``window_s`` after the first note, the
-pens noted are serialised (the state *then*, which includes every outcome noted)
-and handed to the writer with the audit entries, in the order they were decided;
-one pen per loop turn, each after the I/O that is ready by then, so a breaching
-frame never waits for more than one pen's serialisation.
+future of the commit that will hold it. ``window_s`` after its first note a
+window is sealed (later notes open the next one) and its pens are serialised,
+the state *then*, which includes every outcome noted: one pen per loop turn, on
+a timer, so after the I/O that is ready by then; a breaching frame waits for at
+most one pen's serialisation. A sealed window's rows and audit entries are
+queued as one commit (one journal transaction, then the audit entries: the
+audit never holds what the journal does not), windows in the order they opened.
 
-What this changes, and why it is safe: a record reaches the writer up to
-``window_s`` later. Nothing that depends on a record happens before it is
+What this changes, and why it is safe: a record reaches the writer a few
+milliseconds later. Nothing that depends on a record happens before it is
 durable (an Arm is held for its commit, events are published after it), and a
-Stop never waits for any of this. A crash inside the window loses the same
-thing a crash before the writer's commit always could: decisions nobody acted on.
+Stop never waits for any of this. A crash before the commit loses the same
+thing a crash before the writer's commit always could: decisions nobody acted
+on; the journal moves from one window's end state to the next, never to a mix.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import structlog
@@ -39,8 +43,8 @@ from .sessions import SessionRegistry
 
 log = structlog.get_logger(__name__)
 
-#: How long a pen's records gather before they are serialised: the pen's answers to
-#: a Stop (acknowledged, motor stopped, disarmed) come within about a millisecond.
+#: How long a window takes notes before it is serialised: the pen's answers to a
+#: Stop (acknowledged, motor stopped, disarmed) come within about a millisecond.
 WINDOW_S: Final = 0.002
 
 Commit = concurrent.futures.Future[Any]
@@ -50,14 +54,27 @@ ALL: Final = "*"  # the key for "every live pen" (a save after a restart)
 
 @dataclass
 class Serialised:
-    """A pen's documents as written, once its window is serialised (None until then)."""
+    """A pen's documents as written, once its window is serialised (None until then,
+    and for good if its serialisation failed)."""
 
     parts: Parts | None = None
 
 
+@dataclass
+class _Window:
+    future: Commit
+    deadline: float = 0.0  # loop time at which it is sealed
+    #: Pens to serialise (ALL: every live one), with the sessions each must include.
+    ports: dict[str, set[str]] = field(default_factory=dict)
+    slots: dict[str, Serialised] = field(default_factory=dict)
+    audit: list[AuditEntry] = field(default_factory=list)
+    rows: list[JournalRow] = field(default_factory=list)
+    error: BaseException | None = None
+
+
 class CommitWindow:
     """See the module docstring. Every method is called on the event loop (or with none
-    running, when each call is carried out at once)."""
+    running, when each note is serialised and queued at once)."""
 
     def __init__(
         self,
@@ -70,19 +87,16 @@ class CommitWindow:
         self._commits = commits
         self._registry = registry
         self.window_s = window_s
-        self._future: Commit | None = None
-        #: Pens to serialise (ALL: every live one), with the other sessions each changed;
-        #: in the order first noted.
-        self._ports: dict[str, set[str]] = {}
-        self._slots: dict[str, Serialised] = {}
-        self._audit: list[AuditEntry] = []
-        self._last: Commit | None = None
+        self._open: _Window | None = None
+        self._sealed: collections.deque[_Window] = collections.deque()
         self._timer: asyncio.TimerHandle | None = None
-        self.flushes = 0
+        self._closed = False
+        self.windows = 0
 
     @property
     def pending(self) -> bool:
-        return self._future is not None
+        """Records are noted that are not yet queued for the writer."""
+        return self._open is not None or bool(self._sealed)
 
     def add(
         self,
@@ -95,11 +109,20 @@ class CommitWindow:
         """Note an outcome's records: the state of ``port`` (None: every live pen) if
         ``state``, and ``audit`` entries. Returns the future of the commit that will
         hold them and, the first time this window notes the pen, where its documents
-        will be once serialised (None when already noted, or no state)."""
-        future = self._future
-        if future is None:
-            future = self._future = concurrent.futures.Future()
-            self._schedule(self.window_s)
+        will be once serialised (None when already noted, or no state).
+
+        RuntimeError once closed: nothing can be recorded any more.
+        """
+        if self._closed:
+            raise RuntimeError("records cannot be saved: the journal is closed")
+        window = self._open
+        running = _running_loop()
+        if window is None:
+            window = self._open = _Window(concurrent.futures.Future())
+            if running is not None:
+                window.deadline = running.time() + self.window_s
+                if self._timer is None:
+                    self._schedule(running, window.deadline)
         slot = None
         if state:
             key = ALL if port is None else port
@@ -108,92 +131,101 @@ class CommitWindow:
             # never journaled as the port's live one, and would otherwise be left out.
             registry = self._registry()
             live = registry.live_session_ids() if port is None else {registry.live_session_id(port)}
-            self._ports.setdefault(key, set()).update(also, (s for s in live if s))
-            if key not in self._slots:
-                slot = self._slots[key] = Serialised()
-        self._audit.extend(audit)
-        if not self._loop_running():
+            window.ports.setdefault(key, set()).update(also, (s for s in live if s))
+            if key not in window.slots:
+                slot = window.slots[key] = Serialised()
+        window.audit.extend(audit)
+        if running is None:
             self.flush()
-        return future, slot
+        return window.future, slot
 
     def flush(self) -> None:
         """Serialise and queue everything noted so far, now (a clean stop, a sync)."""
         self._cancel_timer()
-        while self._future is not None:
+        self._seal()
+        while self._sealed:
             self._step()
+
+    def close(self) -> None:
+        """Flush, and refuse any later note (the writer is about to stop)."""
+        self.flush()
+        self._closed = True
 
     # === internals ======================================================================
 
-    def _loop_running(self) -> bool:
-        try:
-            asyncio.get_running_loop()
-        except RuntimeError:
-            return False
-        return True
-
-    def _schedule(self, delay: float) -> None:
-        if not self._loop_running():
-            return
-        loop = asyncio.get_running_loop()
+    def _schedule(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
         # A timer, not call_soon: timers run after the I/O that is ready in the same
         # turn, so a pen's breaching frame goes before this bookkeeping.
-        self._timer = loop.call_at(loop.time() + delay, self._on_timer)
+        self._timer = loop.call_at(when, self._on_timer)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
+    def _seal(self) -> None:
+        if self._open is not None:
+            self._sealed.append(self._open)
+            self._open = None
+
     def _on_timer(self) -> None:
         self._timer = None
-        self._step()
-        if self._future is not None:
-            self._schedule(0.0)  # the next pen after the I/O that came meanwhile
+        loop = asyncio.get_running_loop()
+        if self._open is not None and loop.time() >= self._open.deadline:
+            self._seal()
+        if self._sealed:
+            self._step()
+        if self._sealed:
+            self._schedule(loop, loop.time())  # the next pen, after the I/O that came
+        elif self._open is not None:
+            self._schedule(loop, self._open.deadline)
 
     def _step(self) -> None:
-        """Serialise one noted pen; once none is left, queue the window's audit entries
-        after them (the audit never holds what the journal does not) and finish."""
-        future = self._future
-        assert future is not None
-        try:
-            if self._ports:
-                key = next(iter(self._ports))
-                also = self._ports.pop(key)
-                slot = self._slots.pop(key)
-                commit, slot.parts = self._records.save(
+        """Serialise one pen of the oldest sealed window; queue the window once done."""
+        window = self._sealed[0]
+        if window.ports:
+            key = next(iter(window.ports))
+            also = window.ports.pop(key)
+            slot = window.slots.pop(key)
+            try:
+                rows, slot.parts = self._records.serialise(
                     self._registry(), None if key == ALL else key, also
                 )
-                self._last = commit
-                if self._ports:
-                    return
-            if self._audit:
-                entries, self._audit = self._audit, []
-                self._last = self._commits.add(b=entries)
-        except Exception as exc:  # a bug while serialising: fail what waits, loudly
-            log.exception("records could not be serialised")
-            self._finish(future, exc)
-            return
-        self._finish(future, None)
+                window.rows += rows
+            except Exception as exc:  # a bug: the other pens are still written
+                log.exception("records could not be serialised", port=key)
+                window.error = window.error or exc
+            if window.ports:
+                return
+        self._sealed.popleft()
+        self.windows += 1
+        self._queue(window)
 
-    def _finish(self, future: Commit, error: BaseException | None) -> None:
-        self._future = None
-        self._ports.clear()
-        self._slots.clear()
-        self.flushes += 1
-        last, self._last = self._last, None
-        if error is not None:
-            future.set_exception(error)
+    def _queue(self, window: _Window) -> None:
+        future, error = window.future, window.error
+        if not window.rows and not window.audit:
+            _settle(future, error)
             return
-        if last is None:
-            future.set_result(None)
+        try:
+            commit = self._commits.add(a=window.rows, b=window.audit)
+        except Exception as exc:  # the writer has stopped
+            log.exception("records could not be queued")
+            future.set_exception(exc)
             return
+        # A failure to serialise fails what waits for this window (an Arm is withdrawn),
+        # but only once the rest of it is durable.
+        commit.add_done_callback(lambda done: _settle(future, error or done.exception()))
 
-        def settle(done: Commit) -> None:
-            exc = done.exception()
-            if exc is not None:
-                future.set_exception(exc)
-            else:
-                future.set_result(None)
 
-        # The writer is in order: its last commit of this window landing means all did.
-        last.add_done_callback(settle)
+def _settle(future: Commit, error: BaseException | None) -> None:
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(None)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

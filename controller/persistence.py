@@ -40,7 +40,15 @@ class RegistryJournal:
         self, registry: SessionRegistry, port: str | None, also: Iterable[str] = ()
     ) -> tuple[concurrent.futures.Future[None], dict[str, Any]]:
         """Queue what the input on ``port`` can have changed (None: everything live); the
-        commit's future and the parts written (what the edge is told once it lands).
+        commit's future and the parts written (what the edge is told once it lands)."""
+        rows, parts = self.serialise(registry, port, also)
+        return self.commits.add(a=rows), parts
+
+    def serialise(
+        self, registry: SessionRegistry, port: str | None, also: Iterable[str] = ()
+    ) -> tuple[list[JournalRow], dict[str, Any]]:
+        """The rows that record what the input on ``port`` can have changed (None:
+        everything live), and the parts they hold; the caller queues the rows.
 
         An input changes one port's pen, the session live there before or after it,
         and that session's cartridges; ``also`` names other sessions it changed.
@@ -58,14 +66,14 @@ class RegistryJournal:
         docs += [("pen", p, body) for p, body in parts["pens"].items()]
         docs += [("session", sid, body) for sid, body in parts["sessions"].items()]
         docs += [("cartridge", cid, body) for cid, body in parts["ledger"].items()]
-        commit = self.commits.add(a=self.journal.encode(docs))
+        rows = self.journal.encode(docs)
         for p in ports:
             live = registry.live_session_id(p)
             if live is None:
                 self._live.pop(p, None)
             else:
                 self._live[p] = live
-        return commit, parts
+        return rows, parts
 
     def _read(self) -> dict[str, Any] | None:
         meta = self.journal.load(*REGISTRY_DOC)

@@ -225,7 +225,7 @@ class ControllerService:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
-        self.window.flush()
+        self.window.close()
         self.writer.close()  # every queued record lands, then its events go out
         self.executor.publish_ready_events()
         if self.core_channel is not None:

@@ -6,9 +6,10 @@ writer thread) with simulated pens on pseudo-terminals.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,14 +49,14 @@ def _journaled_session(state_dir: Path, session_id: str) -> dict[str, Any] | Non
 def _count_saves(monkeypatch: pytest.MonkeyPatch, records: RegistryJournal) -> list[dict[str, Any]]:
     """Every serialisation of the registry from now on: the parts it wrote."""
     saved: list[dict[str, Any]] = []
-    original = records.save
+    original = records.serialise
 
-    def save(registry: SessionRegistry, port: str | None, also: Iterable[str] = ()) -> Any:
-        commit, parts = original(registry, port, also)
+    def serialise(registry: SessionRegistry, port: str | None, also: Iterable[str] = ()) -> Any:
+        rows, parts = original(registry, port, also)
         saved.append(parts)
-        return commit, parts
+        return rows, parts
 
-    monkeypatch.setattr(records, "save", save)
+    monkeypatch.setattr(records, "serialise", serialise)
     return saved
 
 
@@ -104,27 +105,91 @@ async def test_audit_entries_land_after_the_state_they_describe(
     assert landed.index("journal session") < first_audit, landed
 
 
-async def test_a_failed_serialisation_fails_what_waits_for_it_and_the_next_window_works(
-    rig: Rig, monkeypatch: pytest.MonkeyPatch
+@pytest.fixture
+async def two_pens(tmp_path: Path) -> AsyncIterator[Rig]:
+    rig, collector = await start_rig(tmp_path, pens=2)
+    yield rig
+    await stop_rig(rig, collector)
+
+
+def _fail_for(monkeypatch: pytest.MonkeyPatch, records: RegistryJournal, port: str) -> None:
+    original = records.serialise
+
+    def serialise(registry: SessionRegistry, which: str | None, also: Iterable[str] = ()) -> Any:
+        if which == port:
+            raise ValueError("cannot encode")
+        return original(registry, which, also)
+
+    monkeypatch.setattr(records, "serialise", serialise)
+
+
+async def test_a_pen_that_cannot_be_serialised_fails_its_window_not_the_other_pens(
+    two_pens: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    svc, therapist = rig.service, rig.therapist()
-    sid = therapist.open_session("client-ref-1", "full_face")
+    """A bug while serialising one pen: what waits for the window fails (an Arm would be
+    withdrawn), and everything else noted in it is still written."""
+    rig, svc = two_pens, two_pens.service
+    _fail_for(monkeypatch, svc.records, rig.port(0))
+    failing, _ = svc.window.add(rig.port(0), state=True)
+    sid = rig.therapist(1).open_session("client-ref-2", "full_face")
+    rig.therapist(1).end_session(sid)
     svc.sync_records()
-    original = svc.records.save
-
-    def broken(registry: SessionRegistry, port: str | None, also: Iterable[str] = ()) -> Any:
-        raise ValueError("cannot encode")
-
-    monkeypatch.setattr(svc.records, "save", broken)
-    commit, _ = svc.window.add(rig.port(), state=True)
-    svc.window.flush()
     with pytest.raises(ValueError, match="cannot encode"):
-        commit.result(5)
-    monkeypatch.setattr(svc.records, "save", original)
-    therapist.select_zone(sid, "cheeks")
-    await rig.wait_event(EventKind.ZONE_SELECTED)
+        failing.result(5)
     journaled = _journaled_session(svc.settings.state_dir, sid)
-    assert journaled is not None and journaled["current_zone"] == "cheeks"
+    assert journaled is not None and journaled["state"] == "ended"
+    # The next window is written as usual.
+    monkeypatch.undo()
+    other = rig.therapist(0).open_session("client-ref-1", "full_face")
+    svc.sync_records()
+    assert _journaled_session(svc.settings.state_dir, other) is not None
+
+
+async def test_a_window_is_written_as_one_transaction(
+    two_pens: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every pen of a window lands together with the meta document (the next arming
+    token, the pens that left their port): a crash leaves the journal at one window's
+    end state or the one before, never a mix of pens from different moments."""
+    rig, svc = two_pens, two_pens.service
+    queued: list[set[tuple[str, str]]] = []  # the journal rows of each commit queued
+    add = svc.commits.add
+
+    def commits_add(a: Sequence[JournalRow] = (), b: Sequence[AuditEntry] = ()) -> Any:
+        queued.append({(row[0], row[1]) for row in a})
+        return add(a, b)
+
+    monkeypatch.setattr(svc.commits, "add", commits_add)
+    first = rig.therapist(0).open_session("client-ref-1", "full_face")
+    second = rig.therapist(1).open_session("client-ref-2", "full_face")
+    svc.sync_records()
+    assert queued == [
+        {
+            ("registry", "main"),
+            ("pen", rig.port(0)),
+            ("pen", rig.port(1)),
+            ("session", first),
+            ("session", second),
+        }
+    ]
+
+
+async def test_a_window_is_written_while_notes_keep_coming(two_pens: Rig) -> None:
+    """Notes made once a window is sealed go to the next one: a stream of changes to
+    the pens in turn (a flood of actions through the edge) never holds a window, and
+    the Arms and events waiting for it, open."""
+    rig, svc = two_pens, two_pens.service
+    first, _ = svc.window.add(rig.port(0), state=True)
+    done = asyncio.wrap_future(first)
+    noted = 0
+    async with asyncio.timeout(5):
+        while not done.done():
+            for pen in (0, 1):
+                svc.window.add(rig.port(pen), state=True)
+                noted += 1
+            await asyncio.sleep(0)
+    await done
+    assert noted > 1 and svc.window.pending  # the stream goes on into later windows
 
 
 def test_without_a_running_loop_records_are_queued_at_once(tmp_path: Path) -> None:
