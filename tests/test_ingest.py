@@ -524,13 +524,21 @@ async def test_killed_worker_restarts_and_loses_nothing(
         await publisher
         await await_count(influxd, "telemetry", len(stream) * SAMPLES, 60, field="depth_um")
         await await_count(influxd, "telemetry_batches", len(stream), 10)
+        # The second life gets the first one's unacknowledged messages again. Not
+        # "once InfluxDB holds everything": a write that InfluxDB answered 500 while
+        # shutting down can have landed, so the count can be complete while the
+        # broker's redelivery of that batch is still on its way (a time-out here).
         after = await read_stats(
-            mosquitto.port, stats_topic, lambda s: s["online"] and s["acked"] == s["messages"]
+            mosquitto.port,
+            stats_topic,
+            lambda s: (
+                s["online"]
+                and s["acked"] == s["messages"]
+                and before["acked"] + s["messages"] >= len(stream)
+            ),
         )
         second.send_signal(signal.SIGTERM)
         assert second.wait(20) == 0
-    # The second life got the first one's unacknowledged messages again.
-    assert before["acked"] + after["messages"] >= len(stream)
     assert after["dead_letters"] == 0
 
 
