@@ -13,8 +13,10 @@ window is sealed (later notes open the next one) and its pens are serialised,
 the state *then*, which includes every outcome noted: one pen per loop turn, on
 a timer, so after the I/O that is ready by then; a breaching frame waits for at
 most one pen's serialisation. A sealed window's rows and audit entries are
-queued as one commit (one journal transaction, then the audit entries: the
-audit never holds what the journal does not), windows in the order they opened.
+queued as one commit (one journal transaction, then the audit entries, written
+even if the journal's failed), windows in the order they opened. A window whose
+commit fails is noted again into the next window: its pens and sessions are
+serialised afresh (their state then) instead of being taken for journaled.
 
 What this changes, and why it is safe: a record reaches the writer a few
 milliseconds later. Nothing that depends on a record happens before it is
@@ -69,6 +71,8 @@ class _Window:
     slots: dict[str, Serialised] = field(default_factory=dict)
     audit: list[AuditEntry] = field(default_factory=list)
     rows: list[JournalRow] = field(default_factory=list)
+    #: What was serialised, for a resend if the commit fails.
+    noted: list[tuple[str, set[str]]] = field(default_factory=list)
     error: BaseException | None = None
 
 
@@ -92,6 +96,8 @@ class CommitWindow:
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
         self.windows = 0
+        # What failed commits held, to be noted again (appended on the writer's thread).
+        self._resend: collections.deque[tuple[str, set[str]]] = collections.deque()
 
     @property
     def pending(self) -> bool:
@@ -134,6 +140,10 @@ class CommitWindow:
             window.ports.setdefault(key, set()).update(also, (s for s in live if s))
             if key not in window.slots:
                 slot = window.slots[key] = Serialised()
+        while self._resend:
+            key, sessions = self._resend.popleft()
+            window.ports.setdefault(key, set()).update(sessions)
+            window.slots.setdefault(key, Serialised())
         window.audit.extend(audit)
         if running is None:
             self.flush()
@@ -171,14 +181,16 @@ class CommitWindow:
     def _on_timer(self) -> None:
         self._timer = None
         loop = asyncio.get_running_loop()
-        if self._open is not None and loop.time() >= self._open.deadline:
-            self._seal()
-        if self._sealed:
-            self._step()
-        if self._sealed:
-            self._schedule(loop, loop.time())  # the next pen, after the I/O that came
-        elif self._open is not None:
-            self._schedule(loop, self._open.deadline)
+        try:
+            if self._open is not None and loop.time() >= self._open.deadline:
+                self._seal()
+            if self._sealed:
+                self._step()
+        finally:  # whatever raised, later windows are still sealed and queued
+            if self._sealed:
+                self._schedule(loop, loop.time())  # the next pen, after the I/O that came
+            elif self._open is not None:
+                self._schedule(loop, self._open.deadline)
 
     def _step(self) -> None:
         """Serialise one pen of the oldest sealed window; queue the window once done."""
@@ -192,9 +204,10 @@ class CommitWindow:
                     self._registry(), None if key == ALL else key, also
                 )
                 window.rows += rows
+                window.noted.append((key, also | set(slot.parts.get("sessions", ()))))
             except Exception as exc:  # a bug: the other pens are still written
+                window.error = window.error or exc  # before logging, which can raise too
                 log.exception("records could not be serialised", port=key)
-                window.error = window.error or exc
             if window.ports:
                 return
         self._sealed.popleft()
@@ -209,12 +222,20 @@ class CommitWindow:
         try:
             commit = self._commits.add(a=window.rows, b=window.audit)
         except Exception as exc:  # the writer has stopped
+            future.set_exception(exc)  # before logging, which can raise too
             log.exception("records could not be queued")
-            future.set_exception(exc)
             return
-        # A failure to serialise fails what waits for this window (an Arm is withdrawn),
-        # but only once the rest of it is durable.
-        commit.add_done_callback(lambda done: _settle(future, error or done.exception()))
+        noted = window.noted
+
+        def landed(done: Commit) -> None:  # on the writer's thread
+            failed = done.exception()
+            if failed is not None:  # not on disk: the next window writes them afresh
+                self._resend.extend(noted)
+            # A failure to serialise fails what waits for this window (an Arm is
+            # withdrawn), but only once the rest of it is durable.
+            _settle(future, error or failed)
+
+        commit.add_done_callback(landed)
 
 
 def _settle(future: Commit, error: BaseException | None) -> None:

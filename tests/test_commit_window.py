@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from controller import commit_window
 from controller.audit import AuditEntry
 from controller.commit_window import CommitWindow
 from controller.config import load_settings
@@ -217,3 +218,57 @@ async def test_a_session_created_and_ended_within_one_window_is_journaled(rig: R
     await rig.wait_event(EventKind.STATE_CHANGED, state="ended")
     journaled = _journaled_session(svc.settings.state_dir, sid)
     assert journaled is not None and journaled["state"] == "ended"
+
+
+async def test_a_window_whose_commit_failed_is_written_again_by_the_next(
+    rig: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One disk error on the window that ends S1: the next window writes S1's end, so
+    a restart does not find S1 and its successor both live on the pen's port."""
+    service, therapist = rig.service, rig.therapist()
+    state = service.settings.state_dir
+    first = therapist.open_session("client-ref-1", "full_face")
+    service.sync_records()
+    real, failed = service.journal.write, []
+
+    def fails_once(rows: Sequence[JournalRow]) -> None:
+        if not failed:
+            failed.append(rows)
+            raise sqlite3.OperationalError("disk I/O error")
+        real(rows)
+
+    monkeypatch.setattr(service.journal, "write", fails_once)
+    therapist.end_session(first)
+    service.sync_records()
+    assert (
+        failed
+        and service.writer.failures == 1
+        and (_journaled_session(state, first) or {})["state"] == "active"
+    )
+    second = therapist.open_session("client-ref-2", "full_face")
+    service.sync_records()
+    assert (_journaled_session(state, first) or {})["state"] == "ended"
+    assert (_journaled_session(state, second) or {})["state"] == "active"
+    saved = service.journaled_registry()
+    restored = SessionRegistry.from_dict(service.registry.policy, saved, ports={rig.port(0): None})
+    assert first not in restored.live_session_ids()
+
+
+async def test_a_failure_while_reporting_a_failure_neither_hides_it_nor_stalls_the_windows(
+    two_pens: Rig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Logging that raises (stderr gone) while a pen cannot be serialised: what waits
+    for that window still fails, and later windows are still sealed on time."""
+    rig, svc = two_pens, two_pens.service
+
+    class BrokenLog:
+        def exception(self, *args: object, **kwargs: object) -> None:
+            raise BrokenPipeError("stderr is gone")
+
+    monkeypatch.setattr(commit_window, "log", BrokenLog())
+    _fail_for(monkeypatch, svc.records, rig.port(0))
+    failing, _ = svc.window.add(rig.port(0), state=True)
+    with pytest.raises(ValueError, match="cannot encode"):
+        await asyncio.wait_for(asyncio.wrap_future(failing), 2)
+    later, _ = svc.window.add(rig.port(1), state=True)
+    await asyncio.wait_for(asyncio.wrap_future(later), 2)  # no flush: the timer seals it
