@@ -204,7 +204,7 @@ class CommitWindow:
                     self._registry(), None if key == ALL else key, also
                 )
                 window.rows += rows
-                window.noted.append((key, also | set(slot.parts.get("sessions", ()))))
+                window.noted.append((key, also | set(slot.parts["sessions"])))
             except Exception as exc:  # a bug: the other pens are still written
                 window.error = window.error or exc  # before logging, which can raise too
                 log.exception("records could not be serialised", port=key)
